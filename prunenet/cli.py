@@ -1,0 +1,23 @@
+"""Shared entry-point plumbing: library errors become one-line messages and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from prunenet.errors import PruneNetError
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run ``main``; a :class:`PruneNetError` prints ``error: <message>`` and exits 2.
+
+    Set ``PRUNENET_VERBOSE=1`` to get the traceback instead.
+    """
+    try:
+        main()
+    except PruneNetError as exc:
+        if os.environ.get("PRUNENET_VERBOSE"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

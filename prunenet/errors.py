@@ -1,0 +1,42 @@
+"""Typed exceptions raised by library code.
+
+Entry points (``prunenet.fit``, ``prunenet.compress``, ``prunenet.evaluate``)
+catch :class:`PruneNetError` and print its one-line message without a
+traceback (set ``PRUNENET_VERBOSE=1`` to see it).
+"""
+
+
+class PruneNetError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class ConfigurationError(PruneNetError, ValueError):
+    """A bad argument value (ratio, seed, selection mode, ...)."""
+
+
+class ModelLoadError(PruneNetError):
+    """The model path, hub id or asset could not be resolved or loaded."""
+
+
+class UnsupportedModelError(PruneNetError):
+    """The model's ``config.model_type`` has no architecture adapter."""
+
+
+class AssetMissingError(PruneNetError):
+    """An offline asset package (embedded model or benchmark data) is not installed."""
+
+
+class InvalidWeightsError(PruneNetError):
+    """An FFN matrix contains NaN/Inf or has an unexpected shape."""
+
+
+class InvalidProbabilitiesError(PruneNetError):
+    """Keep probabilities cannot support sampling the requested number of rows."""
+
+
+class OutputExistsError(PruneNetError):
+    """The output path is a file, is not writable, or is a non-empty folder without overwrite."""
+
+
+class PolicyError(PruneNetError):
+    """A policy file is unreadable, not a policy, or of the wrong shape."""

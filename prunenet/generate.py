@@ -1,0 +1,49 @@
+"""``python -m prunenet.generate --dense <model> --pruned <folder>``: greedy generations side by side.
+
+Used by ``make demo`` to show what pruning did to the model's text. Plain
+transformers loading: the pruned folder needs no PruneNet code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from prunenet import loading
+from prunenet.cli import run_main
+from prunenet.errors import ModelLoadError
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def generate(model_name_or_path: str, prompt: str, max_new_tokens: int = 24) -> tuple[str, float]:
+    """Greedy continuation of ``prompt``. Returns (text, tokens per second)."""
+    model = loading.load_model(model_name_or_path)
+    tokenizer = loading.load_tokenizer(model_name_or_path)
+    if tokenizer is None:
+        raise ModelLoadError(f"{model_name_or_path!r} has no tokenizer files; cannot generate text")
+    inputs = tokenizer(prompt, return_tensors="pt")
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), new.numel() / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dense", required=True, help="asset name, folder or hub id of the dense model")
+    parser.add_argument("--pruned", required=True, help="folder of the pruned checkpoint")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--max_new_tokens", type=int, default=24)
+    args = parser.parse_args(argv)
+    for label, name in (("dense ", args.dense), ("pruned", args.pruned)):
+        text, tps = generate(name, args.prompt, args.max_new_tokens)
+        print(f"[{label}] {args.prompt}{text!r}  ({tps:.1f} tokens/s)")
+
+
+if __name__ == "__main__":
+    run_main(main)

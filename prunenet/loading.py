@@ -1,0 +1,112 @@
+"""Resolve and load models: asset names, local Hugging Face folders, or hub ids.
+
+Only this module knows how a ``model_name_or_path`` string becomes a config,
+model or tokenizer; fitting, slicing and evaluation all go through it.
+``trust_remote_code`` is off unless the caller passes True.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from prunenet import assets
+from prunenet.errors import ModelLoadError
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
+    """Map ``"bf16"``, ``"float32"``, ``"auto"``, a ``torch.dtype`` or None (= ``"auto"``) to a dtype.
+
+    Raises:
+        ModelLoadError: naming the bad value and the accepted ones.
+    """
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; accepted: {', '.join(_DTYPES)}") from None
+
+
+def resolve(name_or_path: str | os.PathLike) -> str:
+    """Turn an asset name into its cached folder; check local paths; pass hub ids through.
+
+    Raises:
+        ModelLoadError: a path-like value that does not exist, or a folder without config.json.
+        AssetMissingError: an asset whose package is not installed.
+    """
+    name = str(name_or_path)
+    if assets.is_asset(name):
+        return str(assets.materialize(name))
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists() or name.count("/") > 1
+    if looks_local:
+        if not path.exists():
+            raise ModelLoadError(f"model path {name!r} does not exist (expected an asset name "
+                                 f"{sorted(assets.ASSETS)}, a local folder or a hub id)")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {name!r} has no config.json; is it a Hugging Face checkpoint?")
+        return str(path)
+    return name  # hub id: transformers resolves (and needs network for it)
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """``AutoConfig`` of a model (asset, folder or hub id)."""
+    from transformers import AutoConfig
+
+    path = resolve(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the config of {name_or_path!r}: {_first_line(exc)}") from exc
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | None = None,
+               trust_remote_code: bool = False):
+    """Load a causal LM (frozen, eval mode, no gradients).
+
+    Args:
+        name_or_path: asset name, local folder or hub id.
+        dtype: weights dtype (``"auto"`` keeps the checkpoint's own).
+        device: where to put it (default: CPU).
+    Returns:
+        A ``PreTrainedModel``.
+    Raises:
+        ModelLoadError: one-line reason (corrupted weights, missing files, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(exc)}") from exc
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, or None when the checkpoint has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    path = resolve(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

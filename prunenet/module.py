@@ -1,0 +1,299 @@
+"""PruneNetModule: the frozen LLM's FFN states and the trainable policy.
+
+Source: PruneNet Section 3 (policy learning with the spectral reward). Per episode
+(= one Lightning epoch) and layer i:
+
+1. keep probabilities ``p = policy(W_i)`` (relaxed Bernoulli, ``policy.py``);
+2. action: ``k = floor((1 - r) n)`` rows drawn without replacement from p;
+3. reward ``r_i = 1 / KS(sv(W_i), sv(W_i[kept]))``, discounted ``R_i = gamma^i r_i``;
+4. REINFORCE loss ``L_i = -R_i * sum_{j in kept} log p_j`` (+ optional KL term).
+
+The LLM itself is never held: only the FFN input matrices W_i (views of the loaded
+weights, the rest of the model is freed), which are not registered as buffers so
+Lightning checkpoints and DDP broadcasts hold the policy alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from prunenet import loading
+from prunenet.arch import check_finite, get_adapter
+from prunenet.errors import ConfigurationError
+from prunenet.policy import SparsityPredictor
+from prunenet.reward import discount, ks_statistic, singular_values, spectral_reward
+from prunenet.slicing import (SELECTION_MODES, count_parameters, kept_width, layer_generator, package_versions,
+                              sample_rows, save_pruned, select_kept_rows, slice_model, validate_ratio)
+
+_SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def load_ffn_states(model_name_or_path: str, dtype: str = "auto",
+                    trust_remote_code: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Read the policy states (first FFN input matrix of every layer) of a model.
+
+    Loads the checkpoint with transformers, keeps detached views of the FFN input
+    matrices (no copy) and drops the rest of the model.
+
+    Returns:
+        ``(states, info)``: states is a list of (n, d) tensors in the checkpoint dtype;
+        info has ``params_dense`` and ``state_names`` (parameter paths).
+    Raises:
+        InvalidWeightsError: an FFN matrix has NaN/Inf (named by its parameter path).
+        ModelLoadError, UnsupportedModelError: see ``loading`` and ``arch``.
+    """
+    model = loading.load_model(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(model.config)
+    names = {id(p): name for name, p in model.named_parameters()}
+    states, state_names = [], []
+    for layer in adapter.layers(model):
+        weight = adapter.input_modules(layer)[0].weight
+        name = names.get(id(weight), "?")
+        w = adapter.state(layer)
+        check_finite(w, name)
+        states.append(w)
+        state_names.append(name)
+    info = {"params_dense": count_parameters(model), "state_names": state_names}
+    del model
+    return states, info
+
+
+class PruneNetModule(L.LightningModule):
+    """Trains the PruneNet policy on one model's FFN matrices.
+
+    Args:
+        model_name_or_path: embedded asset name (``smollm2-135m``, ``gemma3-270m``),
+            local Hugging Face folder, or hub id.
+        compression_ratio: r, fraction of FFN intermediate neurons removed in every layer,
+            0 <= r < 1; k = floor((1 - r) n) rows are kept.
+        learning_rate: AdamW learning rate of the policy (authors: 1e-3).
+        weight_decay: AdamW weight decay.
+        gamma: layer discount, R_i = gamma^i r_i (authors: 0.99).
+        use_kld: add the authors' KL-style regulariser on alpha.
+        spectra_dtype: ``float32`` or ``float64`` for singular values.
+        dtype: dtype to load the LLM weights in (``auto`` keeps the checkpoint's).
+        trust_remote_code: passed to transformers; off by default.
+
+    Raises:
+        ConfigurationError: bad ratio / gamma / spectra dtype, or a ratio that keeps no row.
+        ModelLoadError, UnsupportedModelError, AssetMissingError: the model cannot be used.
+    """
+
+    def __init__(self, model_name_or_path: str = "smollm2-135m", compression_ratio: float = 0.3,
+                 learning_rate: float = 1e-3, weight_decay: float = 0.01, gamma: float = 0.99,
+                 use_kld: bool = False, spectra_dtype: str = "float32", dtype: str = "auto",
+                 trust_remote_code: bool = False) -> None:
+        super().__init__()
+        validate_ratio(compression_ratio)
+        if not 0.0 < gamma <= 1.0:
+            raise ConfigurationError(f"gamma must be in (0, 1], got {gamma!r}")
+        if spectra_dtype not in _SPECTRA_DTYPES:
+            raise ConfigurationError(f"spectra_dtype must be one of {list(_SPECTRA_DTYPES)}, got {spectra_dtype!r}")
+        if learning_rate <= 0:
+            raise ConfigurationError(f"learning_rate must be > 0, got {learning_rate!r}")
+        loading.parse_dtype(dtype)
+        self.save_hyperparameters()
+        config = loading.load_config(model_name_or_path, trust_remote_code=trust_remote_code)
+        self.adapter = get_adapter(config)
+        self.model_type = config.model_type
+        self.intermediate_size = self.adapter.intermediate_size(config)
+        self.hidden_size = self.adapter.hidden_size(config)
+        self.kept_width = kept_width(self.intermediate_size, compression_ratio)
+        self.policy = SparsityPredictor(self.intermediate_size, self.hidden_size)
+        self._states: list[torch.Tensor] | None = None
+        self._state_info: dict[str, Any] = {}
+        self._reference: dict[int, torch.Tensor] = {}
+        self._kept: list[torch.Tensor] | None = None
+        self._pruned = None
+        self._checkpoint: Path | None = None
+        self._fit_start = time.time()
+        self.history: list[dict[str, float]] = []
+        self.last_ks: dict[int, float] = {}
+        # Set by the StructuralSlicing callback (or defaults): where and how to slice.
+        self.output_dir: str | None = None
+        self.overwrite = False
+        self.selection = "sample"
+
+    # ------------------------------------------------------------------ states
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers (= steps of one episode)."""
+        return len(self.states)
+
+    @property
+    def states(self) -> list[torch.Tensor]:
+        """Per-layer FFN input matrices W_i, each (n, d), loaded on first use."""
+        if self._states is None:
+            self._states, self._state_info = load_ffn_states(
+                self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code)
+        return self._states
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (``seed_everything``), which also seeds every episode's sampling."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def setup(self, stage: str) -> None:
+        self.states  # load before the first episode so the progress bar times episodes only
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.time()
+        self._states = [w.to(self.device) for w in self.states]
+
+    def reference_spectrum(self, layer: int) -> torch.Tensor:
+        """Singular values of the dense W_i, shape (min(n, d),); computed once per layer."""
+        if layer not in self._reference:
+            self._reference[layer] = singular_values(self.states[layer], _SPECTRA_DTYPES[self.hparams.spectra_dtype])
+        return self._reference[layer]
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """One episode over this rank's layers ``batch`` (LongTensor of layer indices)."""
+        hp = self.hparams
+        dtype = _SPECTRA_DTYPES[hp.spectra_dtype]
+        num_layers = self.num_layers
+        ks_all = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
+        reward_all = torch.zeros_like(ks_all)
+        # Starts connected to every parameter so a rank with no layer still joins the DDP all-reduce.
+        loss = sum(p.sum() * 0.0 for p in self.policy.parameters())
+        for i in batch.tolist():
+            w = self.states[i]
+            gen = layer_generator(self.seed, self.current_epoch, i, self.device)
+            p, z = self.policy(w, generator=gen)
+            kept = sample_rows(p.detach(), self.kept_width, generator=gen, layer=i)
+            ks = ks_statistic(self.reference_spectrum(i), singular_values(w.index_select(0, kept), dtype))
+            r = spectral_reward(ks)
+            step_loss = -discount(r, i, hp.gamma) * torch.log(p.index_select(0, kept)).sum()
+            if hp.use_kld:
+                step_loss = step_loss + self.policy.kl_regulariser(z)
+            loss = loss + step_loss
+            ks_all[i], reward_all[i] = ks, r
+        # Sum over ranks: every rank then holds every layer's metrics.
+        ks_all = self.trainer.strategy.reduce(ks_all, reduce_op="sum")
+        reward_all = self.trainer.strategy.reduce(reward_all, reduce_op="sum")
+        total_loss = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="sum")
+        self.last_ks = {i: float(v) for i, v in enumerate(ks_all.tolist())}
+        metrics = {"reward/mean": reward_all.mean(), "ks/mean": ks_all.mean(), "loss": total_loss}
+        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=False, on_epoch=True, prog_bar=True,
+                      batch_size=1)
+        self.log_dict({f"ks/layer_{i:02d}": ks_all[i].float() for i in range(num_layers)},
+                      on_step=False, on_epoch=True, batch_size=1)
+        self.history.append({"episode": self.current_epoch, "reward_mean": float(reward_all.mean()),
+                             "ks_mean": float(ks_all.mean()), "loss": float(total_loss)})
+        # DDP averages gradients over ranks; scaling by world size makes the update the
+        # gradient of the full sum over layers, the same as on one device.
+        return loss * self.trainer.world_size
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.policy.parameters(), lr=self.hparams.learning_rate,
+                                 weight_decay=self.hparams.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["prunenet_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("prunenet_history", []))
+
+    # ------------------------------------------------------------------ results
+    def configure_output(self, output_dir: str | None, overwrite: bool, selection: str) -> None:
+        """Set where and how the pruned model is produced (called by StructuralSlicing)."""
+        if selection not in SELECTION_MODES:
+            raise ConfigurationError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
+        self.output_dir, self.overwrite, self.selection = output_dir, overwrite, selection
+
+    def kept_indices(self) -> list[torch.Tensor]:
+        """Kept rows per layer chosen by the trained policy (cached): list of (k,) LongTensors."""
+        if self._kept is None:
+            self.policy.eval()
+            self._kept = select_kept_rows(self.policy, self.states, self.kept_width, self.selection, self.seed)
+        return self._kept
+
+    def pruned_model(self):
+        """The sliced model (cached). Loads the dense checkpoint once and slices it in place."""
+        if self._pruned is None:
+            model = loading.load_model(self.hparams.model_name_or_path, dtype=self.hparams.dtype,
+                                       trust_remote_code=self.hparams.trust_remote_code)
+            self._state_info["params_dense"] = count_parameters(model)
+            self._pruned = slice_model(model, self.kept_indices(), self.adapter)
+        return self._pruned
+
+    def load_dense_model(self):
+        """A fresh dense copy of the source model (loaded from disk, never deep-copied)."""
+        return loading.load_model(self.hparams.model_name_or_path, dtype=self.hparams.dtype,
+                                  trust_remote_code=self.hparams.trust_remote_code)
+
+    def load_tokenizer(self):
+        """The source model's tokenizer, or None if it has none."""
+        return loading.load_tokenizer(self.hparams.model_name_or_path, self.hparams.trust_remote_code)
+
+    def resolved_output_dir(self) -> Path:
+        """``output_dir`` or, by default, ``<log dir>/pruned``."""
+        if self.output_dir:
+            return Path(self.output_dir).expanduser()
+        base = self.trainer.log_dir if self._trainer is not None and self.trainer.log_dir else "lightning_logs"
+        return Path(base) / "pruned"
+
+    def plan(self) -> dict[str, Any]:
+        """Provenance of the pruned checkpoint (written as ``prunenet.json``)."""
+        model = self.pruned_model()
+        dense, pruned = self._state_info["params_dense"], count_parameters(model)
+        return {
+            "format": "prunenet/1",
+            "source_model": str(self.hparams.model_name_or_path),
+            "model_type": self.model_type,
+            "compression_ratio": float(self.hparams.compression_ratio),
+            "intermediate_size": self.intermediate_size,
+            "kept_width": self.kept_width,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "selection": self.selection,
+            "seed": self.seed,
+            "episodes": len(self.history),
+            "params_dense": dense,
+            "params_pruned": pruned,
+            "params_removed_fraction": round(1 - pruned / dense, 6),
+            "final_reward_mean": self.history[-1]["reward_mean"] if self.history else None,
+            "versions": package_versions(),
+            "kept_indices": {str(i): k.tolist() for i, k in enumerate(self.kept_indices())},
+        }
+
+    def policy_metadata(self) -> dict[str, Any]:
+        """What a saved policy file says about itself."""
+        return {"intermediate_size": self.intermediate_size, "hidden_size": self.hidden_size,
+                "model_type": self.model_type, "source_model": str(self.hparams.model_name_or_path),
+                "compression_ratio": float(self.hparams.compression_ratio), "episodes": len(self.history),
+                "seed": self.seed, "versions": package_versions()}
+
+    def pruned_checkpoint(self) -> Path:
+        """Slice and save the pruned model once (atomic); return its folder. Call on rank 0."""
+        if self._checkpoint is None:
+            model = self.pruned_model()
+            self._checkpoint = save_pruned(model, self.resolved_output_dir(), self.plan(), policy=self.policy,
+                                           policy_meta=self.policy_metadata(), tokenizer=self.load_tokenizer(),
+                                           overwrite=self.overwrite)
+        return self._checkpoint
+
+    def summary(self) -> str:
+        """One-screen summary: params dense -> pruned, % removed, rewards, wall time, output path."""
+        plan = self.plan()
+        lines = [
+            "PruneNet summary",
+            f"  model            {plan['source_model']} ({plan['model_type']}, {plan['num_layers']} layers)",
+            f"  FFN width        {plan['intermediate_size']} -> {plan['kept_width']} "
+            f"(compression ratio {plan['compression_ratio']}, selection {plan['selection']})",
+            f"  parameters       {plan['params_dense']:,} -> {plan['params_pruned']:,} "
+            f"({100 * plan['params_removed_fraction']:.1f}% removed)",
+        ]
+        if self.history:
+            lines.append(f"  mean reward      episode 1: {self.history[0]['reward_mean']:.3f}   "
+                         f"episode {len(self.history)}: {self.history[-1]['reward_mean']:.3f}")
+        lines.append(f"  wall time        {time.time() - self._fit_start:.1f} s")
+        if self._checkpoint is not None:
+            lines.append(f"  output           {self._checkpoint}")
+        return "\n".join(lines)

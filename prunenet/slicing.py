@@ -1,0 +1,275 @@
+"""Select kept rows, slice the FFNs for real, and save a standard Hugging Face checkpoint.
+
+Source: PruneNet Section 3. Every FFN input matrix keeps the rows ``kept`` of its
+layer (gate AND up for gated FFNs, with biases) and the FFN output matrix keeps
+the same columns, so the model gets really smaller; the config's FFN width is
+rewritten so plain ``AutoModelForCausalLM.from_pretrained`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from prunenet.arch import ArchAdapter, get_adapter
+from prunenet.errors import ConfigurationError, InvalidProbabilitiesError, OutputExistsError
+from prunenet.policy import SparsityPredictor
+
+SELECTION_MODES = ("sample", "topk")
+POLICY_FILE = "policy.pt"
+PLAN_FILE = "prunenet.json"
+
+
+def validate_ratio(compression_ratio: float) -> float:
+    """Check ``0 <= r < 1`` (the fraction of FFN intermediate neurons removed per layer).
+
+    Raises:
+        ConfigurationError: naming the bad value.
+    """
+    try:
+        r = float(compression_ratio)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"compression_ratio must be a number in [0, 1), got {compression_ratio!r}") from None
+    if not (0.0 <= r < 1.0) or math.isnan(r):
+        raise ConfigurationError(f"compression_ratio must be in [0, 1), got {compression_ratio!r}")
+    return r
+
+
+def kept_width(intermediate_size: int, compression_ratio: float) -> int:
+    """Number of kept FFN neurons ``k = floor((1 - r) n)`` (paper; authors' code).
+
+    A 1e-9 slack absorbs float error, so (1 - 0.9) * 10 gives 1, not 0.
+
+    Raises:
+        ConfigurationError: if r is outside [0, 1) or no row would be kept.
+    """
+    r = validate_ratio(compression_ratio)
+    k = int(math.floor((1.0 - r) * intermediate_size + 1e-9))
+    if k < 1:
+        raise ConfigurationError(
+            f"compression_ratio {compression_ratio} keeps no row of an FFN of intermediate size "
+            f"{intermediate_size}; use a ratio below {1 - 1 / intermediate_size:.6g}"
+        )
+    return k
+
+
+def sample_rows(probs: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                layer: int | str = "?") -> torch.Tensor:
+    """Draw ``k`` distinct rows with probability proportional to ``probs`` (no replacement).
+
+    torch's CPU ``multinomial`` without replacement silently returns zero-probability
+    rows when fewer than k entries are positive, so that case is refused here.
+
+    Args:
+        probs: keep probabilities, shape (n,).
+        k: rows to keep, 1 <= k <= n.
+        generator: seeded generator for reproducibility.
+        layer: layer index, only used in error messages.
+    Returns:
+        Sorted LongTensor of shape (k,).
+    Raises:
+        InvalidProbabilitiesError: NaN/Inf entries, or fewer than k positive entries (names the layer).
+    """
+    if not torch.isfinite(probs).all():
+        raise InvalidProbabilitiesError(f"layer {layer}: keep probabilities contain NaN or Inf")
+    positive = int((probs > 0).sum())
+    if positive < k:
+        raise InvalidProbabilitiesError(
+            f"layer {layer}: only {positive} keep probabilities are positive, cannot sample k={k} rows")
+    rows = torch.multinomial(probs.float(), k, replacement=False, generator=generator)
+    return rows.sort().values
+
+
+def layer_generator(seed: int, episode: int, layer: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from (seed, episode, layer): the randomness of each layer of each
+    episode is fixed by these three numbers alone, so runs resume and shard reproducibly."""
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + int(episode) * 10_007 + int(layer)) % (2**63 - 1))
+    return g
+
+
+#: Episode number used for the final selection's generators (distinct from training episodes).
+FINAL_EPISODE = 1_000_000
+
+
+@torch.no_grad()
+def select_kept_rows(policy: SparsityPredictor, states: Sequence[torch.Tensor], k: int,
+                     selection: str = "sample", seed: int = 0) -> list[torch.Tensor]:
+    """Pick the kept rows of every layer with a trained policy.
+
+    Args:
+        policy: trained SparsityPredictor of shape (n, d).
+        states: per-layer FFN input matrices, each (n, d).
+        k: kept width.
+        selection: ``"sample"`` (paper: multinomial over the relaxed-Bernoulli keep
+            probabilities, seeded) or ``"topk"`` (the k largest alpha).
+        seed: seed of the ``sample`` draw.
+    Returns:
+        List of sorted LongTensors of shape (k,), one per layer.
+    Raises:
+        ConfigurationError: unknown selection mode.
+    """
+    if selection not in SELECTION_MODES:
+        raise ConfigurationError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
+    kept = []
+    for i, w in enumerate(states):
+        device = next(policy.parameters()).device
+        w = w.to(device)
+        if selection == "topk":
+            kept.append(torch.topk(policy.logits(w), k).indices.sort().values.cpu())
+        else:
+            p, _ = policy(w, generator=layer_generator(seed, FINAL_EPISODE, i, device))
+            kept.append(sample_rows(p, k, generator=layer_generator(seed, FINAL_EPISODE, i, device), layer=i).cpu())
+    return kept
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def slice_model(model: torch.nn.Module, kept: Sequence[torch.Tensor],
+                adapter: ArchAdapter | None = None) -> torch.nn.Module:
+    """Slice every FFN of ``model`` in place to the rows ``kept[i]`` of layer i.
+
+    All layers must keep the same number of rows (the config holds one FFN width).
+
+    Args:
+        model: a ``PreTrainedModel`` of a supported family.
+        kept: one sorted LongTensor per decoder layer, all of shape (k,).
+    Returns:
+        The same model object, smaller, with ``config`` FFN width = k.
+    Raises:
+        ConfigurationError: wrong number of layers, unequal widths, out-of-range indices,
+            or a family whose config cannot express the new width.
+    """
+    adapter = adapter or get_adapter(model.config)
+    layers = adapter.layers(model)
+    if len(kept) != len(layers):
+        raise ConfigurationError(f"got kept indices for {len(kept)} layers, the model has {len(layers)}")
+    widths = {int(k.numel()) for k in kept}
+    if len(widths) != 1:
+        raise ConfigurationError(f"all layers must keep the same number of rows, got widths {sorted(widths)}")
+    n = adapter.intermediate_size(model.config)
+    for i, idx in enumerate(kept):
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n or idx.unique().numel() != idx.numel()):
+            raise ConfigurationError(f"layer {i}: kept indices must be distinct and in [0, {n})")
+    width = widths.pop()
+    adapter.set_intermediate_size(model.config, width)  # raises before touching weights
+    for layer, idx in zip(layers, kept):
+        adapter.slice_layer(layer, idx.long())
+    return model
+
+
+# --------------------------------------------------------------------------- saving
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output path that is a file, is not writable, or is a non-empty folder
+    without ``overwrite``. Writes nothing.
+
+    Raises:
+        OutputExistsError: naming the path and the reason.
+    """
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {str(out)!r} is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder {str(out)!r} exists and is not empty; pass overwrite=true "
+                                "(--slicing.overwrite=true) to replace it")
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise OutputExistsError(f"output path {str(out)!r} is not writable (no write permission on {str(parent)!r})")
+    return out
+
+
+def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling folder, then rename it to ``output_dir``.
+
+    A crash during ``write`` leaves no output (or the previous one intact). With
+    ``overwrite`` the old folder is replaced only after the new one is complete.
+
+    Raises:
+        OutputExistsError: see :func:`check_output_dir`.
+    """
+    out = check_output_dir(output_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file via a temporary sibling and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pruned(model: torch.nn.Module, output_dir: str | os.PathLike, plan: dict[str, Any],
+                policy: SparsityPredictor | None = None, policy_meta: dict[str, Any] | None = None,
+                tokenizer: Any = None, overwrite: bool = False) -> Path:
+    """Save a sliced model as a standard Hugging Face checkpoint, atomically.
+
+    Writes: safetensors weights, ``config.json``, ``generation_config.json``, the
+    tokenizer (when given), ``policy.pt`` (state dict + metadata, when given) and
+    ``prunenet.json`` (``plan``: source model, ratio, kept indices per layer, ...).
+
+    Raises:
+        OutputExistsError: see :func:`check_output_dir`.
+    """
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if policy is not None:
+            torch.save({"state_dict": policy.state_dict(), "meta": dict(policy_meta or {})}, tmp / POLICY_FILE)
+        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+
+    return atomic_write_dir(output_dir, overwrite, write)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that determine a checkpoint (for provenance)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("prunenet", "torch", "transformers", "lightning", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out

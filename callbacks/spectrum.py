@@ -25,14 +25,15 @@ class SpectrumMonitor(L.Callback):
         self.num_layers, self.enabled = int(num_layers), enabled
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if self.enabled and trainer.is_global_zero:
             fig = self.figure(pl_module)
             logger = trainer.logger
             if logger is not None and hasattr(logger.experiment, "add_figure"):
                 logger.experiment.add_figure("spectra/dense_vs_kept", fig, global_step=trainer.global_step)
-            if trainer.log_dir:
-                Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-                fig.savefig(Path(trainer.log_dir) / "spectra.png", dpi=100)
+            if log_dir:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                fig.savefig(Path(log_dir) / "spectra.png", dpi=100)
         trainer.strategy.barrier("prunenet-spectrum")
 
     def figure(self, pl_module: L.LightningModule):

@@ -113,6 +113,7 @@ class PruneNetModule(L.LightningModule):
         self._pruned = None
         self._checkpoint: Path | None = None
         self._fit_start = time.time()
+        self._default_output = Path("lightning_logs") / "pruned"
         self.history: list[dict[str, float]] = []
         self.last_ks: dict[int, float] = {}
         # Set by the StructuralSlicing callback (or defaults): where and how to slice.
@@ -141,6 +142,8 @@ class PruneNetModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.states  # load before the first episode so the progress bar times episodes only
+        # trainer.log_dir is a collective under DDP: resolve it here, on every rank.
+        self._default_output = Path(self.trainer.log_dir or "lightning_logs") / "pruned"
 
     def on_fit_start(self) -> None:
         self._fit_start = time.time()
@@ -179,11 +182,13 @@ class PruneNetModule(L.LightningModule):
         reward_all = self.trainer.strategy.reduce(reward_all, reduce_op="sum")
         total_loss = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="sum")
         self.last_ks = {i: float(v) for i, v in enumerate(ks_all.tolist())}
+        # One optimizer step per episode, so step-level logging is per-episode logging (and needs
+        # no sync_dist: the values were already summed over ranks above).
         metrics = {"reward/mean": reward_all.mean(), "ks/mean": ks_all.mean(), "loss": total_loss}
-        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=False, on_epoch=True, prog_bar=True,
+        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=True,
                       batch_size=1)
         self.log_dict({f"ks/layer_{i:02d}": ks_all[i].float() for i in range(num_layers)},
-                      on_step=False, on_epoch=True, batch_size=1)
+                      on_step=True, on_epoch=False, batch_size=1)
         self.history.append({"episode": self.current_epoch, "reward_mean": float(reward_all.mean()),
                              "ks_mean": float(ks_all.mean()), "loss": float(total_loss)})
         # DDP averages gradients over ranks; scaling by world size makes the update the
@@ -236,8 +241,7 @@ class PruneNetModule(L.LightningModule):
         """``output_dir`` or, by default, ``<log dir>/pruned``."""
         if self.output_dir:
             return Path(self.output_dir).expanduser()
-        base = self.trainer.log_dir if self._trainer is not None and self.trainer.log_dir else "lightning_logs"
-        return Path(base) / "pruned"
+        return self._default_output
 
     def plan(self) -> dict[str, Any]:
         """Provenance of the pruned checkpoint (written as ``prunenet.json``)."""

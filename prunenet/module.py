@@ -28,8 +28,9 @@ from prunenet.arch import check_finite, get_adapter
 from prunenet.errors import ConfigurationError
 from prunenet.policy import SparsityPredictor
 from prunenet.reward import discount, ks_statistic, singular_values, spectral_reward
-from prunenet.slicing import (SELECTION_MODES, count_parameters, kept_width, layer_generator, package_versions,
-                              sample_rows, save_pruned, select_kept_rows, slice_model, validate_ratio)
+from prunenet.slicing import (SELECTION_MODES, count_parameters, ffn_fingerprint, kept_width, layer_generator,
+                              make_plan, package_versions, sample_rows, save_pruned, select_kept_rows, slice_model,
+                              validate_ratio)
 
 _SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -246,33 +247,28 @@ class PruneNetModule(L.LightningModule):
     def plan(self) -> dict[str, Any]:
         """Provenance of the pruned checkpoint (written as ``prunenet.json``)."""
         model = self.pruned_model()
-        dense, pruned = self._state_info["params_dense"], count_parameters(model)
-        return {
-            "format": "prunenet/1",
-            "source_model": str(self.hparams.model_name_or_path),
-            "model_type": self.model_type,
-            "compression_ratio": float(self.hparams.compression_ratio),
-            "intermediate_size": self.intermediate_size,
-            "kept_width": self.kept_width,
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "selection": self.selection,
-            "seed": self.seed,
-            "episodes": len(self.history),
-            "params_dense": dense,
-            "params_pruned": pruned,
-            "params_removed_fraction": round(1 - pruned / dense, 6),
-            "final_reward_mean": self.history[-1]["reward_mean"] if self.history else None,
-            "versions": package_versions(),
-            "kept_indices": {str(i): k.tolist() for i, k in enumerate(self.kept_indices())},
-        }
+        return make_plan(
+            source_model=self.hparams.model_name_or_path, model_type=self.model_type,
+            compression_ratio=self.hparams.compression_ratio, round_to=1,
+            intermediate_size=self.intermediate_size, hidden_size=self.hidden_size, kept=self.kept_indices(),
+            method="prunenet", selection=self.selection, seed=self.seed,
+            params_dense=self._state_info["params_dense"], params_pruned=count_parameters(model),
+            extra={"episodes": len(self.history),
+                   "final_reward_mean": self.history[-1]["reward_mean"] if self.history else None,
+                   "source_ffn_sha256": self.ffn_sha256()})
+
+    def ffn_sha256(self) -> str:
+        """Fingerprint of the source model's FFN input matrices (cached)."""
+        if "ffn_sha256" not in self._state_info:
+            self._state_info["ffn_sha256"] = ffn_fingerprint(self.states)
+        return self._state_info["ffn_sha256"]
 
     def policy_metadata(self) -> dict[str, Any]:
         """What a saved policy file says about itself."""
         return {"intermediate_size": self.intermediate_size, "hidden_size": self.hidden_size,
                 "model_type": self.model_type, "source_model": str(self.hparams.model_name_or_path),
                 "compression_ratio": float(self.hparams.compression_ratio), "episodes": len(self.history),
-                "seed": self.seed, "versions": package_versions()}
+                "seed": self.seed, "ffn_sha256": self.ffn_sha256(), "versions": package_versions()}
 
     def pruned_checkpoint(self) -> Path:
         """Slice and save the pruned model once (atomic); return its folder. Call on rank 0."""

@@ -19,10 +19,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from prunenet.arch import ArchAdapter, get_adapter
-from prunenet.errors import ConfigurationError, InvalidProbabilitiesError, OutputExistsError
+from prunenet.errors import ConfigurationError, InvalidProbabilitiesError, OutputExistsError, PolicyError
 from prunenet.policy import SparsityPredictor
 
 SELECTION_MODES = ("sample", "topk")
+#: How kept rows are chosen: the trained policy, or the baselines it is compared with.
+METHODS = ("prunenet", "random", "magnitude")
 POLICY_FILE = "policy.pt"
 PLAN_FILE = "prunenet.json"
 
@@ -42,21 +44,26 @@ def validate_ratio(compression_ratio: float) -> float:
     return r
 
 
-def kept_width(intermediate_size: int, compression_ratio: float) -> int:
-    """Number of kept FFN neurons ``k = floor((1 - r) n)`` (paper; authors' code).
+def kept_width(intermediate_size: int, compression_ratio: float, round_to: int = 1) -> int:
+    """Number of kept FFN neurons ``k = floor((1 - r) n)`` (paper; authors' code), optionally
+    rounded down to a multiple of ``round_to`` (8, 64, 128: GEMM / tensor-parallel friendly).
 
     A 1e-9 slack absorbs float error, so (1 - 0.9) * 10 gives 1, not 0.
 
     Raises:
-        ConfigurationError: if r is outside [0, 1) or no row would be kept.
+        ConfigurationError: if r is outside [0, 1), ``round_to`` < 1, or no row would be kept.
     """
     r = validate_ratio(compression_ratio)
-    k = int(math.floor((1.0 - r) * intermediate_size + 1e-9))
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ConfigurationError(f"round_to must be an integer >= 1, got {round_to!r}")
+    exact = int(math.floor((1.0 - r) * intermediate_size + 1e-9))
+    k = (exact // round_to) * round_to
     if k < 1:
+        hint = f" rounded down to a multiple of {round_to}" if round_to > 1 else ""
         raise ConfigurationError(
-            f"compression_ratio {compression_ratio} keeps no row of an FFN of intermediate size "
-            f"{intermediate_size}; use a ratio below {1 - 1 / intermediate_size:.6g}"
-        )
+            f"compression_ratio {compression_ratio} keeps {exact} rows{hint} of an FFN of intermediate size "
+            f"{intermediate_size}, i.e. no row; use a smaller ratio"
+            + (f" or round_to" if round_to > 1 else ""))
     return k
 
 
@@ -128,6 +135,105 @@ def select_kept_rows(policy: SparsityPredictor, states: Sequence[torch.Tensor], 
             p, _ = policy(w, generator=layer_generator(seed, FINAL_EPISODE, i, device))
             kept.append(sample_rows(p, k, generator=layer_generator(seed, FINAL_EPISODE, i, device), layer=i).cpu())
     return kept
+
+
+def ffn_fingerprint(states: Sequence[torch.Tensor]) -> str:
+    """SHA-256 over the raw bytes (dtype, shape, values) of the policy states: identifies the
+    source model's FFN weights in policy files and plans."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in states:
+        w = w.detach().contiguous().cpu()
+        h.update(f"{w.dtype}{tuple(w.shape)}".encode())
+        h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+    return h.hexdigest()
+
+
+def load_policy(path: str | os.PathLike) -> tuple[SparsityPredictor, dict[str, Any]]:
+    """Load a ``policy.pt`` (or the ``policy.pt`` inside a folder) with ``weights_only=True``.
+
+    Returns:
+        ``(policy, meta)``; meta holds intermediate_size, hidden_size, model_type, training ratio,
+        episodes, seed, versions, ffn_sha256 of the model it was trained on.
+    Raises:
+        PolicyError: missing file, not a PruneNet policy, or inconsistent shapes.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / POLICY_FILE
+    if not path.is_file():
+        raise PolicyError(f"policy file {str(path)!r} does not exist (pass a policy.pt or a folder holding one)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors of any kind mean "not a policy"
+        raise PolicyError(f"{str(path)!r} is not a PruneNet policy file ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
+        raise PolicyError(f"{str(path)!r} is not a PruneNet policy file (expected keys 'state_dict' and 'meta')")
+    meta, state = dict(blob["meta"]), blob["state_dict"]
+    try:
+        policy = SparsityPredictor(int(meta["intermediate_size"]), int(meta["hidden_size"]))
+        policy.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise PolicyError(f"{str(path)!r} is not a valid PruneNet policy: {str(exc).splitlines()[0]}") from None
+    return policy.eval(), meta
+
+
+def make_plan(*, source_model: str, model_type: str, compression_ratio: float, round_to: int,
+              intermediate_size: int, hidden_size: int, kept: Sequence[torch.Tensor], method: str,
+              selection: str | None, seed: int, params_dense: int, params_pruned: int,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance record written as ``prunenet.json``: enough to rebuild the exact
+    checkpoint from the source model (``kept_indices`` per layer)."""
+    k = int(kept[0].numel())
+    return {
+        "format": "prunenet/1",
+        "source_model": str(source_model),
+        "model_type": model_type,
+        "method": method,
+        "selection": selection,
+        "seed": int(seed),
+        "compression_ratio": float(compression_ratio),
+        "round_to": int(round_to),
+        "effective_compression_ratio": round(1 - k / intermediate_size, 6),
+        "intermediate_size": int(intermediate_size),
+        "kept_width": k,
+        "hidden_size": int(hidden_size),
+        "num_layers": len(kept),
+        "params_dense": int(params_dense),
+        "params_pruned": int(params_pruned),
+        "params_removed_fraction": round(1 - params_pruned / params_dense, 6),
+        **(extra or {}),
+        "versions": package_versions(),
+        "kept_indices": {str(i): idx.tolist() for i, idx in enumerate(kept)},
+    }
+
+
+def select_rows(method: str, *, k: int, states: Sequence[torch.Tensor], policy: SparsityPredictor | None = None,
+                selection: str = "sample", seed: int = 0,
+                row_norms: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Kept rows per layer for any method, so comparisons differ only in which rows are kept.
+
+    Args:
+        method: ``prunenet`` (``policy`` + ``selection``), ``random`` (uniform, seeded by
+            (seed, layer)) or ``magnitude`` (the k largest ``row_norms[i]``, shape (n,)).
+    Returns:
+        One sorted LongTensor of shape (k,) per layer.
+    Raises:
+        ConfigurationError: unknown method or a missing input it needs.
+    """
+    if method == "prunenet":
+        if policy is None:
+            raise ConfigurationError("method 'prunenet' needs a policy")
+        return select_kept_rows(policy, states, k, selection, seed)
+    if method == "random":
+        return [torch.randperm(w.shape[0], generator=layer_generator(seed, FINAL_EPISODE, i))[:k].sort().values
+                for i, w in enumerate(states)]
+    if method == "magnitude":
+        if row_norms is None:
+            raise ConfigurationError("method 'magnitude' needs the row norms of the FFN input matrices")
+        return [torch.topk(norms.float(), k).indices.sort().values for norms in row_norms]
+    raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

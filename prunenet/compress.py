@@ -1,0 +1,198 @@
+"""``python -m prunenet.compress``: apply a trained policy at any ratio, no retraining.
+
+"You only prune once" (paper title, Section 3): the policy scores rows from the
+weights alone and does not depend on the compression ratio, so one policy serves
+any ratio, and any model whose FFN matrices have the same shape (n, d).
+
+    python -m prunenet.compress --policy out/smollm2-r0.3 --model smollm2-135m \\
+        --compression_ratio 0.1,0.2,0.3 --output_dir out/sweep [--round_to 64] [--overwrite]
+    python -m prunenet.compress --from_plan out/smollm2-r0.3/prunenet.json --model smollm2-135m --output_dir out/replay
+
+Slicing and saving go through the same functions as the fit's StructuralSlicing
+callback (``slice_model``, ``make_plan``, ``save_pruned``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from prunenet import loading
+from prunenet.arch import check_finite, get_adapter
+from prunenet.cli import run_main
+from prunenet.errors import ConfigurationError, PolicyError
+from prunenet.slicing import (METHODS, PLAN_FILE, SELECTION_MODES, atomic_write_text, check_output_dir,
+                              count_parameters, ffn_fingerprint, kept_width, load_policy, make_plan, save_pruned,
+                              select_rows, slice_model)
+
+
+def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
+    """``"0.1,0.2"`` -> [0.1, 0.2]. Raises ConfigurationError naming a non-numeric entry."""
+    if isinstance(text, (int, float)):
+        return [float(text)]
+    if not isinstance(text, str):
+        return [float(t) for t in text]
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ConfigurationError(f"compression_ratio must be a number or comma-separated numbers in [0, 1), "
+                                     f"got {part.strip()!r}") from None
+    return out
+
+
+def compress(model: str, output_dir: str, compression_ratio: float | str | Sequence[float] = 0.3,
+             policy: str | None = None, method: str = "prunenet", selection: str = "sample", seed: int = 0,
+             round_to: int = 1, overwrite: bool = False, dtype: str = "auto",
+             trust_remote_code: bool = False) -> list[dict[str, Any]]:
+    """Prune ``model`` at one or more ratios and save one checkpoint per ratio.
+
+    With one ratio the checkpoint is ``output_dir``; with several, ``output_dir/r<ratio>`` each,
+    plus ``output_dir/summary.md``.
+
+    Args:
+        model: asset name, folder or hub id of the source (dense) model.
+        output_dir: where to write.
+        compression_ratio: r, or several.
+        policy: ``policy.pt`` or a folder holding one (needed for method ``prunenet``).
+        method: ``prunenet`` (the policy), ``random`` (uniform rows, seeded) or ``magnitude``.
+        selection: for ``prunenet``: ``sample`` or ``topk``.
+        round_to: kept width rounded down to a multiple of this.
+    Returns:
+        One plan dict (``prunenet.json`` contents, without kept indices) per ratio.
+    Raises:
+        ConfigurationError, PolicyError, OutputExistsError, ModelLoadError, UnsupportedModelError.
+    """
+    ratios = parse_ratios(compression_ratio)
+    if method not in METHODS:
+        raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
+    if selection not in SELECTION_MODES:
+        raise ConfigurationError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
+    if method == "prunenet" and policy is None:
+        raise ConfigurationError("method 'prunenet' needs --policy (a policy.pt or a fit output folder)")
+    config = loading.load_config(model, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(config)
+    n, d = adapter.intermediate_size(config), adapter.hidden_size(config)
+    widths = [kept_width(n, r, round_to) for r in ratios]  # validate every ratio before any work
+    sweep = len(ratios) > 1
+    targets = [Path(output_dir) / f"r{r:g}" for r in ratios] if sweep else [Path(output_dir)]
+    for t in targets:
+        check_output_dir(t, overwrite)
+    pol, meta = (None, {})
+    if method == "prunenet":
+        pol, meta = load_policy(policy)
+        if tuple(pol.shape) != (n, d):
+            raise PolicyError(f"policy was trained on FFN matrices of shape (n, d)={tuple(pol.shape)} "
+                              f"({meta.get('source_model')}), but {model!r} has {(n, d)}")
+
+    dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    params_dense = count_parameters(dense)
+    names = {id(p): name for name, p in dense.named_parameters()}
+    states = []
+    for layer in adapter.layers(dense):
+        check_finite(adapter.state(layer), names.get(id(adapter.input_modules(layer)[0].weight), "?"))
+        states.append(adapter.state(layer).clone())
+    row_norms = [adapter.row_norms(layer) for layer in adapter.layers(dense)] if method == "magnitude" else None
+    fingerprint = ffn_fingerprint(states)
+    del dense
+    tokenizer = loading.load_tokenizer(model, trust_remote_code)
+    extra = {}
+    if pol is not None:
+        extra = {"policy_source_model": meta.get("source_model"), "policy_trained_ratio": meta.get("compression_ratio"),
+                 "policy_episodes": meta.get("episodes"), "policy_ffn_sha256": meta.get("ffn_sha256"),
+                 "policy_transferred": meta.get("ffn_sha256") != fingerprint}
+    extra["source_ffn_sha256"] = fingerprint
+
+    plans = []
+    for r, k, target in zip(ratios, widths, targets):
+        start = time.perf_counter()
+        kept = select_rows(method, k=k, states=states, policy=pol, selection=selection, seed=seed,
+                           row_norms=row_norms)
+        pruned = slice_model(loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code), kept,
+                             adapter)
+        plan = make_plan(source_model=model, model_type=config.model_type, compression_ratio=r, round_to=round_to,
+                         intermediate_size=n, hidden_size=d, kept=kept, method=method,
+                         selection=selection if method == "prunenet" else None, seed=seed,
+                         params_dense=params_dense, params_pruned=count_parameters(pruned), extra=extra)
+        save_pruned(pruned, target, plan, policy=pol, policy_meta=meta or None, tokenizer=tokenizer,
+                    overwrite=overwrite)
+        summary = {k_: v for k_, v in plan.items() if k_ != "kept_indices"}
+        summary.update(output_dir=str(target), seconds=round(time.perf_counter() - start, 2))
+        plans.append(summary)
+    if sweep:
+        atomic_write_text(Path(output_dir) / "summary.md", summary_table(plans))
+    return plans
+
+
+def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False, dtype: str = "auto",
+           trust_remote_code: bool = False) -> dict[str, Any]:
+    """Rebuild a checkpoint from its ``prunenet.json`` and the source model: same kept indices,
+    hence byte-identical weights for the same source weights and dtype.
+
+    Raises:
+        ConfigurationError: unreadable plan, or a plan that does not fit the model.
+    """
+    path = Path(plan_path)
+    if path.is_dir():
+        path = path / PLAN_FILE
+    try:
+        plan = json.loads(path.read_text())
+        kept = [torch.tensor(plan["kept_indices"][str(i)], dtype=torch.long) for i in range(len(plan["kept_indices"]))]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigurationError(f"cannot read a PruneNet plan from {str(path)!r}: {exc}") from None
+    check_output_dir(output_dir, overwrite)
+    dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    params_dense = count_parameters(dense)
+    pruned = slice_model(dense, kept)
+    new_plan = dict(plan, replayed_from=str(path), params_dense=params_dense, params_pruned=count_parameters(pruned))
+    save_pruned(pruned, output_dir, new_plan, tokenizer=loading.load_tokenizer(model, trust_remote_code),
+                overwrite=overwrite)
+    return new_plan
+
+
+def summary_table(plans: list[dict[str, Any]]) -> str:
+    """Markdown table of a ratio sweep."""
+    rows = ["| requested ratio | effective ratio | FFN width | params | removed | output |",
+            "|---|---|---|---|---|---|"]
+    for p in plans:
+        rows.append(f"| {p['compression_ratio']:g} | {p['effective_compression_ratio']:.4f} | "
+                    f"{p['intermediate_size']} -> {p['kept_width']} | {p['params_pruned']:,} | "
+                    f"{100 * p['params_removed_fraction']:.1f}% | {p['output_dir']} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m prunenet.compress", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="asset name, folder or hub id of the dense model")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--policy", help="policy.pt, or a folder holding one (a fit output)")
+    parser.add_argument("--from_plan", help="prunenet.json to replay exactly (no policy needed)")
+    parser.add_argument("--compression_ratio", default="0.3", help="r in [0, 1), or comma-separated for a sweep")
+    parser.add_argument("--method", default="prunenet", choices=METHODS)
+    parser.add_argument("--selection", default="sample", choices=SELECTION_MODES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--round_to", type=int, default=1, help="round the kept width down to a multiple")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.from_plan:
+        plan = replay(args.from_plan, args.model, args.output_dir, args.overwrite, args.dtype, args.trust_remote_code)
+        print(f"replayed {args.from_plan} -> {args.output_dir}: {plan['params_dense']:,} -> "
+              f"{plan['params_pruned']:,} params")
+    else:
+        plans = compress(args.model, args.output_dir, args.compression_ratio, args.policy, args.method,
+                         args.selection, args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code)
+        print(summary_table(plans), end="")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -10,13 +10,16 @@ from prunenet.errors import PruneNetError
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run ``main``; a :class:`PruneNetError` prints ``error: <message>`` and exits 2.
+    """Run ``main``; a :class:`PruneNetError` (or Lightning's MisconfigurationException, e.g.
+    more devices than the machine has) prints ``error: <message>`` and exits 2.
 
     Set ``PRUNENET_VERBOSE=1`` to get the traceback instead.
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         main()
-    except PruneNetError as exc:
+    except (PruneNetError, MisconfigurationException) as exc:
         if os.environ.get("PRUNENET_VERBOSE"):
             raise
         print(f"error: {exc}", file=sys.stderr)

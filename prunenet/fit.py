@@ -7,12 +7,15 @@ always-present callback sections ``slicing`` (StructuralSlicing) and ``spectrum`
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import SpectrumMonitor, StructuralSlicing
 from prunenet.cli import run_main
 from prunenet.data import LayerDataModule
+from prunenet.errors import ConfigurationError
 from prunenet.module import PruneNetModule
 
 TRAINER_DEFAULTS = {
@@ -40,8 +43,29 @@ def main(args: list[str] | None = None) -> PruneNetCLI:
     cli = PruneNetCLI(PruneNetModule, LayerDataModule, run=False, seed_everything_default=0,
                       trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
                       subclass_mode_model=False, subclass_mode_data=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
+
+
+def resolve_ckpt_path(ckpt_path: str | None, root_dir: str) -> str | None:
+    """``last`` -> the newest ``last.ckpt`` of any earlier run under ``root_dir`` (each run logs to a
+    new ``lightning_logs/version_N``, so Lightning's own "last" would only look in the new, empty one).
+
+    Raises:
+        ConfigurationError: ``last`` with no earlier checkpoint, or a path that does not exist.
+    """
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        found = sorted(Path(root_dir).glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigurationError(f"--ckpt_path last: no last.ckpt under {str(Path(root_dir).resolve())!r}; "
+                                     "run without --ckpt_path first")
+        return str(found[-1])
+    if not Path(ckpt_path).is_file():
+        raise ConfigurationError(f"--ckpt_path {ckpt_path!r} does not exist (pass a .ckpt file or 'last')")
+    return ckpt_path
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ always-present callback sections ``slicing`` (StructuralSlicing) and ``spectrum`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -43,9 +44,28 @@ def main(args: list[str] | None = None) -> PruneNetCLI:
     cli = PruneNetCLI(PruneNetModule, LayerDataModule, run=False, seed_everything_default=0,
                       trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
                       subclass_mode_model=False, subclass_mode_data=False)
+    check_devices(cli.trainer, cli.model)
     ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
+
+
+def check_devices(trainer, module: PruneNetModule) -> None:
+    """Refuse more processes than layers (each rank needs at least one layer) or, on CPU,
+    than cores, before any process is launched or anything is written.
+
+    Raises:
+        ConfigurationError: naming the requested and the possible numbers.
+    """
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    world = trainer.world_size
+    if isinstance(trainer.accelerator, CPUAccelerator) and world > (os.cpu_count() or 1):
+        raise ConfigurationError(f"trainer.devices={trainer.num_devices} CPU processes requested but this machine "
+                                 f"has {os.cpu_count()} cores; use at most {os.cpu_count()}")
+    if module.num_layers_config is not None and world > module.num_layers_config:
+        raise ConfigurationError(f"{world} processes requested for a model of {module.num_layers_config} layers; "
+                                 f"use at most {module.num_layers_config} devices")
 
 
 def resolve_ckpt_path(ckpt_path: str | None, root_dir: str) -> str | None:

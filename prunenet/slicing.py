@@ -296,8 +296,12 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     parent = out if out.is_dir() else out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise OutputExistsError(f"output path {str(out)!r} is not writable (no write permission on {str(parent)!r})")
+    try:  # a real probe: os.access says yes to root even on read-only or virtual filesystems
+        fd, probe = tempfile.mkstemp(prefix=".prunenet-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputExistsError(f"output path {str(out)!r} is not writable ({exc.strerror} in {str(parent)!r})") from None
     return out
 
 

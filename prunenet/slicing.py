@@ -59,11 +59,10 @@ def kept_width(intermediate_size: int, compression_ratio: float, round_to: int =
     exact = int(math.floor((1.0 - r) * intermediate_size + 1e-9))
     k = (exact // round_to) * round_to
     if k < 1:
-        hint = f" rounded down to a multiple of {round_to}" if round_to > 1 else ""
+        hint = f" after rounding {exact} down to a multiple of {round_to}" if round_to > 1 else ""
         raise ConfigurationError(
-            f"compression_ratio {compression_ratio} keeps {exact} rows{hint} of an FFN of intermediate size "
-            f"{intermediate_size}, i.e. no row; use a smaller ratio"
-            + (f" or round_to" if round_to > 1 else ""))
+            f"compression_ratio {compression_ratio} keeps no row{hint} of an FFN of intermediate size "
+            f"{intermediate_size}; use a smaller ratio" + (" or round_to" if round_to > 1 else ""))
     return k
 
 

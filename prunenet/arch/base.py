@@ -35,7 +35,8 @@ class ArchAdapter:
         ffn_inputs: paths (relative to a decoder layer) of the FFN input modules whose
             rows are kept (gate and up for gated FFNs). The first one is the policy state.
         ffn_output: path of the FFN output module whose columns are kept.
-        width_key: key in the text config holding the FFN width n.
+        width_key: key in the text config holding the FFN width n; None when the family
+            has no such key (the width is then ``width_default`` and cannot be changed).
         hidden_key: key in the text config holding the hidden size d.
         conv1d: weights stored as (in, out) (GPT-2 ``Conv1D``) instead of (out, in).
         fused_gate_up: the single input module stacks [gate; up] along its output rows
@@ -44,18 +45,26 @@ class ArchAdapter:
             ``n_inner=None`` means 4 * n_embd).
         width_settable: False if the config cannot express a new FFN width (then slicing
             refuses before writing anything).
+        note: why, for a family with ``width_settable=False`` (shown in the error).
     """
 
     model_types: tuple[str, ...]
     layers_paths: tuple[str, ...]
     ffn_inputs: tuple[str, ...]
     ffn_output: str
-    width_key: str = "intermediate_size"
+    width_key: str | None = "intermediate_size"
     hidden_key: str = "hidden_size"
     conv1d: bool = False
     fused_gate_up: bool = False
     width_default: Callable[[object], int] | None = None
     width_settable: bool = True
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.width_key is None and self.width_settable:
+            raise ValueError(f"adapter {self.model_types}: no width_key, so width_settable must be False")
+        if self.width_key is None and self.width_default is None:
+            raise ValueError(f"adapter {self.model_types}: no width_key needs a width_default")
 
     # ----------------------------------------------------------------- config
     @staticmethod
@@ -67,7 +76,7 @@ class ArchAdapter:
     def intermediate_size(self, config: object) -> int:
         """FFN width n read from the config."""
         tc = self.text_config(config)
-        value = getattr(tc, self.width_key, None)
+        value = getattr(tc, self.width_key, None) if self.width_key else None
         if value is None and self.width_default is not None:
             value = self.width_default(tc)
         if not isinstance(value, int):
@@ -81,17 +90,27 @@ class ArchAdapter:
         """Hidden size d read from the config."""
         return int(getattr(self.text_config(config), self.hidden_key))
 
+    def check_sliceable(self, config: object, width: int | None = None) -> None:
+        """Raise before anything is sliced or written if the config cannot express a new FFN width.
+
+        Raises:
+            ConfigurationError: naming the model_type and the reason.
+        """
+        if not self.width_settable:
+            target = f"intermediate size {width}" if width is not None else "a pruned FFN width"
+            raise ConfigurationError(
+                f"model_type {config.model_type!r} fixes the FFN width in code"
+                f"{' (' + self.note + ')' if self.note else ''}, so its config cannot express {target}; "
+                "a sliced checkpoint would not reload with from_pretrained, so PruneNet refuses to slice it"
+            )
+
     def set_intermediate_size(self, config: object, width: int) -> None:
         """Write the new FFN width into the config (in place) so ``from_pretrained`` rebuilds it.
 
         Raises:
             ConfigurationError: if this family's config cannot express a new width.
         """
-        if not self.width_settable:
-            raise ConfigurationError(
-                f"model_type {config.model_type!r} fixes the FFN width in code, so its config cannot "
-                f"express intermediate size {width}; slicing it would not reload with from_pretrained"
-            )
+        self.check_sliceable(config, width)
         setattr(self.text_config(config), self.width_key, int(width))
 
     # ----------------------------------------------------------------- modules
@@ -125,14 +144,54 @@ class ArchAdapter:
         For ``Conv1D`` the stored (d, n) weight is transposed; for a fused gate_up
         the gate half (first n rows) is returned.
         """
-        w = self.input_modules(layer)[0].weight.detach()
-        if self.conv1d:
-            w = w.t()
-        if self.fused_gate_up:
-            w = w[: w.shape[0] // 2]
-        return w
+        return self.state_from_weight(self.input_modules(layer)[0].weight.detach())
+
+    def row_norms(self, layer: nn.Module) -> torch.Tensor:
+        """L2 norm of each FFN neuron's input weights, shape (n,), float32: the magnitude baseline.
+
+        For gated FFNs the norm covers the neuron's gate row AND up row together,
+        ``sqrt(||gate_j||^2 + ||up_j||^2)`` (fused gate_up: both halves); bias is excluded.
+        """
+        total = None
+        for mod in self.input_modules(layer):
+            w = mod.weight.detach().float()
+            w = w.t() if self.conv1d else w
+            sq = (w * w).sum(dim=1)
+            if self.fused_gate_up:
+                half = sq.shape[0] // 2
+                sq = sq[:half] + sq[half:]
+            total = sq if total is None else total + sq
+        return total.sqrt()
 
     # ----------------------------------------------------------------- slicing
+    def state_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Policy state (n, d) from the stored weight of the first FFN input module
+        (transposed for ``Conv1D``; the gate half of a fused gate_up). A view, no copy."""
+        w = weight.t() if self.conv1d else weight
+        return w[: w.shape[0] // 2] if self.fused_gate_up else w
+
+    def slice_tensor(self, tensor: torch.Tensor, kept: torch.Tensor, role: str, kind: str) -> torch.Tensor:
+        """Slice one stored FFN tensor to the kept neurons (a new contiguous tensor).
+
+        The single place that knows orientation: nn.Linear stores (out, in), Conv1D (in, out);
+        a fused gate_up keeps ``kept`` in both halves.
+
+        Args:
+            tensor: the stored weight or bias.
+            kept: sorted LongTensor (k,), neuron indices in [0, n).
+            role: ``"input"`` (rows kept: FFN input module) or ``"output"`` (columns kept).
+            kind: ``"weight"`` or ``"bias"`` (an output module's bias is not sliced).
+        """
+        idx = kept.to(tensor.device)
+        if role == "output":
+            if kind == "bias":
+                return tensor
+            return tensor.index_select(0 if self.conv1d else 1, idx).contiguous()
+        neuron_dim = 0 if kind == "bias" else (1 if self.conv1d else 0)
+        if self.fused_gate_up:
+            idx = torch.cat([idx, idx + tensor.shape[neuron_dim] // 2])
+        return tensor.index_select(neuron_dim, idx).contiguous()
+
     def slice_layer(self, layer: nn.Module, kept: torch.Tensor) -> None:
         """Keep FFN neurons ``kept`` in one layer, in place.
 
@@ -143,32 +202,40 @@ class ArchAdapter:
             layer: a decoder layer of this family.
             kept: sorted LongTensor of shape (k,), indices in [0, n).
         """
+        size = kept.numel() * (2 if self.fused_gate_up else 1)
         for mod in self.input_modules(layer):
-            n_out = mod.weight.shape[1 if self.conv1d else 0]
-            idx = kept.to(mod.weight.device)
-            if self.fused_gate_up:
-                idx = torch.cat([idx, idx + n_out // 2])
-            self._keep(mod, idx, out_dim=True)
-        out = self.output_module(layer)
-        self._keep(out, kept.to(out.weight.device), out_dim=False)
-
-    def _keep(self, mod: nn.Module, idx: torch.Tensor, out_dim: bool) -> None:
-        # nn.Linear stores (out, in); Conv1D stores (in, out).
-        weight_dim = (1 if self.conv1d else 0) if out_dim else (0 if self.conv1d else 1)
-        w = mod.weight.data.index_select(weight_dim, idx).contiguous()
-        mod.weight = nn.Parameter(w, requires_grad=mod.weight.requires_grad)
-        if out_dim and getattr(mod, "bias", None) is not None:
-            mod.bias = nn.Parameter(mod.bias.data.index_select(0, idx).contiguous(),
-                                    requires_grad=mod.bias.requires_grad)
-        size = idx.numel()
-        if out_dim:
+            self._replace(mod, "weight", self.slice_tensor(mod.weight.data, kept, "input", "weight"))
+            if getattr(mod, "bias", None) is not None:
+                self._replace(mod, "bias", self.slice_tensor(mod.bias.data, kept, "input", "bias"))
             for attr in ("out_features", "nf"):
                 if hasattr(mod, attr):
                     setattr(mod, attr, size)
-        else:
-            for attr in ("in_features", "nx"):
-                if hasattr(mod, attr):
-                    setattr(mod, attr, size)
+        out = self.output_module(layer)
+        self._replace(out, "weight", self.slice_tensor(out.weight.data, kept, "output", "weight"))
+        for attr in ("in_features", "nx"):
+            if hasattr(out, attr):
+                setattr(out, attr, kept.numel())
+
+    def tensor_roles(self, model: nn.Module) -> dict[str, tuple[int, str, str]]:
+        """Parameter name -> (layer index, role, kind) for every FFN tensor that slicing changes.
+
+        Works on a model built on the meta device, so a checkpoint can be sliced shard by shard
+        without materializing the model.
+        """
+        names = {id(p): n for n, p in model.named_parameters()}
+        roles: dict[str, tuple[int, str, str]] = {}
+        for i, layer in enumerate(self.layers(model)):
+            for mod in self.input_modules(layer):
+                roles[names[id(mod.weight)]] = (i, "input", "weight")
+                if getattr(mod, "bias", None) is not None:
+                    roles[names[id(mod.bias)]] = (i, "input", "bias")
+            roles[names[id(self.output_module(layer).weight)]] = (i, "output", "weight")
+        return roles
+
+    @staticmethod
+    def _replace(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+        old = getattr(mod, name)
+        setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:

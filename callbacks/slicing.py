@@ -20,21 +20,25 @@ class StructuralSlicing(L.Callback):
         output_dir: where to save; must be absent or empty unless ``overwrite``.
         overwrite: replace an existing non-empty ``output_dir`` (only after the new one is complete).
         selection: ``sample`` (paper: seeded multinomial over keep probabilities) or ``topk``.
+        shardwise: rewrite the safetensors shards one at a time instead of loading the model
+            (None: automatic when the checkpoint exceeds half the available memory).
 
     Raises:
         OutputExistsError: at construction, before any training, if ``output_dir`` is a file,
             not writable, or non-empty without ``overwrite``.
     """
 
-    def __init__(self, output_dir: str | None = None, overwrite: bool = False, selection: str = "sample") -> None:
+    def __init__(self, output_dir: str | None = None, overwrite: bool = False, selection: str = "sample",
+                 shardwise: bool | None = None) -> None:
         if selection not in SELECTION_MODES:
             raise ConfigurationError(f"slicing.selection must be one of {SELECTION_MODES}, got {selection!r}")
         if output_dir:
             check_output_dir(output_dir, overwrite)
         self.output_dir, self.overwrite, self.selection = output_dir, overwrite, selection
+        self.shardwise = shardwise
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.configure_output(self.output_dir, self.overwrite, self.selection)
+        pl_module.configure_output(self.output_dir, self.overwrite, self.selection, self.shardwise)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -28,27 +29,39 @@ from prunenet.arch import check_finite, get_adapter
 from prunenet.errors import ConfigurationError
 from prunenet.policy import SparsityPredictor
 from prunenet.reward import discount, ks_statistic, singular_values, spectral_reward
-from prunenet.slicing import (SELECTION_MODES, count_parameters, ffn_fingerprint, kept_width, layer_generator,
-                              make_plan, package_versions, sample_rows, save_pruned, select_kept_rows, slice_model,
-                              validate_ratio)
+from prunenet.slicing import (SELECTION_MODES, atomic_write_dir, count_parameters, ffn_fingerprint, kept_width,
+                              layer_generator, make_plan, package_versions, sample_rows, save_pruned,
+                              select_kept_rows, slice_model, validate_ratio, write_provenance)
+from prunenet.streaming import (StreamedStates, available_memory, checkpoint_bytes, safetensors_files,
+                                slice_checkpoint, stream_states)
 
 _SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def load_ffn_states(model_name_or_path: str, dtype: str = "auto",
-                    trust_remote_code: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
+def load_ffn_states(model_name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False,
+                    low_memory: bool | None = None) -> tuple[Sequence[torch.Tensor], dict[str, Any]]:
     """Read the policy states (first FFN input matrix of every layer) of a model.
 
-    Loads the checkpoint with transformers, keeps detached views of the FFN input
-    matrices (no copy) and drops the rest of the model.
+    A local safetensors checkpoint loaded in its own dtype is streamed: only the FFN input
+    tensors are read, by name, without building the model (``streaming.stream_states``;
+    ``low_memory`` reads one layer at a time). Otherwise the model is loaded with transformers,
+    detached views of its FFN input matrices are kept (no copy) and the rest is freed.
 
     Returns:
-        ``(states, info)``: states is a list of (n, d) tensors in the checkpoint dtype;
+        ``(states, info)``: states is a sequence of (n, d) tensors in the checkpoint dtype;
         info has ``params_dense`` and ``state_names`` (parameter paths).
     Raises:
         InvalidWeightsError: an FFN matrix has NaN/Inf (named by its parameter path).
         ModelLoadError, UnsupportedModelError: see ``loading`` and ``arch``.
     """
+    path = loading.resolve(model_name_or_path)
+    if loading.parse_dtype(dtype) == "auto" and Path(path).is_dir():
+        streamed = stream_states(path, loading.load_config(path, trust_remote_code), low_memory)
+        if streamed is not None:
+            states, info = streamed
+            for i in range(len(states)):  # validate every layer (NaN/Inf) before any training
+                states[i]
+            return states, info
     model = loading.load_model(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     adapter = get_adapter(model.config)
     names = {id(p): name for name, p in model.named_parameters()}
@@ -60,7 +73,7 @@ def load_ffn_states(model_name_or_path: str, dtype: str = "auto",
         check_finite(w, name)
         states.append(w)
         state_names.append(name)
-    info = {"params_dense": count_parameters(model), "state_names": state_names}
+    info = {"params_dense": count_parameters(model), "state_names": state_names, "streamed": False}
     del model
     return states, info
 
@@ -80,6 +93,8 @@ class PruneNetModule(L.LightningModule):
         spectra_dtype: ``float32`` or ``float64`` for singular values.
         dtype: dtype to load the LLM weights in (``auto`` keeps the checkpoint's).
         trust_remote_code: passed to transformers; off by default.
+        low_memory: read each layer's FFN matrix from the safetensors files when it is used
+            instead of keeping all in memory (None: automatic, when they exceed 1 GiB).
 
     Raises:
         ConfigurationError: bad ratio / gamma / spectra dtype, or a ratio that keeps no row.
@@ -89,7 +104,7 @@ class PruneNetModule(L.LightningModule):
     def __init__(self, model_name_or_path: str = "smollm2-135m", compression_ratio: float = 0.3,
                  learning_rate: float = 1e-3, weight_decay: float = 0.01, gamma: float = 0.99,
                  use_kld: bool = False, spectra_dtype: str = "float32", dtype: str = "auto",
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, low_memory: bool | None = None) -> None:
         super().__init__()
         validate_ratio(compression_ratio)
         if not 0.0 < gamma <= 1.0:
@@ -102,6 +117,7 @@ class PruneNetModule(L.LightningModule):
         self.save_hyperparameters()
         config = loading.load_config(model_name_or_path, trust_remote_code=trust_remote_code)
         self.adapter = get_adapter(config)
+        self.config = config
         self.model_type = config.model_type
         self.intermediate_size = self.adapter.intermediate_size(config)
         self.hidden_size = self.adapter.hidden_size(config)
@@ -122,6 +138,7 @@ class PruneNetModule(L.LightningModule):
         self.output_dir: str | None = None
         self.overwrite = False
         self.selection = "sample"
+        self.shardwise: bool | None = None
 
     # ------------------------------------------------------------------ states
     @property
@@ -134,7 +151,8 @@ class PruneNetModule(L.LightningModule):
         """Per-layer FFN input matrices W_i, each (n, d), loaded on first use."""
         if self._states is None:
             self._states, self._state_info = load_ffn_states(
-                self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code)
+                self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code,
+                self.hparams.low_memory)
         return self._states
 
     @property
@@ -149,7 +167,9 @@ class PruneNetModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_start = time.time()
-        self._states = [w.to(self.device) for w in self.states]
+        states = self.states
+        self._states = states.to(self.device) if isinstance(states, StreamedStates) else [
+            w.to(self.device) for w in states]
 
     def reference_spectrum(self, layer: int) -> torch.Tensor:
         """Singular values of the dense W_i, shape (min(n, d),); computed once per layer."""
@@ -208,11 +228,26 @@ class PruneNetModule(L.LightningModule):
         self.history = list(checkpoint.get("prunenet_history", []))
 
     # ------------------------------------------------------------------ results
-    def configure_output(self, output_dir: str | None, overwrite: bool, selection: str) -> None:
+    def configure_output(self, output_dir: str | None, overwrite: bool, selection: str,
+                         shardwise: bool | None = None) -> None:
         """Set where and how the pruned model is produced (called by StructuralSlicing)."""
         if selection not in SELECTION_MODES:
             raise ConfigurationError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
         self.output_dir, self.overwrite, self.selection = output_dir, overwrite, selection
+        self.shardwise = shardwise
+
+    def use_shardwise(self) -> bool:
+        """Slice the safetensors files shard by shard instead of loading the model: when asked,
+        or (``shardwise=None``) when the checkpoint is larger than half the available memory."""
+        path = Path(loading.resolve(self.hparams.model_name_or_path))
+        local = path.is_dir() and safetensors_files(path) is not None
+        if self.shardwise is None:
+            return local and loading.parse_dtype(self.hparams.dtype) == "auto" and \
+                checkpoint_bytes(path) > available_memory() // 2
+        if self.shardwise and not local:
+            raise ConfigurationError(f"shard-wise slicing needs a local safetensors checkpoint, "
+                                     f"got {self.hparams.model_name_or_path!r}")
+        return bool(self.shardwise)
 
     def kept_indices(self) -> list[torch.Tensor]:
         """Kept rows per layer chosen by the trained policy (cached): list of (k,) LongTensors."""
@@ -222,7 +257,10 @@ class PruneNetModule(L.LightningModule):
         return self._kept
 
     def pruned_model(self):
-        """The sliced model (cached). Loads the dense checkpoint once and slices it in place."""
+        """The sliced model (cached). Loads the dense checkpoint once and slices it in place
+        (or, after a shard-wise save, loads the saved pruned checkpoint)."""
+        if self._pruned is None and self._checkpoint is not None and self._state_info.get("shardwise"):
+            self._pruned = loading.load_model(str(self._checkpoint))
         if self._pruned is None:
             model = loading.load_model(self.hparams.model_name_or_path, dtype=self.hparams.dtype,
                                        trust_remote_code=self.hparams.trust_remote_code)
@@ -245,18 +283,21 @@ class PruneNetModule(L.LightningModule):
             return Path(self.output_dir).expanduser()
         return self._default_output
 
-    def plan(self) -> dict[str, Any]:
+    def plan(self, params_pruned: int | None = None) -> dict[str, Any]:
         """Provenance of the pruned checkpoint (written as ``prunenet.json``)."""
-        model = self.pruned_model()
+        if params_pruned is None:
+            params_pruned = self._state_info.get("params_pruned") or count_parameters(self.pruned_model())
+        self._state_info["params_pruned"] = params_pruned
         return make_plan(
             source_model=self.hparams.model_name_or_path, model_type=self.model_type,
             compression_ratio=self.hparams.compression_ratio, round_to=1,
             intermediate_size=self.intermediate_size, hidden_size=self.hidden_size, kept=self.kept_indices(),
             method="prunenet", selection=self.selection, seed=self.seed,
-            params_dense=self._state_info["params_dense"], params_pruned=count_parameters(model),
+            params_dense=self._state_info["params_dense"], params_pruned=params_pruned,
             extra={"episodes": len(self.history),
                    "final_reward_mean": self.history[-1]["reward_mean"] if self.history else None,
-                   "source_ffn_sha256": self.ffn_sha256()})
+                   "source_ffn_sha256": self.ffn_sha256(),
+                   "shardwise": bool(self._state_info.get("shardwise"))})
 
     def ffn_sha256(self) -> str:
         """Fingerprint of the source model's FFN input matrices (cached)."""
@@ -274,10 +315,20 @@ class PruneNetModule(L.LightningModule):
     def pruned_checkpoint(self) -> Path:
         """Slice and save the pruned model once (atomic); return its folder. Call on rank 0."""
         if self._checkpoint is None:
-            model = self.pruned_model()
-            self._checkpoint = save_pruned(model, self.resolved_output_dir(), self.plan(), policy=self.policy,
-                                           policy_meta=self.policy_metadata(), tokenizer=self.load_tokenizer(),
-                                           overwrite=self.overwrite)
+            if self.use_shardwise():
+                self._state_info["shardwise"] = True
+                source = Path(loading.resolve(self.hparams.model_name_or_path))
+
+                def write(tmp: Path) -> None:
+                    params = slice_checkpoint(source, self.config, self.kept_indices(), tmp)
+                    write_provenance(tmp, self.plan(params_pruned=params), self.policy, self.policy_metadata())
+
+                self._checkpoint = atomic_write_dir(self.resolved_output_dir(), self.overwrite, write)
+            else:
+                model = self.pruned_model()
+                self._checkpoint = save_pruned(model, self.resolved_output_dir(), self.plan(), policy=self.policy,
+                                               policy_meta=self.policy_metadata(),
+                                               tokenizer=self.load_tokenizer(), overwrite=self.overwrite)
         return self._checkpoint
 
     def summary(self) -> str:

@@ -237,12 +237,8 @@ def select_rows(method: str, *, k: int, states: Sequence[torch.Tensor], policy: 
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel()
-    return total
+    # parameters() yields each Parameter object once, so tied weights count once (also on meta).
+    return sum(p.numel() for p in model.parameters())
 
 
 def slice_model(model: torch.nn.Module, kept: Sequence[torch.Tensor],
@@ -364,11 +360,17 @@ def save_pruned(model: torch.nn.Module, output_dir: str | os.PathLike, plan: dic
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if policy is not None:
-            torch.save({"state_dict": policy.state_dict(), "meta": dict(policy_meta or {})}, tmp / POLICY_FILE)
-        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+        write_provenance(tmp, plan, policy, policy_meta)
 
     return atomic_write_dir(output_dir, overwrite, write)
+
+
+def write_provenance(folder: Path, plan: dict[str, Any], policy: SparsityPredictor | None = None,
+                     policy_meta: dict[str, Any] | None = None) -> None:
+    """Write ``prunenet.json`` and (when given) ``policy.pt`` into a checkpoint folder being built."""
+    if policy is not None:
+        torch.save({"state_dict": policy.state_dict(), "meta": dict(policy_meta or {})}, folder / POLICY_FILE)
+    (folder / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
 
 
 def package_versions() -> dict[str, str]:

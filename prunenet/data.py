@@ -35,9 +35,10 @@ class LayerShardSampler(DistributedSampler):
     Subclasses ``DistributedSampler`` so Lightning keeps it as the distributed sampler.
     """
 
-    def __init__(self, dataset: LayerIndices, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset: LayerIndices, num_replicas: int, rank: int, indices: list[int] | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self._indices = list(range(rank, len(dataset), num_replicas))
+        indices = list(range(len(dataset))) if indices is None else indices
+        self._indices = indices[rank::num_replicas]
 
     def __iter__(self):
         return iter(self._indices)
@@ -54,17 +55,29 @@ def collate_layers(items: list[int]) -> torch.Tensor:
 class LayerDataModule(L.LightningDataModule):
     """Serves each rank its shard of layer indices, as one batch per episode.
 
-    The number of layers comes from the LightningModule (``num_layers``), so this
-    datamodule has no required arguments.
+    The number of layers comes from the LightningModule (``num_layers``).
+
+    Args:
+        layers: train on these layer indices only (default: all). For debugging and for
+            benchmarks that time a few layers of a big model; the final slicing still
+            covers every layer.
     """
+
+    def __init__(self, layers: list[int] | None = None) -> None:
+        super().__init__()
+        self.layers = None if layers is None else [int(i) for i in layers]
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         num_layers = int(trainer.lightning_module.num_layers)
+        indices = list(range(num_layers)) if self.layers is None else self.layers
+        bad = [i for i in indices if not 0 <= i < num_layers]
+        if bad or not indices:
+            raise ConfigurationError(f"data.layers must be non-empty indices in [0, {num_layers}), got {self.layers}")
         world, rank = trainer.world_size, trainer.global_rank
-        if world > num_layers:
+        if world > len(indices):
             raise ConfigurationError(
-                f"{world} processes for a model of {num_layers} layers; use at most {num_layers} devices")
+                f"{world} processes for {len(indices)} layers; use at most {len(indices)} devices")
         dataset = LayerIndices(num_layers)
-        sampler = LayerShardSampler(dataset, num_replicas=world, rank=rank)
+        sampler = LayerShardSampler(dataset, num_replicas=world, rank=rank, indices=indices)
         return DataLoader(dataset, batch_size=len(sampler), sampler=sampler, collate_fn=collate_layers)

@@ -185,6 +185,7 @@ class PruneNetModule(L.LightningModule):
         num_layers = self.num_layers
         ks_all = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
         reward_all = torch.zeros_like(ks_all)
+        trained = torch.zeros_like(ks_all)
         # Starts connected to every parameter so a rank with no layer still joins the DDP all-reduce.
         loss = sum(p.sum() * 0.0 for p in self.policy.parameters())
         for i in batch.tolist():
@@ -198,21 +199,24 @@ class PruneNetModule(L.LightningModule):
             if hp.use_kld:
                 step_loss = step_loss + self.policy.kl_regulariser(z)
             loss = loss + step_loss
-            ks_all[i], reward_all[i] = ks, r
+            ks_all[i], reward_all[i], trained[i] = ks, r, 1.0
         # Sum over ranks: every rank then holds every layer's metrics.
-        ks_all = self.trainer.strategy.reduce(ks_all, reduce_op="sum")
-        reward_all = self.trainer.strategy.reduce(reward_all, reduce_op="sum")
-        total_loss = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="sum")
-        self.last_ks = {i: float(v) for i, v in enumerate(ks_all.tolist())}
+        reduce = self.trainer.strategy.reduce
+        ks_all, reward_all = reduce(ks_all, reduce_op="sum"), reduce(reward_all, reduce_op="sum")
+        trained = reduce(trained, reduce_op="sum")
+        total_loss = reduce(loss.detach().clone(), reduce_op="sum")
+        layers = [i for i in range(num_layers) if trained[i] > 0]
+        self.last_ks = {i: float(ks_all[i]) for i in layers}
         # One optimizer step per episode, so step-level logging is per-episode logging (and needs
         # no sync_dist: the values were already summed over ranks above).
-        metrics = {"reward/mean": reward_all.mean(), "ks/mean": ks_all.mean(), "loss": total_loss}
+        count = trained.sum()
+        metrics = {"reward/mean": reward_all.sum() / count, "ks/mean": ks_all.sum() / count, "loss": total_loss}
         self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=True,
                       batch_size=1)
-        self.log_dict({f"ks/layer_{i:02d}": ks_all[i].float() for i in range(num_layers)},
+        self.log_dict({f"ks/layer_{i:02d}": ks_all[i].float() for i in layers},
                       on_step=True, on_epoch=False, batch_size=1)
-        self.history.append({"episode": self.current_epoch, "reward_mean": float(reward_all.mean()),
-                             "ks_mean": float(ks_all.mean()), "loss": float(total_loss)})
+        self.history.append({"episode": self.current_epoch, "reward_mean": float(metrics["reward/mean"]),
+                             "ks_mean": float(metrics["ks/mean"]), "loss": float(total_loss)})
         # DDP averages gradients over ranks; scaling by world size makes the update the
         # gradient of the full sum over layers, the same as on one device.
         return loss * self.trainer.world_size

@@ -221,6 +221,17 @@ class PruneNetModule(L.LightningModule):
         # gradient of the full sum over layers, the same as on one device.
         return loss * self.trainer.world_size
 
+    def on_train_epoch_start(self) -> None:
+        self._episode_start = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        # Whole episode: forward, spectra, KS, backward and the optimizer step.
+        seconds = time.perf_counter() - self._episode_start
+        self.log("time/episode_seconds", seconds, on_step=False, on_epoch=True, batch_size=1, sync_dist=False,
+                 rank_zero_only=True)
+        if self.history:
+            self.history[-1]["seconds"] = seconds
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.policy.parameters(), lr=self.hparams.learning_rate,
                                  weight_decay=self.hparams.weight_decay)

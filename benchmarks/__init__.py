@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure and print/write tables (never timed tests)."""

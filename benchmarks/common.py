@@ -1,0 +1,56 @@
+"""Shared helpers of the benchmark scripts: child-process peak RSS, headers, markdown tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run ``python args...`` in a fresh process; return (wall seconds, peak RSS GiB, result).
+
+    The peak RSS is the child's own ``ru_maxrss`` (via ``/usr/bin/time -f %M`` when present,
+    otherwise ``resource.getrusage(RUSAGE_CHILDREN)``, which is exact for the first child).
+    Raises:
+        RuntimeError: the child failed (its stderr tail is in the message).
+    """
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    timer = Path("/usr/bin/time")
+    marker = "PEAK_RSS_KB="
+    cmd = [sys.executable, *args]
+    if timer.exists():
+        cmd = [str(timer), "-f", f"{marker}%M", *cmd]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    if timer.exists():
+        kb = int(proc.stderr.rsplit(marker, 1)[1].split()[0])
+    else:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, kb / 2**20, proc
+
+
+def header(command: str) -> str:
+    """Markdown header: exact command, machine and package versions."""
+    from prunenet.slicing import package_versions
+
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
+    return (f"Command: `{command}`\n\nMachine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}; {versions}\n\nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """A markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out) + "\n"

@@ -96,15 +96,30 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
     return model
 
 
+#: Files any tokenizer transformers can load from a folder is made of (one is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The model's tokenizer, or None when the checkpoint has no tokenizer files."""
+    """The model's tokenizer, or None when the checkpoint has no tokenizer files.
+
+    transformers 5 builds an *empty* tokenizer (vocab size 0) for some families (GPT-2, OPT,
+    GPT-NeoX, ...) from a folder without tokenizer files instead of failing; such a folder
+    (or an empty result) gives None, so nothing bogus is copied next to a pruned model.
+    """
     from transformers import AutoTokenizer
 
     path = resolve(name_or_path)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+    if getattr(tokenizer, "vocab_size", 1) == 0:
+        return None
+    return tokenizer
 
 
 def _first_line(exc: BaseException) -> str:

@@ -61,7 +61,8 @@ def meta_model(config: Any):
 def match_keys(names: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
     """Model parameter name -> checkpoint key: the same name, or the one key that ends with the
     name's tail from the decoder-layer list on (checkpoints of some families use an older prefix,
-    e.g. ``language_model.model.layers.0...`` for ``model.language_model.layers.0...``).
+    e.g. ``language_model.model.layers.0...`` for ``model.language_model.layers.0...``), or is that
+    tail itself (hub checkpoints saved from the base model: GPT-2's ``h.0...`` for ``transformer.h.0...``).
 
     Raises:
         KeyError: a name with no or several candidates.
@@ -75,7 +76,7 @@ def match_keys(names: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
         parts = name.split(".")
         digit = next(i for i, p in enumerate(parts) if p.isdigit())
         tail = "." + ".".join(parts[digit - 1:])
-        found = [k for k in keys if k.endswith(tail)]
+        found = [k for k in keys if k.endswith(tail) or k == tail[1:]]
         if len(found) != 1:
             raise KeyError(name)
         out[name] = found[0]

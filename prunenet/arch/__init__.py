@@ -5,6 +5,12 @@ Usage::
     adapter = get_adapter(model.config)
     for layer in adapter.layers(model):
         W = adapter.state(layer)       # (n, d)
+
+Every entry below was checked against the module paths and config keys of
+transformers 5.x (``modeling_<family>.py``), and each family has a contract test
+(``tests/test_arch_contract.py``): exact slicing, save + plain ``from_pretrained``
+round trip, one fit episode through the CLI, and a policy state of shape (n, d).
+``docs/architectures.md`` is generated from this table (:func:`markdown_table`).
 """
 
 from __future__ import annotations
@@ -12,42 +18,68 @@ from __future__ import annotations
 from prunenet.arch.base import ArchAdapter, check_finite
 from prunenet.errors import UnsupportedModelError
 
-_GATED = dict(ffn_inputs=("mlp.gate_proj", "mlp.up_proj"), ffn_output="mlp.down_proj")
+# LLaMA-style gated FFN: down(act(gate(x)) * up(x)), all nn.Linear (out, in).
+_GATED = {"ffn_inputs": ("mlp.gate_proj", "mlp.up_proj"), "ffn_output": "mlp.down_proj"}
 _DECODER = ("model.layers",)
+_GPT_BLOCKS = ("transformer.h",)
 
-#: One adapter per family. Adding a family that fits these shapes is one entry.
+
+def _four_d(config: object) -> int:
+    """The FFN width families use when their width key is None: 4 * hidden size."""
+    return 4 * int(config.hidden_size)
+
+
+#: One adapter per family. Adding a family that fits these shapes is one entry (and one test subclass).
 ADAPTERS: tuple[ArchAdapter, ...] = (
+    # LlamaForCausalLM and the decoders that copy its layout (gate/up/down under model.layers[i].mlp).
     ArchAdapter(
         model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                     "granite", "olmo", "olmo2", "stablelm", "smollm3"),
+                     "granite", "olmo", "olmo2", "stablelm", "smollm3", "cohere"),
         layers_paths=_DECODER, **_GATED,
     ),
-    # Gemma-3 multimodal wrapper: the text decoder sits inside, sizes in text_config.
-    ArchAdapter(model_types=("gemma3",), layers_paths=("model.language_model.layers",
-                                                       "language_model.model.layers"), **_GATED),
+    # Gemma-3 multimodal (Gemma3ForConditionalGeneration, what AutoModelForCausalLM builds for a
+    # Gemma3Config): the text decoder sits at model.language_model, its sizes in config.text_config.
+    ArchAdapter(model_types=("gemma3",), layers_paths=("model.language_model.layers",), **_GATED),
+    # Phi-3: one fused gate_up_proj (2n, d) = [gate; up]; both halves keep the same rows.
     ArchAdapter(model_types=("phi3",), layers_paths=_DECODER, ffn_inputs=("mlp.gate_up_proj",),
                 ffn_output="mlp.down_proj", fused_gate_up=True),
+    # Non-gated FFNs: out(act(in(x))), nn.Linear with biases.
     ArchAdapter(model_types=("phi",), layers_paths=_DECODER, ffn_inputs=("mlp.fc1",), ffn_output="mlp.fc2"),
+    ArchAdapter(model_types=("starcoder2",), layers_paths=_DECODER, ffn_inputs=("mlp.c_fc",),
+                ffn_output="mlp.c_proj"),
+    ArchAdapter(model_types=("persimmon",), layers_paths=_DECODER, ffn_inputs=("mlp.dense_h_to_4h",),
+                ffn_output="mlp.dense_4h_to_h"),
+    ArchAdapter(model_types=("nemotron",), layers_paths=_DECODER, ffn_inputs=("mlp.up_proj",),
+                ffn_output="mlp.down_proj"),
     ArchAdapter(model_types=("opt",), layers_paths=("model.decoder.layers",), ffn_inputs=("fc1",),
                 ffn_output="fc2", width_key="ffn_dim"),
-    ArchAdapter(model_types=("falcon",), layers_paths=("transformer.h",), ffn_inputs=("mlp.dense_h_to_4h",),
-                ffn_output="mlp.dense_4h_to_h", width_key="ffn_hidden_size",
-                width_default=lambda c: 4 * c.hidden_size),
-    ArchAdapter(model_types=("gpt2",), layers_paths=("transformer.h",), ffn_inputs=("mlp.c_fc",),
-                ffn_output="mlp.c_proj", width_key="n_inner", hidden_key="n_embd", conv1d=True,
-                width_default=lambda c: 4 * c.n_embd),
     ArchAdapter(model_types=("gpt_neox",), layers_paths=("gpt_neox.layers",),
                 ffn_inputs=("mlp.dense_h_to_4h",), ffn_output="mlp.dense_4h_to_h"),
-    ArchAdapter(model_types=("gptj",), layers_paths=("transformer.h",), ffn_inputs=("mlp.fc_in",),
-                ffn_output="mlp.fc_out", width_key="n_inner", hidden_key="n_embd",
-                width_default=lambda c: 4 * c.n_embd),
+    # Falcon: FalconLinear is an nn.Linear; ffn_hidden_size None means 4 * hidden_size.
+    ArchAdapter(model_types=("falcon",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.dense_h_to_4h",),
+                ffn_output="mlp.dense_4h_to_h", width_key="ffn_hidden_size", width_default=_four_d),
+    # GPT-2: Conv1D stores (in, out) = (d, n); the policy state is its transpose (n, d).
+    ArchAdapter(model_types=("gpt2",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.c_fc",),
+                ffn_output="mlp.c_proj", width_key="n_inner", hidden_key="n_embd", conv1d=True,
+                width_default=_four_d),
+    ArchAdapter(model_types=("gpt_bigcode",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.c_fc",),
+                ffn_output="mlp.c_proj", width_key="n_inner", hidden_key="n_embd", width_default=_four_d),
+    ArchAdapter(model_types=("gpt_neo",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.c_fc",),
+                ffn_output="mlp.c_proj", width_default=_four_d),
+    ArchAdapter(model_types=("gptj", "codegen"), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.fc_in",),
+                ffn_output="mlp.fc_out", width_key="n_inner", hidden_key="n_embd", width_default=_four_d),
+    # BLOOM builds its FFN as Linear(h, 4 * h) in code: no config key can hold a pruned width.
+    # The policy can still be trained on it (states are read), but slicing refuses.
+    ArchAdapter(model_types=("bloom",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.dense_h_to_4h",),
+                ffn_output="mlp.dense_4h_to_h", width_key=None, width_default=_four_d, width_settable=False,
+                note="BloomMLP is Linear(hidden_size, 4 * hidden_size)"),
 )
 
 _REGISTRY: dict[str, ArchAdapter] = {t: a for a in ADAPTERS for t in a.model_types}
 
 
 def supported_model_types() -> list[str]:
-    """Sorted list of the ``model_type`` values PruneNet can prune."""
+    """Sorted list of the ``model_type`` values PruneNet can read (``bloom`` cannot be sliced)."""
     return sorted(_REGISTRY)
 
 
@@ -66,4 +98,26 @@ def get_adapter(config: object) -> ArchAdapter:
         ) from None
 
 
-__all__ = ["ArchAdapter", "ADAPTERS", "check_finite", "get_adapter", "supported_model_types"]
+def markdown_table() -> str:
+    """The table of supported families (``docs/architectures.md`` holds this text)."""
+    header = ("| model_type | decoder layers | FFN input (rows kept; first = policy state) | FFN output "
+              "(columns kept) | width key | orientation |")
+    rows = [header, "|---|---|---|---|---|---|"]
+    for a in ADAPTERS:
+        inputs = ", ".join(f"`{p}`" for p in a.ffn_inputs)
+        if a.fused_gate_up:
+            inputs += " (fused [gate; up], both halves)"
+        if a.width_key is None:
+            key = "none: fixed at 4 × hidden in code"
+        else:
+            key = f"`{a.width_key}`" + (" (unset: 4 × hidden)" if a.width_default is not None else "")
+        if not a.width_settable:
+            key += " — **cannot be sliced**"
+        orient = "Conv1D (in, out), state = weightᵀ" if a.conv1d else "Linear (out, in)"
+        rows.append(f"| {', '.join(f'`{t}`' for t in a.model_types)} | "
+                    f"{' or '.join(f'`{p}`' for p in a.layers_paths)} | {inputs} | `{a.ffn_output}` | {key} | "
+                    f"{orient} |")
+    return "\n".join(rows) + "\n"
+
+
+__all__ = ["ADAPTERS", "ArchAdapter", "check_finite", "get_adapter", "markdown_table", "supported_model_types"]

@@ -8,8 +8,8 @@ Everything else in PruneNet is architecture-agnostic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

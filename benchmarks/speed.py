@@ -1,0 +1,165 @@
+"""Speed and memory of PruneNet on SmolLM2-135M (CPU).
+
+    python -m benchmarks.speed [--episodes 5] [--ratios 0.2,0.25,0.3]
+
+Measures and writes benchmarks/results/speed-smollm2.md:
+
+1. fit time per episode, split into policy forward, spectra (svdvals), KS, row sampling,
+   backward + optimizer step, and the rest (timers wrapped around the very functions the
+   module calls, in-process);
+2. peak RSS and wall time of a whole fit process (``python -m prunenet.fit``, no evaluation);
+3. time to slice and save (``python -m prunenet.compress`` with the trained policy) per ratio;
+4. inference: forward throughput over a fixed batch (4 x 256 tokens) and greedy generation
+   (64 new tokens, batch 1), dense vs pruned at each ratio; parameter counts; checkpoint size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import REPO, header, run_measured, table
+
+
+class _Timers:
+    def __init__(self) -> None:
+        self.total = defaultdict(float)
+
+    def wrap(self, name, fn):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total[name] += time.perf_counter() - start
+        return timed
+
+
+def fit_breakdown(episodes: int, workdir: Path) -> tuple[list[list[object]], Path]:
+    """Train in-process with timers around the module's building blocks; returns rows + output dir."""
+    import lightning as L
+
+    import prunenet.module as mod
+    from callbacks import StructuralSlicing
+    from prunenet.data import LayerDataModule
+
+    timers = _Timers()
+    originals = {n: getattr(mod, n) for n in ("singular_values", "ks_statistic", "sample_rows")}
+    for n, fn in originals.items():
+        setattr(mod, n, timers.wrap(n, fn))
+
+    class BackwardTimer(L.Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            timers.total["backward + optimizer step"] += time.perf_counter() - self.start
+
+    try:
+        L.seed_everything(0)
+        module = mod.PruneNetModule("smollm2-135m", compression_ratio=0.3)
+        module.policy.forward = timers.wrap("policy forward", module.policy.forward)
+        out = workdir / "fit-out"
+        trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                            callbacks=[BackwardTimer(), StructuralSlicing(output_dir=str(out))])
+        module.states  # load outside the timed episodes
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=LayerDataModule())
+        seconds = [h["seconds"] for h in module.history]
+    finally:
+        for n, fn in originals.items():
+            setattr(mod, n, fn)
+    del start
+    first, rest = seconds[0], seconds[1:]
+    steady = sum(rest) / len(rest) if rest else first
+    parts = dict(timers.total)
+    parts["spectra (svdvals; episode 1 also computes the 30 reference spectra)"] = parts.pop("singular_values", 0.0)
+    total = sum(seconds)
+    parts["rest (Lightning loop, logging, reduce)"] = max(total - sum(parts.values()), 0.0)
+    rows = [[name, f"{sec / episodes:.3f}", f"{100 * sec / total:.1f}%"] for name, sec in parts.items()]
+    rows.insert(0, ["**episode (mean of all)**", f"{total / episodes:.3f}", "100%"])
+    rows.insert(1, ["episode 1 (incl. reference spectra)", f"{first:.3f}", ""])
+    rows.insert(2, ["episodes 2.. (steady state)", f"{steady:.3f}", ""])
+    return rows, out
+
+
+def inference_rows(models: list[tuple[str, str]]) -> list[list[object]]:
+    """Forward tokens/s (4 x 256) and greedy generation tokens/s (64 new) per model."""
+    from prunenet import loading
+    from prunenet.slicing import count_parameters
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for label, path in models:
+        model = loading.load_model(path)
+        tok = loading.load_tokenizer(path)
+        ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=gen)
+        with torch.no_grad():
+            model(ids[:, :16])  # warm-up
+            start = time.perf_counter()
+            for _ in range(3):
+                model(ids)
+            fwd = 3 * ids.numel() / (time.perf_counter() - start)
+            prompt = tok("The history of the Roman Empire", return_tensors="pt")
+            start = time.perf_counter()
+            out = model.generate(**prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+            gen_tps = (out.shape[1] - prompt["input_ids"].shape[1]) / (time.perf_counter() - start)
+        folder = Path(loading.resolve(path))
+        size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+        rows.append([label, f"{count_parameters(model):,}", f"{size:.0f} MiB", f"{fwd:,.0f}", f"{gen_tps:.1f}"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=5)
+    parser.add_argument("--ratios", default="0.2,0.25,0.3")
+    parser.add_argument("--output", default=str(REPO / "benchmarks/results/speed-smollm2.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    work = Path(tempfile.mkdtemp(prefix="prunenet-speed-"))
+    try:
+        breakdown, fit_out = fit_breakdown(args.episodes, work)
+        wall, rss, _ = run_measured(["-m", "prunenet.fit", "--config", "configs/smollm2.yaml",
+                                     f"--trainer.max_epochs={args.episodes}", f"--trainer.default_root_dir={work}",
+                                     f"--slicing.output_dir={work / 'cli-out'}", "--evaluation.enabled=false",
+                                     "--spectrum.enabled=false"])
+        process_rows = [[f"`python -m prunenet.fit` ({args.episodes} episodes, incl. load, slicing, save)",
+                         f"{wall:.1f} s", f"{rss:.2f} GiB"]]
+        ratios = [float(r) for r in args.ratios.split(",")]
+        models = [("dense", "smollm2-135m")]
+        for r in ratios:
+            out = work / f"r{r:g}"
+            wall, rss, _ = run_measured(["-m", "prunenet.compress", "--policy", str(fit_out), "--model",
+                                         "smollm2-135m", "--compression_ratio", str(r), "--output_dir", str(out)])
+            process_rows.append([f"`python -m prunenet.compress` r={r:g} (load, select, slice, save)",
+                                 f"{wall:.1f} s", f"{rss:.2f} GiB"])
+            models.append((f"pruned r={r:g}", str(out)))
+        infer = inference_rows(models)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = "# Speed and memory: SmolLM2-135M on CPU\n\n" + header(
+        "python -m benchmarks.speed " + " ".join(argv or [])) + "\n"
+    text += f"## Fit: time per episode ({args.episodes} episodes, r=0.3, in-process timers)\n\n"
+    text += table(["part", "seconds / episode", "share"], breakdown)
+    text += "\n## Whole processes (fresh Python each; peak RSS of the process)\n\n"
+    text += table(["process", "wall time", "peak RSS"], process_rows)
+    text += "\n## Inference (float32, CPU): forward over 4 x 256 tokens, greedy generation of 64 tokens\n\n"
+    text += table(["model", "parameters", "safetensors on disk", "forward tokens/s", "generate tokens/s"], infer)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

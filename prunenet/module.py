@@ -122,6 +122,7 @@ class PruneNetModule(L.LightningModule):
         self.intermediate_size = self.adapter.intermediate_size(config)
         self.hidden_size = self.adapter.hidden_size(config)
         self.kept_width = kept_width(self.intermediate_size, compression_ratio)
+        self.adapter.check_sliceable(config, self.kept_width)  # fail before training, not at the end
         self.num_layers_config = getattr(self.adapter.text_config(config), "num_hidden_layers", None)
         self.policy = SparsityPredictor(self.intermediate_size, self.hidden_size)
         self._states: list[torch.Tensor] | None = None

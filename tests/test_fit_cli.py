@@ -1,0 +1,271 @@
+"""``python -m prunenet.fit`` as users run it: subprocesses on tiny saved models, bad inputs, configs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from prunenet.slicing import PLAN_FILE, POLICY_FILE
+from tests.tiny import build_tiny, save_tiny, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+N = 37
+
+
+def _in_process(args: list[str]) -> tuple[int, str]:
+    """Run ``prunenet.fit.main(args)`` for a parse-only action (--help, --print_config): (exit code, stdout)."""
+    from prunenet.fit import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return int(exit_info.value.code or 0), buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def extra_args() -> list[str]:
+    """Flags every fit run gets: post-pruning evaluation off when the CLI has it (keeps runs fast)."""
+    code, text = _in_process(["--help"])
+    assert code == 0 and "--slicing.output_dir" in text
+    return ["--evaluation.enabled=false"] if "--evaluation.enabled" in text else []
+
+
+def _command(args, extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("PRUNENET_VERBOSE", "PL_GLOBAL_SEED")}
+    return [sys.executable, "-m", "prunenet.fit", *args, *extra], env
+
+
+def run_fit(*args: str, extra: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd, env = _command(args, extra)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_fit_many(jobs: dict[str, list[str]], extra: list[str], logdir: Path,
+                 timeout: int = 300) -> dict[str, subprocess.CompletedProcess]:
+    """Run several ``prunenet.fit`` processes at once (each is mostly import time); output goes to files."""
+    procs = {}
+    with contextlib.ExitStack() as files:
+        for name, args in jobs.items():
+            cmd, env = _command(args, extra)
+            out = files.enter_context(open(logdir / f"{name}.stdout", "w"))
+            err = files.enter_context(open(logdir / f"{name}.stderr", "w"))
+            procs[name] = (cmd, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True))
+        deadline = time.monotonic() + timeout
+        for _, proc in procs.values():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return {name: subprocess.CompletedProcess(cmd, proc.returncode, (logdir / f"{name}.stdout").read_text(),
+                                              (logdir / f"{name}.stderr").read_text())
+            for name, (cmd, proc) in procs.items()}
+
+
+def _expected_width(n: int, ratio) -> int:
+    return math.floor((1 - Fraction(str(ratio))) * n)
+
+
+def _check_pruned_folder(out: Path, source: Path, ratio, plain_load, zero_removed, tokenizer: bool) -> None:
+    k = _expected_width(N, ratio)
+    model, info, messages = plain_load(out)
+    assert model.config.intermediate_size == k
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    assert not [m for m in messages if "mismatch" in m.lower()], messages
+
+    plan = json.loads((out / PLAN_FILE).read_text())
+    assert plan["compression_ratio"] == float(ratio) and plan["kept_width"] == k
+    kept = [torch.tensor(plan["kept_indices"][str(i)]) for i in range(model.config.num_hidden_layers)]
+    assert len(plan["kept_indices"]) == model.config.num_hidden_layers
+    for idx in kept:
+        assert idx.numel() == k == idx.unique().numel() and torch.equal(idx, idx.sort().values)
+
+    policy = torch.load(out / POLICY_FILE, weights_only=True)
+    assert policy["state_dict"]["proj_intermediate.weight"].shape == (N, 24)
+    assert policy["meta"]["intermediate_size"] == N and policy["meta"]["episodes"] == 2
+
+    from transformers import AutoModelForCausalLM
+
+    dense = zero_removed(AutoModelForCausalLM.from_pretrained(str(source)).eval(), kept)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+    has_tokenizer = (out / "tokenizer.json").is_file()
+    assert has_tokenizer == tokenizer
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        text = "w5 w17 w99 w3"
+        assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == \
+            AutoTokenizer.from_pretrained(str(source))(text)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_dir(tmp_path_factory):
+    folder = save_tiny(tiny_llama(seed=5), tmp_path_factory.mktemp("notok") / "llama", tokenizer=False)
+    assert not list(folder.glob("tokenizer*"))
+    return folder
+
+
+BAD_CASES = ["ratio-negative", "ratio-one", "ratio-keeps-no-row", "missing-path", "unsupported-family",
+             "output-exists", "bloom"]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_dir, no_tokenizer_dir, unsupported_dir, tmp_path_factory, extra_args):
+    """Every tiny-model CLI run of this file, launched together: name -> (result, case folder, extra info)."""
+    model_type, unsupported = unsupported_dir
+    root = tmp_path_factory.mktemp("cli")
+    jobs, info = {}, {}
+
+    def case(name, args, bad_value=None):
+        folder = root / name
+        folder.mkdir()
+        out = folder / "out"
+        before = None
+        if name == "output-exists":
+            out.mkdir()
+            (out / "keep.txt").write_text("precious")
+            before = {p.name: p.read_bytes() for p in out.iterdir()}
+        jobs[name] = [*args, "--trainer.max_epochs=2", f"--slicing.output_dir={out}",
+                      f"--trainer.default_root_dir={folder / 'logs'}"]
+        info[name] = {"folder": folder, "out": out, "before": before, "bad_value": bad_value or str(out)}
+
+    case("with-tokenizer", [f"--model.model_name_or_path={tiny_dir}", "--model.compression_ratio=0.5"])
+    case("without-tokenizer", [f"--model.model_name_or_path={no_tokenizer_dir}"])
+    case("ratio-negative", [f"--model.model_name_or_path={tiny_dir}", "--model.compression_ratio=-0.1"], "-0.1")
+    case("ratio-one", [f"--model.model_name_or_path={tiny_dir}", "--model.compression_ratio=1.0"], "1.0")
+    case("ratio-keeps-no-row", [f"--model.model_name_or_path={tiny_dir}", "--model.compression_ratio=0.99"],
+         "0.99")
+    missing = root / "no" / "such-model"
+    case("missing-path", [f"--model.model_name_or_path={missing}"], str(missing))
+    case("unsupported-family", [f"--model.model_name_or_path={unsupported}"], repr(model_type))
+    case("output-exists", [f"--model.model_name_or_path={tiny_dir}"])
+    # BLOOM: unsupported, or (adapter present) refused before training because BloomMLP hard-codes 4 * h.
+    from transformers import BloomConfig
+
+    bloom = save_tiny(build_tiny(BloomConfig, vocab_size=101, hidden_size=24, n_layer=2, n_head=4),
+                      root / "bloom-model")
+    case("bloom", [f"--model.model_name_or_path={bloom}"], "'bloom'")
+    logdir = root / "process-output"
+    logdir.mkdir()
+    results = run_fit_many(jobs, extra_args, logdir)
+    return {name: (results[name], info[name]) for name in jobs}
+
+
+# ----------------------------------------------------------------------------- good runs
+
+
+def test_fit_tiny_model_with_tokenizer(tiny_runs, tiny_dir, plain_load, zero_removed):
+    res, info = tiny_runs["with-tokenizer"]
+    assert res.returncode == 0, res.stderr[-4000:]
+    _check_pruned_folder(info["out"], tiny_dir, 0.5, plain_load, zero_removed, tokenizer=True)
+    # the Lightning logs went to default_root_dir, with a checkpoint to resume from
+    assert list((info["folder"] / "logs").rglob("last.ckpt"))
+
+
+def test_fit_tiny_model_without_tokenizer(tiny_runs, no_tokenizer_dir, plain_load, zero_removed):
+    import inspect
+
+    from prunenet.module import PruneNetModule
+
+    default_ratio = inspect.signature(PruneNetModule).parameters["compression_ratio"].default
+    res, info = tiny_runs["without-tokenizer"]
+    assert res.returncode == 0, res.stderr[-4000:]
+    _check_pruned_folder(info["out"], no_tokenizer_dir, default_ratio, plain_load, zero_removed, tokenizer=False)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_line_error(case, tiny_runs):
+    res, info = tiny_runs[case]
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr[-4000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-4000:]
+    assert lines[-1] == errors[0]  # the message is the last thing printed, on one line
+    assert info["bad_value"] in errors[0], errors[0]
+    out = info["out"]
+    if info["before"] is None:
+        assert not out.exists()
+    else:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == info["before"]
+    assert [p.name for p in info["folder"].iterdir() if p.name != "logs"] == (["out"] if info["before"] else [])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _leaves(tree, prefix=()):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, prefix + (key,))
+    else:
+        yield prefix, tree
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"smollm2.yaml", "llama2.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_print_config_parses_every_config(config):
+    code, text = _in_process(["--config", str(config), "--print_config"])
+    assert code == 0
+    printed = yaml.safe_load(text)
+    source = yaml.safe_load(config.read_text())
+    assert printed["model"]["model_name_or_path"] == source["model"]["model_name_or_path"]
+    for path, value in _leaves(source):
+        got = printed
+        for key in path:
+            got = got[key]
+        assert got == value, (path, got, value)
+
+
+# ----------------------------------------------------------------------------- the real embedded model
+
+
+@pytest.mark.slow
+def test_fit_embedded_smollm2(tmp_path, extra_args, plain_load, zero_removed):
+    from prunenet import loading
+
+    config = REPO / "configs" / "smollm2.yaml"
+    source = yaml.safe_load(config.read_text())
+    out = tmp_path / "pruned"
+    res = run_fit("--config", str(config), "--trainer.max_epochs=2", f"--slicing.output_dir={out}",
+                  f"--trainer.default_root_dir={tmp_path / 'logs'}", extra=extra_args, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+    dense = loading.load_model(source["model"]["model_name_or_path"])
+    n = dense.config.intermediate_size
+    k = _expected_width(n, source["model"]["compression_ratio"])
+    assert (n, k) == (1536, 1075)  # SmolLM2-135M at the config's r = 0.3
+    model, info, _messages = plain_load(out)
+    assert model.config.intermediate_size == k
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
+    plan = json.loads((out / PLAN_FILE).read_text())
+    assert len(plan["kept_indices"]) == dense.config.num_hidden_layers == 30
+    kept = [torch.tensor(plan["kept_indices"][str(i)]) for i in range(30)]
+    zero_removed(dense, kept)
+    ids = torch.randint(0, dense.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # float64: the only difference left is summation order
+        torch.testing.assert_close(model.double()(ids).logits, dense.double()(ids).logits, rtol=1e-9, atol=1e-9)

@@ -1,0 +1,141 @@
+"""PruneNetModule + LayerDataModule under a real Lightning Trainer on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from prunenet.data import LayerDataModule
+from prunenet.errors import ConfigurationError, ModelLoadError, UnsupportedModelError
+from prunenet.module import PruneNetModule
+from prunenet.slicing import PLAN_FILE, POLICY_FILE, count_parameters
+from tests.tiny import save_tiny, tiny_llama
+
+N, D, LAYERS = 37, 24, 3
+
+
+@pytest.fixture(scope="module")
+def big_vocab_dir(tmp_path_factory):
+    """Tiny LLaMA with a larger vocabulary, so the LLM clearly outweighs the policy on disk."""
+    return save_tiny(tiny_llama(seed=0, vocab_size=2000), tmp_path_factory.mktemp("bigvocab") / "llama")
+
+
+def _fit(model_dir, root, seed=0, epochs=2, ratio=0.3, monkeypatch=None, **module_kwargs):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored after the test; seed_everything overwrites it
+    L.seed_everything(seed, verbose=False)
+    module = PruneNetModule(str(model_dir), compression_ratio=ratio, **module_kwargs)
+    initial = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=str(root),
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=LayerDataModule())
+    return module, trainer, initial
+
+
+def test_fit_trains_policy_and_checkpoint_holds_only_the_policy(big_vocab_dir, tmp_path, monkeypatch):
+    module, trainer, initial = _fit(big_vocab_dir, tmp_path, monkeypatch=monkeypatch)
+
+    # states: one (n, d) FFN input matrix per layer, the gate_proj weights of the model
+    assert module.num_layers == LAYERS
+    ref = tiny_llama(seed=0, vocab_size=2000)
+    for w, layer in zip(module.states, ref.model.layers):
+        assert tuple(w.shape) == (N, D)
+        assert torch.equal(w, layer.mlp.gate_proj.weight)
+    assert module.kept_width == math.floor(0.7 * N)
+
+    # trained: finite loss each episode, and the policy moved
+    assert trainer.current_epoch == 2 and len(module.history) == 2
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["reward_mean"]) for h in module.history)
+    assert math.isfinite(float(trainer.callback_metrics["loss"]))
+    assert all(0.0 <= ks <= 1.0 for ks in module.last_ks.values()) and len(module.last_ks) == LAYERS
+    after = module.policy.state_dict()
+    assert any(not torch.equal(initial[k], after[k]) for k in initial)
+    # the policy is the only trainable thing
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        "policy.proj_intermediate.weight", "policy.proj_intermediate.bias", "policy.row_sparsities"}
+
+    # the Lightning checkpoint holds the policy, not the LLM
+    ckpts = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert ckpts, list(tmp_path.rglob("*"))
+    ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all(k.startswith("policy.") for k in keys), keys
+    for k, v in after.items():
+        assert torch.equal(ckpt["state_dict"][f"policy.{k}"], v)
+    assert len(ckpt["prunenet_history"]) == 2
+    llm_bytes = (big_vocab_dir / "model.safetensors").stat().st_size
+    assert ckpts[-1].stat().st_size * 5 < llm_bytes, (ckpts[-1].stat().st_size, llm_bytes)
+    ckpt_numel = sum(v.numel() for v in ckpt["state_dict"].values())
+    assert ckpt_numel == N * D + N + N
+    assert ckpt_numel * 20 < count_parameters(ref)
+
+
+def test_same_seed_same_kept_indices(tiny_dir, tmp_path, monkeypatch):
+    a, _, init_a = _fit(tiny_dir, tmp_path / "a", seed=3, monkeypatch=monkeypatch)
+    b, _, init_b = _fit(tiny_dir, tmp_path / "b", seed=3, monkeypatch=monkeypatch)
+    c, _, _ = _fit(tiny_dir, tmp_path / "c", seed=4, monkeypatch=monkeypatch)
+    assert all(torch.equal(init_a[k], init_b[k]) for k in init_a)
+    ka, kb, kc = a.kept_indices(), b.kept_indices(), c.kept_indices()
+    assert len(ka) == LAYERS
+    for x, y in zip(ka, kb):
+        assert x.shape == (a.kept_width,) and torch.equal(x, y)
+    assert any(not torch.equal(x, y) for x, y in zip(ka, kc))  # the seed does matter
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+def test_pruned_checkpoint_round_trip(tiny_dir, tmp_path, monkeypatch, plain_load, zero_removed):
+    module, _trainer, _ = _fit(tiny_dir, tmp_path / "logs", monkeypatch=monkeypatch)
+    module.configure_output(str(tmp_path / "pruned"), overwrite=False, selection="sample")
+    out = module.pruned_checkpoint()
+    assert out == tmp_path / "pruned"
+    k = module.kept_width
+    reloaded, info, messages = plain_load(out)
+    assert reloaded.config.intermediate_size == k == math.floor(0.7 * N)
+    assert not info["mismatched_keys"] and not info["missing_keys"] and not info["unexpected_keys"]
+    assert not [m for m in messages if "mismatch" in m.lower()]
+
+    plan = json.loads((out / PLAN_FILE).read_text())
+    kept = module.kept_indices()
+    assert plan["kept_indices"] == {str(i): idx.tolist() for i, idx in enumerate(kept)}
+    assert plan["kept_width"] == k and plan["intermediate_size"] == N and plan["num_layers"] == LAYERS
+    assert plan["params_pruned"] == count_parameters(reloaded) < plan["params_dense"]
+    assert (out / POLICY_FILE).is_file() and (out / "tokenizer.json").is_file()
+
+    dense = zero_removed(tiny_llama(seed=0), kept)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_selection_keeps_highest_alpha(tiny_dir, tmp_path, monkeypatch):
+    module, _, _ = _fit(tiny_dir, tmp_path, epochs=1, monkeypatch=monkeypatch)
+    module.configure_output(None, False, "topk")
+    for w, idx in zip(module.states, module.kept_indices()):
+        z = module.policy.logits(w)
+        mask = torch.ones(N, dtype=torch.bool)
+        mask[idx] = False
+        assert float(z[idx].min()) >= float(z[mask].max())
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"compression_ratio": -0.1}, ConfigurationError, "-0.1"),
+    ({"compression_ratio": 1.0}, ConfigurationError, "1.0"),
+    ({"compression_ratio": 0.99}, ConfigurationError, "0.99"),
+    ({"gamma": 0.0}, ConfigurationError, "gamma"),
+    ({"spectra_dtype": "float16"}, ConfigurationError, "float16"),
+    ({"learning_rate": 0.0}, ConfigurationError, "learning_rate"),
+])
+def test_module_rejects_bad_arguments(tiny_dir, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        PruneNetModule(str(tiny_dir), **kwargs)
+
+
+def test_module_rejects_missing_and_unsupported_models(tmp_path, unsupported_dir):
+    with pytest.raises(ModelLoadError, match="nope"):
+        PruneNetModule(str(tmp_path / "nope"))
+    model_type, folder = unsupported_dir
+    with pytest.raises(UnsupportedModelError, match=repr(model_type)):
+        PruneNetModule(str(folder))

@@ -317,6 +317,9 @@ def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Call
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
     try:
         write(tmp)
+        for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files; use the umask like any file
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")

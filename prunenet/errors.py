@@ -40,3 +40,7 @@ class OutputExistsError(PruneNetError):
 
 class PolicyError(PruneNetError):
     """A policy file is unreadable, not a policy, or of the wrong shape."""
+
+
+class EvaluationError(PruneNetError):
+    """An evaluation cannot run: unknown task, bad limit/batch size, data or text unavailable."""

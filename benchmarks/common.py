@@ -27,7 +27,7 @@ def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float
     if timer.exists():
         cmd = [str(timer), "-f", f"{marker}%M", *cmd]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, cwd=REPO, check=False)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     limit = args.limit or None
     settings = EvalSettings(tasks=list(ZERO_SHOT_TASKS), limit=limit, batch_size=args.batch_size,
                             perplexity=PerplexitySettings.parse("squad-wiki"))
-    quiet = lambda _msg: None  # noqa: E731
+    def quiet(_msg: str) -> None:
+        return None
+
     start = time.perf_counter()
     dense = evaluate_checkpoint("smollm2-135m", settings, label="dense", log=quiet)
     records = [{"method": "dense", "ratio": 0.0, "seed": None, "result": dense}]
@@ -96,14 +98,26 @@ def main(argv: list[str] | None = None) -> None:
                     avg = average(result)["score"]
                     print(f"[{time.perf_counter() - start:6.0f} s] r={r:g} {method:16s} seed {seed}: "
                           f"avg {100 * avg:.1f}  ppl {result['perplexity']['perplexity']:.2f}", flush=True)
+                    # Rewritten after every run, so an interrupted benchmark still leaves its table.
+                    write_report(records, args, argv, ratios, seeds, methods, limit, time.perf_counter() - start)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(Path(args.output).read_text())
 
+
+def write_report(records: list[dict], args, argv, ratios, seeds, methods, limit, seconds: float) -> None:
+    """Write the markdown table (mean +- std over seeds per method and ratio) and the raw JSON."""
+    from prunenet.evaluation.report import average
+    from prunenet.evaluation.tasks import ZERO_SHOT_TASKS
+
+    dense = records[0]["result"]
     dense_avg = average(dense)["score"]
     headers = ["method", "r", "runs", *ZERO_SHOT_TASKS, "avg", "retention %", "perplexity"]
     rows = []
     for method, r in [("dense", 0.0)] + [(m, r) for r in ratios for m in methods]:
         group = [x["result"] for x in records if x["method"] == method and x["ratio"] == r]
+        if not group:
+            continue
         cells = [_cell([g["tasks"][t]["score"] for g in group]) for t in ZERO_SHOT_TASKS]
         avgs = [average(g)["score"] for g in group]
         rows.append([f"**{method}**" if method == "dense" else method, f"{r:g}", len(group), *cells, _cell(avgs),
@@ -111,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                      _cell([g["perplexity"]["perplexity"] for g in group], scale=1.0, digits=2)])
     metrics = ", ".join(f"{t}: {dense['tasks'][t]['metric']}" for t in ZERO_SHOT_TASKS)
     ppl = dense["perplexity"]
+    done = len(records) - 1
+    planned = len(ratios) * sum(len(seeds) if m != "magnitude" else 1 for m in methods)
     text = "# Quality: PruneNet vs random and magnitude pruning, SmolLM2-135M\n\n" + header(
         "python -m benchmarks.quality " + " ".join(argv or [])) + "\n"
     text += (f"Zero-shot accuracy in % (first {limit or 'all'} documents of each task's split; {metrics}); "
@@ -118,12 +134,11 @@ def main(argv: list[str] | None = None) -> None:
              f"Retention = pruned average / dense average. Perplexity: {ppl['corpus']} ({ppl['tokens']} tokens, "
              f"context {ppl['context_length']}, stride {ppl['stride']}). Policies: {args.episodes} episodes, "
              f"trained at the ratio they are applied at. No fine-tuning after pruning. "
-             f"Total wall time {(time.perf_counter() - start) / 60:.0f} min.\n\n")
+             f"{done} of {planned} pruned runs done, wall time {seconds / 60:.0f} min.\n\n")
     text += table(headers, rows)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     Path(args.output).with_suffix(".json").write_text(json.dumps(records, indent=1, default=str))
-    print(text)
 
 
 if __name__ == "__main__":

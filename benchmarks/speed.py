@@ -71,7 +71,7 @@ def fit_breakdown(episodes: int, workdir: Path) -> tuple[list[list[object]], Pat
         trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                             callbacks=[BackwardTimer(), StructuralSlicing(output_dir=str(out))])
-        module.states  # load outside the timed episodes
+        _ = module.states  # load outside the timed episodes
         start = time.perf_counter()
         trainer.fit(module, datamodule=LayerDataModule())
         seconds = [h["seconds"] for h in module.history]

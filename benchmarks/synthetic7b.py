@@ -29,9 +29,9 @@ import torch
 
 from benchmarks.common import REPO, header, run_measured, table
 
-SHAPE = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, vocab_size=32000,
-             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-             tie_word_embeddings=False, torch_dtype="bfloat16")
+SHAPE = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+             "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
 
 
 def write_checkpoint(folder: Path, layers_per_shard: int = 4) -> float:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                     "--trainer.accelerator=cpu", f"--trainer.default_root_dir={work / 'runs'}",
                     f"--data.layers={json.dumps(layers)}", f"--slicing.output_dir={work / 'pruned'}",
                     "--slicing.shardwise=true", "--spectrum.enabled=false", "--evaluation.enabled=false"]
-        wall, rss, proc = run_measured(fit_args)
+        wall, rss, _ = run_measured(fit_args)
         # The fit process also slices (shard-wise) at the end: time slicing alone separately.
         plan = json.loads((work / "pruned" / "prunenet.json").read_text())
         slice_wall, slice_rss, _ = run_measured(["-c", (
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         shard_gib = max(p.stat().st_size for p in ckpt.glob("*.safetensors")) / 2**30
         per_layer = episode / len(layers) if episode else float("nan")
         rows = [
-            ["checkpoint written", f"{size:.2f} GiB bf16 in {len(list(ckpt.glob('*.safetensors')))} shards "
-             f"(largest {shard_gib:.2f} GiB)", "", ""],
+            ["checkpoint written", (f"{size:.2f} GiB bf16 in {len(list(ckpt.glob('*.safetensors')))} shards "
+             f"(largest {shard_gib:.2f} GiB)"), "", ""],
             [f"fit, 1 episode on {len(layers)} of 32 layers (process incl. load + shard-wise slicing)",
              f"{wall:.0f} s", f"{rss:.2f} GiB", "streaming, low_memory"],
             ["episode time per layer (policy + 2 SVDs + KS + backward)", f"{per_layer:.1f} s", "", ""],

@@ -3,14 +3,23 @@ load warning, and the "dense with removed neurons zeroed" reference of a pruned 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
+import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.tiny import save_tiny, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +112,90 @@ def unsupported_dir(tmp_path_factory):
             assert model.config.model_type == model_type
             return model_type, save_tiny(model, tmp_path_factory.mktemp("unsupported") / model_type)
     pytest.fail(f"every candidate family is supported now; add one to _UNSUPPORTED_CANDIDATES: {sorted(supported)}")
+
+
+# ----------------------------------------------------------------------------- entry points (CLI runs)
+
+
+def fit_parse_only(args: list[str]) -> tuple[int, str]:
+    """Run ``prunenet.fit.main(args)`` for a parse-only action (--help, --print_config): (exit code, stdout)."""
+    from prunenet.fit import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return int(exit_info.value.code or 0), buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def extra_args() -> list[str]:
+    """Flags every fit run gets: post-pruning evaluation off when the CLI has it (keeps runs fast)."""
+    code, text = fit_parse_only(["--help"])
+    assert code == 0 and "--slicing.output_dir" in text
+    return ["--evaluation.enabled=false"] if "--evaluation.enabled" in text else []
+
+
+def cli_command(args, extra=(), module: str = "prunenet.fit", env: dict[str, str] | None = None):
+    """``(argv, environment)`` of ``python -m <module> *args *extra`` (no PRUNENET_VERBOSE, no inherited seed)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("PRUNENET_VERBOSE", "PL_GLOBAL_SEED")}
+    return [sys.executable, "-m", module, *args, *extra], {**base, **(env or {})}
+
+
+def run_fit(*args: str, extra: list[str], timeout: int = 300, module: str = "prunenet.fit") -> subprocess.CompletedProcess:
+    cmd, env = cli_command(args, extra, module)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_fit_many(jobs: dict[str, list[str]], extra: list[str], logdir: Path, timeout: int = 300,
+                 module: str = "prunenet.fit") -> dict[str, subprocess.CompletedProcess]:
+    """Run several ``python -m <module>`` processes at once (each is mostly import time); output goes to files."""
+    procs = {}
+    with contextlib.ExitStack() as files:
+        for name, args in jobs.items():
+            cmd, env = cli_command(args, extra, module)
+            out = files.enter_context(open(logdir / f"{name}.stdout", "w"))
+            err = files.enter_context(open(logdir / f"{name}.stderr", "w"))
+            procs[name] = (cmd, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True))
+        deadline = time.monotonic() + timeout
+        for _, proc in procs.values():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return {name: subprocess.CompletedProcess(cmd, proc.returncode, (logdir / f"{name}.stdout").read_text(),
+                                              (logdir / f"{name}.stderr").read_text())
+            for name, (cmd, proc) in procs.items()}
+
+
+def one_line_error(res: subprocess.CompletedProcess, code: int | None = 2) -> str:
+    """Check a failed entry-point run: exit ``code`` (any non-zero if None), no traceback, and exactly
+    one ``error:`` line, the last thing on stderr. Returns that line."""
+    assert res.returncode != 0 if code is None else res.returncode == code, (res.returncode, res.stderr[-4000:])
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr[-4000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-4000:]
+    assert lines[-1] == errors[0]  # the message is the last thing printed, on one line
+    return errors[0]
+
+
+def fit_in_process(args: list[str], extra: list[str], monkeypatch: pytest.MonkeyPatch, spectrum: bool = False):
+    """``prunenet.fit.main`` in this process, quietly (no progress bar; no spectrum figure unless
+    ``spectrum``); returns the CLI. The seed environment variables that ``seed_everything`` sets are
+    restored by ``monkeypatch`` afterwards."""
+    from prunenet.fit import main
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    monkeypatch.setenv("PL_SEED_WORKERS", "0")
+    return main([*args, *extra, "--trainer.enable_progress_bar=false", f"--spectrum.enabled={str(spectrum).lower()}"])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs: runs compared bit for bit then use the same LAPACK
+    path as a subprocess started with OMP_NUM_THREADS=1, and tiny SVDs do not stall on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--ppl_tokens", type=int, default=8192, help="perplexity on the first N tokens")
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/quality-smollm2.md"))
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods.split(",")
     limit = args.limit or None
     settings = EvalSettings(tasks=list(ZERO_SHOT_TASKS), limit=limit, batch_size=args.batch_size,
-                            perplexity=PerplexitySettings.parse("squad-wiki"))
+                            perplexity=PerplexitySettings.parse("squad-wiki", max_tokens=args.ppl_tokens))
     def quiet(_msg: str) -> None:
         return None
 

@@ -82,6 +82,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     widths = [kept_width(n, r, round_to) for r in ratios]  # validate every ratio before any work
     sweep = len(ratios) > 1
     targets = [Path(output_dir) / f"r{r:g}" for r in ratios] if sweep else [Path(output_dir)]
+    if len(set(targets)) != len(targets):  # would write one folder twice (and fail half-way without overwrite)
+        raise ConfigurationError(f"compression_ratio lists a ratio twice: {', '.join(f'{r:g}' for r in ratios)}")
     for t in targets:
         check_output_dir(t, overwrite)
     pol, meta = (None, {})

@@ -65,7 +65,11 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the config of {name_or_path!r}: {_first_line(exc)}") from exc
+        # transformers says how to allow custom code on a later line, which the one-line message drops
+        hint = ("; it runs only with trust_remote_code (fit: --model.trust_remote_code=true, compress: "
+                "--trust_remote_code): set it only if you trust that code"
+                if not trust_remote_code and "trust_remote_code" in str(exc) else "")
+        raise ModelLoadError(f"cannot load the config of {name_or_path!r}: {_first_line(exc)}{hint}") from exc
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | None = None,

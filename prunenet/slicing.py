@@ -169,12 +169,16 @@ def load_policy(path: str | os.PathLike) -> tuple[SparsityPredictor, dict[str, A
         raise PolicyError(f"{str(path)!r} is not a PruneNet policy file ({type(exc).__name__})") from None
     if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
         raise PolicyError(f"{str(path)!r} is not a PruneNet policy file (expected keys 'state_dict' and 'meta')")
+    if not isinstance(blob["meta"], dict):
+        raise PolicyError(f"{str(path)!r} is not a PruneNet policy file ('meta' is a {type(blob['meta']).__name__}, "
+                          "not a dict)")
     meta, state = dict(blob["meta"]), blob["state_dict"]
     try:
         policy = SparsityPredictor(int(meta["intermediate_size"]), int(meta["hidden_size"]))
         policy.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise PolicyError(f"{str(path)!r} is not a valid PruneNet policy: {str(exc).splitlines()[0]}") from None
+        # one line, but with the details (load_state_dict puts the size mismatches on later lines)
+        raise PolicyError(f"{str(path)!r} is not a valid PruneNet policy: {' '.join(str(exc).split())}") from None
     return policy.eval(), meta
 
 
@@ -287,7 +291,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputExistsError(f"output path {str(out)!r} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output folder {str(out)!r} exists and is not empty; pass overwrite=true "
-                                "(--slicing.overwrite=true) to replace it")
+                                "(fit: --slicing.overwrite=true, compress: --overwrite) to replace it")
     parent = out if out.is_dir() else out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from prunenet.arch import ArchAdapter, get_adapter
+from prunenet.arch import ArchAdapter, check_finite, get_adapter
 from prunenet.errors import ConfigurationError, InvalidProbabilitiesError, OutputExistsError, PolicyError
 from prunenet.policy import SparsityPredictor
 
@@ -259,6 +259,7 @@ def slice_model(model: torch.nn.Module, kept: Sequence[torch.Tensor],
     Raises:
         ConfigurationError: wrong number of layers, unequal widths, out-of-range indices,
             or a family whose config cannot express the new width.
+        InvalidWeightsError: NaN/Inf in any FFN tensor (named by parameter path); nothing is changed.
     """
     adapter = adapter or get_adapter(model.config)
     layers = adapter.layers(model)
@@ -268,10 +269,16 @@ def slice_model(model: torch.nn.Module, kept: Sequence[torch.Tensor],
     if len(widths) != 1:
         raise ConfigurationError(f"all layers must keep the same number of rows, got widths {sorted(widths)}")
     n = adapter.intermediate_size(model.config)
+    ffn_names = set(adapter.tensor_roles(model))
     for i, idx in enumerate(kept):
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n or idx.unique().numel() != idx.numel()):
             raise ConfigurationError(f"layer {i}: kept indices must be distinct and in [0, {n})")
     width = widths.pop()
+    adapter.check_sliceable(model.config, width)
+    # Every FFN tensor, not only the policy state: a NaN in up/down would otherwise ship silently.
+    for name, param in model.named_parameters():
+        if name in ffn_names:
+            check_finite(param.detach(), name)
     adapter.set_intermediate_size(model.config, width)  # raises before touching weights
     for layer, idx in zip(layers, kept):
         adapter.slice_layer(layer, idx.long())

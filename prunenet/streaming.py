@@ -216,6 +216,7 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
             for key in f.keys():
                 t = f.get_tensor(key)
                 if key in key_roles:
+                    check_finite(t, key)  # an error leaves no output: the caller writes into a temp folder
                     layer, role, kind = key_roles[key]
                     t = adapter.slice_tensor(t, kept[layer], role, kind)
                 tensors[key] = t

@@ -91,3 +91,21 @@ def test_nan_in_streamed_ffn_matrix_is_named(tmp_path):
     folder = save_tiny(model, tmp_path / "m")
     with pytest.raises(InvalidWeightsError, match=r"model\.layers\.1\.mlp\.gate_proj\.weight"):
         load_ffn_states(str(folder))
+
+
+def test_nan_in_a_non_state_ffn_tensor_is_refused_before_slicing(tmp_path):
+    from prunenet.errors import InvalidWeightsError
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 1] = float("inf")
+    kept = [torch.arange(20) for _ in model.model.layers]
+    before = model.model.layers[0].mlp.gate_proj.weight.shape
+    with pytest.raises(InvalidWeightsError, match=r"model\.layers\.2\.mlp\.down_proj\.weight"):
+        slice_model(model, kept)
+    assert model.model.layers[0].mlp.gate_proj.weight.shape == before and model.config.intermediate_size == 37
+    folder = save_tiny(model, tmp_path / "m")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InvalidWeightsError, match=r"down_proj"):
+        slice_checkpoint(folder, model.config, kept, out)

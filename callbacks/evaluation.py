@@ -102,7 +102,9 @@ class PostPruningEvaluation(L.Callback):
         tokenizer = pl_module.load_tokenizer()
         identity = None
         if self.cache:
-            identity = dict(eval_cache.model_identity(hp.model_name_or_path), load_dtype=str(hp.dtype))
+            identity = eval_cache.model_identity(hp.model_name_or_path)
+            if str(hp.get("dtype", "auto")) != "auto":  # loaded in another dtype than the checkpoint's own
+                identity["load_dtype"] = str(hp.dtype)
         rank_zero_info(f"PostPruningEvaluation: {', '.join(self.settings.tasks)} "
                        f"(limit {self.settings.limit}) on the pruned and the dense model")
         pruned = evaluate_model(pl_module.pruned_model, tokenizer, self.settings, identity=None, label="pruned",

@@ -304,6 +304,12 @@ def test_perplexity_settings_and_corpus():
     assert paragraphs[0].startswith("Older than The Game by 23 years, the Harvard-Yale Regatta")
 
 
+def test_lm_eval_wikitext_task_offline_is_one_line_error():
+    with pytest.raises(EvaluationError) as err:
+        eval_tasks.build_task("wikitext")
+    assert "needs network" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_wikitext2_offline_is_one_line_error():
     from prunenet.evaluation.perplexity import corpus_text
 

@@ -128,7 +128,8 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any]:
     from lm_eval import simple_evaluate
 
     s = TASKS[name]
-    task = build_task(name)
+    with _quiet_lm_eval():
+        task = build_task(name)
     start, cpu = time.perf_counter(), time.process_time()
     with _quiet_lm_eval():
         out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=False,

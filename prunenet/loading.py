@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError  # truncated / corrupted weights (not an OSError)
 
 from prunenet import assets
 from prunenet.errors import ModelLoadError
@@ -91,7 +92,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype),
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(exc)}") from exc
     model.requires_grad_(False)
     model.eval()

@@ -29,7 +29,7 @@ from prunenet.arch import check_finite, get_adapter
 from prunenet.errors import ConfigurationError
 from prunenet.policy import SparsityPredictor
 from prunenet.reward import discount, ks_statistic, singular_values, spectral_reward
-from prunenet.slicing import (SELECTION_MODES, atomic_write_dir, count_parameters, ffn_fingerprint, kept_width,
+from prunenet.slicing import (SELECTION_MODES, atomic_write_dir, check_output_dir, count_parameters, ffn_fingerprint, kept_width,
                               layer_generator, make_plan, package_versions, sample_rows, save_pruned,
                               select_kept_rows, slice_model, validate_ratio, write_provenance)
 from prunenet.streaming import (StreamedStates, available_memory, checkpoint_bytes, safetensors_files,
@@ -165,6 +165,13 @@ class PruneNetModule(L.LightningModule):
         self.states  # load before the first episode so the progress bar times episodes only
         # trainer.log_dir is a collective under DDP: resolve it here, on every rank.
         self._default_output = Path(self.trainer.log_dir or "lightning_logs") / "pruned"
+        # Refuse a bad output folder now (also the default one), not after all the episodes.
+        if stage == "fit":
+            check_output_dir(self.resolved_output_dir(), self.overwrite, self.source_path())
+
+    def source_path(self) -> str:
+        """The resolved source model (asset cache folder, local folder or hub id)."""
+        return loading.resolve(self.hparams.model_name_or_path)
 
     def on_fit_start(self) -> None:
         self._fit_start = time.time()
@@ -222,6 +229,13 @@ class PruneNetModule(L.LightningModule):
         # gradient of the full sum over layers, the same as on one device.
         return loss * self.trainer.world_size
 
+    def on_train_end(self) -> None:
+        # Slicing, the spectrum figure and evaluation run after Lightning moved the module to CPU;
+        # the states and reference spectra are plain attributes, so move them too (frees GPU memory).
+        states = self.states
+        self._states = states.to("cpu") if isinstance(states, StreamedStates) else [w.cpu() for w in states]
+        self._reference = {i: sv.cpu() for i, sv in self._reference.items()}
+
     def on_train_epoch_start(self) -> None:
         self._episode_start = time.perf_counter()
 
@@ -263,6 +277,9 @@ class PruneNetModule(L.LightningModule):
         if self.shardwise and not local:
             raise ConfigurationError(f"shard-wise slicing needs a local safetensors checkpoint, "
                                      f"got {self.hparams.model_name_or_path!r}")
+        if self.shardwise and loading.parse_dtype(self.hparams.dtype) != "auto":
+            raise ConfigurationError(f"shard-wise slicing keeps the checkpoint's dtype; it cannot be combined "
+                                     f"with --model.dtype={self.hparams.dtype} (use dtype auto)")
         return bool(self.shardwise)
 
     def kept_indices(self) -> list[torch.Tensor]:
@@ -339,12 +356,13 @@ class PruneNetModule(L.LightningModule):
                     params = slice_checkpoint(source, self.config, self.kept_indices(), tmp)
                     write_provenance(tmp, self.plan(params_pruned=params), self.policy, self.policy_metadata())
 
-                self._checkpoint = atomic_write_dir(self.resolved_output_dir(), self.overwrite, write)
+                self._checkpoint = atomic_write_dir(self.resolved_output_dir(), self.overwrite, write, source)
             else:
                 model = self.pruned_model()
                 self._checkpoint = save_pruned(model, self.resolved_output_dir(), self.plan(), policy=self.policy,
                                                policy_meta=self.policy_metadata(),
-                                               tokenizer=self.load_tokenizer(), overwrite=self.overwrite)
+                                               tokenizer=self.load_tokenizer(), overwrite=self.overwrite,
+                                               source=self.source_path())
         return self._checkpoint
 
     def summary(self) -> str:

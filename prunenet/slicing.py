@@ -131,8 +131,9 @@ def select_kept_rows(policy: SparsityPredictor, states: Sequence[torch.Tensor], 
         if selection == "topk":
             kept.append(torch.topk(policy.logits(w), k).indices.sort().values.cpu())
         else:
-            p, _ = policy(w, generator=layer_generator(seed, FINAL_EPISODE, i, device))
-            kept.append(sample_rows(p, k, generator=layer_generator(seed, FINAL_EPISODE, i, device), layer=i).cpu())
+            gen = layer_generator(seed, FINAL_EPISODE, i, device)  # one stream for eps and the draw, as in training
+            p, _ = policy(w, generator=gen)
+            kept.append(sample_rows(p, k, generator=gen, layer=i).cpu())
     return kept
 
 
@@ -286,14 +287,19 @@ def slice_model(model: torch.nn.Module, kept: Sequence[torch.Tensor],
 
 
 # --------------------------------------------------------------------------- saving
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output path that is a file, is not writable, or is a non-empty folder
-    without ``overwrite``. Writes nothing.
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """Refuse an output path that is a file, is not writable, is a non-empty folder without
+    ``overwrite``, or is (or is inside) the ``source`` model folder. Writes nothing.
 
     Raises:
         OutputExistsError: naming the path and the reason.
     """
     out = Path(output_dir).expanduser()
+    if source is not None and Path(source).is_dir():
+        src, target = Path(source).resolve(), out.resolve()
+        if target == src or src in target.parents:
+            raise OutputExistsError(f"output path {str(out)!r} is the source model folder (or inside it); "
+                                    "choose another folder")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {str(out)!r} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -311,7 +317,8 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
+def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None],
+                     source: str | os.PathLike | None = None) -> Path:
     """Run ``write(tmp)`` into a temporary sibling folder, then rename it to ``output_dir``.
 
     A crash during ``write`` leaves no output (or the previous one intact). With
@@ -320,7 +327,7 @@ def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Call
     Raises:
         OutputExistsError: see :func:`check_output_dir`.
     """
-    out = check_output_dir(output_dir, overwrite)
+    out = check_output_dir(output_dir, overwrite, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -351,6 +358,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -359,7 +369,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def save_pruned(model: torch.nn.Module, output_dir: str | os.PathLike, plan: dict[str, Any],
                 policy: SparsityPredictor | None = None, policy_meta: dict[str, Any] | None = None,
-                tokenizer: Any = None, overwrite: bool = False) -> Path:
+                tokenizer: Any = None, overwrite: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Save a sliced model as a standard Hugging Face checkpoint, atomically.
 
     Writes: safetensors weights, ``config.json``, ``generation_config.json``, the
@@ -376,7 +386,7 @@ def save_pruned(model: torch.nn.Module, output_dir: str | os.PathLike, plan: dic
             tokenizer.save_pretrained(tmp)
         write_provenance(tmp, plan, policy, policy_meta)
 
-    return atomic_write_dir(output_dir, overwrite, write)
+    return atomic_write_dir(output_dir, overwrite, write, source)
 
 
 def write_provenance(folder: Path, plan: dict[str, Any], policy: SparsityPredictor | None = None,

@@ -16,6 +16,7 @@ Measures and writes benchmarks/results/speed-smollm2.md:
 from __future__ import annotations
 
 import argparse
+import sys
 import functools
 import shutil
 import tempfile
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = "# Speed and memory: SmolLM2-135M on CPU\n\n" + header(
-        "python -m benchmarks.speed " + " ".join(argv or [])) + "\n"
+        "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
     text += f"## Fit: time per episode ({args.episodes} episodes, r=0.3, in-process timers)\n\n"
     text += table(["part", "seconds / episode", "share"], breakdown)
     text += "\n## Whole processes (fresh Python each; peak RSS of the process)\n\n"

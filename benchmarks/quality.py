@@ -13,8 +13,9 @@ documents of each) and perplexity with ``prunenet.evaluation``:
 - ``random``: uniform rows, seed s;
 - ``magnitude``: the k neurons with the largest sqrt(||gate_j||^2 + ||up_j||^2) (deterministic).
 
-Stochastic methods run over every seed; cells are mean +- std over seeds. Writes
-benchmarks/results/quality-smollm2.md (and a .json with every raw number).
+Stochastic methods run over every seed; cells are mean +- std over seeds. Each selection is
+also scored by the policy's own objective, the mean KS over layers (``benchmarks.selection_ks``).
+Writes benchmarks/results/quality-smollm2.md (and a .json with every raw number).
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     def quiet(_msg: str) -> None:
         return None
 
+    from benchmarks.selection_ks import score_plan
+    from prunenet.module import load_ffn_states
+
+    states, _ = load_ffn_states("smollm2-135m")
+    reference: dict = {}
     start = time.perf_counter()
     dense = evaluate_checkpoint("smollm2-135m", settings, label="dense", log=quiet)
     records = [{"method": "dense", "ratio": 0.0, "seed": None, "result": dense}]
@@ -96,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                 for seed in (seeds if method != "magnitude" else seeds[:1]):
                     folder = _prune(method, r, seed, args.episodes, work)
                     result = evaluate_checkpoint(str(folder), settings, use_cache=False, label=method, log=quiet)
-                    records.append({"method": method, "ratio": r, "seed": seed, "result": result})
+                    plan = json.loads((folder / "prunenet.json").read_text())
+                    ks = score_plan(plan, states, reference)["ks"]
+                    records.append({"method": method, "ratio": r, "seed": seed, "result": result, "ks": ks})
                     avg = average(result)["score"]
                     print(f"[{time.perf_counter() - start:6.0f} s] r={r:g} {method:16s} seed {seed}: "
                           f"avg {100 * avg:.1f}  ppl {result['perplexity']['perplexity']:.2f}", flush=True)
@@ -114,7 +122,7 @@ def write_report(records: list[dict], args, argv, ratios, seeds, methods, limit,
 
     dense = records[0]["result"]
     dense_avg = average(dense)["score"]
-    headers = ["method", "r", "runs", *ZERO_SHOT_TASKS, "avg", "retention %", "perplexity"]
+    headers = ["method", "r", "runs", *ZERO_SHOT_TASKS, "avg", "retention %", "perplexity", "KS"]
     rows = []
     for method, r in [("dense", 0.0)] + [(m, r) for r in ratios for m in methods]:
         group = [x["result"] for x in records if x["method"] == method and x["ratio"] == r]
@@ -124,7 +132,9 @@ def write_report(records: list[dict], args, argv, ratios, seeds, methods, limit,
         avgs = [average(g)["score"] for g in group]
         rows.append([f"**{method}**" if method == "dense" else method, f"{r:g}", len(group), *cells, _cell(avgs),
                      _cell([a / dense_avg for a in avgs]),
-                     _cell([g["perplexity"]["perplexity"] for g in group], scale=1.0, digits=2)])
+                     _cell([g["perplexity"]["perplexity"] for g in group], scale=1.0, digits=2),
+                     _cell([x["ks"] for x in records if x["method"] == method and x["ratio"] == r and "ks" in x],
+                           scale=1.0, digits=4)])
     metrics = ", ".join(f"{t}: {dense['tasks'][t]['metric']}" for t in ZERO_SHOT_TASKS)
     ppl = dense["perplexity"]
     done = len(records) - 1
@@ -134,7 +144,8 @@ def write_report(records: list[dict], args, argv, ratios, seeds, methods, limit,
     text += (f"Zero-shot accuracy in % (first {limit or 'all'} documents of each task's split; {metrics}); "
              f"mean ± std over seeds {seeds} for the stochastic methods (magnitude is deterministic). "
              f"Retention = pruned average / dense average. Perplexity: {ppl['corpus']} ({ppl['tokens']} tokens, "
-             f"context {ppl['context_length']}, stride {ppl['stride']}). Policies: {args.episodes} episodes, "
+             f"context {ppl['context_length']}, stride {ppl['stride']}). KS: mean over layers of "
+             f"KS(sv(W_i), sv(W_i[kept])), the policy's objective (lower = closer spectrum). Policies: {args.episodes} episodes, "
              f"trained at the ratio they are applied at. No fine-tuning after pruning. "
              f"{done} of {planned} pruned runs done, wall time {seconds / 60:.0f} min.\n\n")
     text += table(headers, rows)

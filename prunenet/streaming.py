@@ -134,12 +134,6 @@ class StreamedStates(Sequence):
         self._cache = {i: w.to(device) for i, w in self._cache.items()}
         return self
 
-    def nbytes(self) -> int:
-        """Total bytes of all states in their stored dtype (from the shapes; reads nothing)."""
-        return sum(int(w.numel()) * w.element_size() for w in (self._meta or []))
-
-    _meta: list[torch.Tensor] | None = None
-
 
 def stream_states(folder: str | os.PathLike, config: Any, low_memory: bool | None = None,
                   low_memory_threshold: int = 1 << 30) -> tuple[StreamedStates, dict[str, Any]] | None:
@@ -174,7 +168,6 @@ def stream_states(folder: str | os.PathLike, config: Any, low_memory: bool | Non
     if low_memory is None:
         low_memory = nbytes > low_memory_threshold
     states = StreamedStates(Path(folder), files, [mapping[n] for n in state_names], adapter, cache=not low_memory)
-    states._meta = metas
     return states, {"params_dense": params_dense, "state_names": state_names, "low_memory": low_memory,
                     "streamed": True}
 

@@ -133,10 +133,6 @@ class ArchAdapter:
         """The FFN output module of one decoder layer (columns are sliced)."""
         return _get_path(layer, self.ffn_output)
 
-    def parameter_names(self, layer_prefix: str) -> list[str]:
-        """Parameter names of the policy-state weight for a layer at ``layer_prefix``."""
-        return [f"{layer_prefix}.{self.ffn_inputs[0]}.weight"]
-
     def state(self, layer: nn.Module) -> torch.Tensor:
         """The policy state W of one layer: the first FFN input matrix, shape (n, d).
 

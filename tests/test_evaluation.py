@@ -466,6 +466,24 @@ def test_evaluate_cli_writes_json_and_prints_table(tiny_dir, tmp_path, capsys):
     assert out.with_suffix(".md").read_text() in printed
 
 
+@pytest.mark.parametrize("name,existing,match", [
+    ("r.md", False, "must be a .json file name like eval.json"),
+    ("eval.json", True, "already exist.*pass --overwrite"),
+])
+def test_evaluate_cli_output_is_checked_before_evaluating(name, existing, match, tmp_path, monkeypatch):
+    import prunenet.evaluate as ev
+    import prunenet.evaluation
+
+    out = tmp_path / name
+    if existing:
+        out.write_text("old results\n")
+    monkeypatch.setattr(prunenet.evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated despite a bad --output"))
+    with pytest.raises(EvaluationError, match=match) as err:
+        ev.main(["--model", "smollm2-135m", "--tasks", "piqa", "--output", str(out)])
+    assert "\n" not in str(err.value)
+    assert out.exists() == existing and (not existing or out.read_text() == "old results\n")
+
+
 def test_evaluate_cli_unknown_task_exit_2(capsys):
     from prunenet.cli import run_main
     from prunenet.evaluate import main

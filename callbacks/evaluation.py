@@ -12,9 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks.rank_zero import on_rank_zero
 
 from prunenet.errors import AssetMissingError, EvaluationError
-
-EVAL_JSON = "eval.json"
-EVAL_MD = "eval.md"
+from prunenet.slicing import EVAL_JSON, EVAL_MD
 
 
 class PostPruningEvaluation(L.Callback):

@@ -68,7 +68,9 @@ def parser() -> argparse.ArgumentParser:
 
 def source_model(folder: str) -> str:
     """The ``source_model`` recorded in a pruned folder's ``prunenet.json``."""
-    plan = Path(folder).expanduser() / "prunenet.json"
+    from prunenet.slicing import PLAN_FILE
+
+    plan = Path(folder).expanduser() / PLAN_FILE
     if not plan.is_file():
         raise EvaluationError(f"--baseline source needs a pruned folder with prunenet.json; {folder!r} has none")
     try:

@@ -27,6 +27,8 @@ SELECTION_MODES = ("sample", "topk")
 METHODS = ("prunenet", "random", "magnitude")
 POLICY_FILE = "policy.pt"
 PLAN_FILE = "prunenet.json"
+#: The post-pruning evaluation written next to a pruned model (callbacks/evaluation.py).
+EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 
 
 def validate_ratio(compression_ratio: float) -> float:

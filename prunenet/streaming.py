@@ -21,6 +21,7 @@ import torch
 
 from prunenet.arch import ArchAdapter, check_finite, get_adapter
 from prunenet.errors import ModelLoadError
+from prunenet.slicing import EVAL_JSON, EVAL_MD, PLAN_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -223,7 +224,7 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     new_config.save_pretrained(out)
     # PruneNet's own files of a source that was itself pruned are rewritten, not copied.
-    skip = {INDEX_FILE, "config.json", "prunenet.json", "eval.json", "eval.md", *set(files.values())}
+    skip = {INDEX_FILE, "config.json", PLAN_FILE, EVAL_JSON, EVAL_MD, *set(files.values())}
     for item in folder.iterdir():
         if item.is_file() and item.name not in skip and not item.name.endswith((".safetensors", ".bin", ".pt")):
             shutil.copy2(item, out / item.name)

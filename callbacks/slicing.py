@@ -6,8 +6,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.rank_zero import on_rank_zero
-from prunenet.errors import ConfigurationError
-from prunenet.slicing import SELECTION_MODES, check_output_dir
+from prunenet.slicing import check_output_dir, validate_selection
 
 
 class StructuralSlicing(L.Callback):
@@ -31,8 +30,7 @@ class StructuralSlicing(L.Callback):
 
     def __init__(self, output_dir: str | None = None, overwrite: bool = False, selection: str = "sample",
                  shardwise: bool | None = None) -> None:
-        if selection not in SELECTION_MODES:
-            raise ConfigurationError(f"slicing.selection must be one of {SELECTION_MODES}, got {selection!r}")
+        validate_selection(selection, "slicing.selection")
         if output_dir:
             check_output_dir(output_dir, overwrite)
         self.output_dir, self.overwrite, self.selection = output_dir, overwrite, selection

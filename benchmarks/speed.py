@@ -163,8 +163,9 @@ def policy_rows(shapes: list[tuple[str, int, int, int]]) -> list[list[object]]:
             torch.sigmoid(score_fn()).sum().backward()
 
         atol = 1e-3 * n**0.5
-        diff = float((authors() - policy.logits(w)).abs().max())
-        if not torch.allclose(authors(), policy.logits(w), rtol=1e-3, atol=atol):
+        theirs, ours = authors(), policy.logits(w)
+        diff = float((theirs - ours).abs().max())
+        if not torch.allclose(theirs, ours, rtol=1e-3, atol=atol):
             raise RuntimeError(f"{label}: the two policy forms disagree (max |difference| {diff:.3g}, "
                                f"tolerance {atol:.3g} + 1e-3 relative)")
         before = _median_seconds(lambda: step(authors), repeats)

@@ -83,8 +83,9 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     targets = [Path(output_dir) / f"r{r:g}" for r in ratios] if sweep else [Path(output_dir)]
     if len(set(targets)) != len(targets):  # would write one folder twice (and fail half-way without overwrite)
         raise ConfigurationError(f"compression_ratio lists a ratio twice: {', '.join(f'{r:g}' for r in ratios)}")
+    source = loading.resolve(model)
     for t in targets:
-        check_output_dir(t, overwrite, loading.resolve(model))
+        check_output_dir(t, overwrite, source)
     pol, meta = (None, {})
     if method == "prunenet":
         pol, meta = load_policy(policy)
@@ -122,7 +123,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
                          selection=selection if method == "prunenet" else None, seed=seed,
                          params_dense=params_dense, params_pruned=count_parameters(pruned), extra=extra)
         save_pruned(pruned, target, plan, policy=pol, policy_meta=meta or None, tokenizer=tokenizer,
-                    overwrite=overwrite, source=loading.resolve(model))
+                    overwrite=overwrite, source=source)
         summary = {k_: v for k_, v in plan.items() if k_ != "kept_indices"}
         summary.update(output_dir=str(target), seconds=round(time.perf_counter() - start, 2))
         plans.append(summary)
@@ -154,13 +155,14 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
     if plan.get("intermediate_size", n) != n:
         raise ConfigurationError(f"plan {str(path)!r} was made for FFN width {plan['intermediate_size']}, "
                                  f"but {model!r} has {n}; replay it on its source model {plan.get('source_model')!r}")
-    check_output_dir(output_dir, overwrite, loading.resolve(model))
+    source = loading.resolve(model)
+    check_output_dir(output_dir, overwrite, source)
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(dense)
     pruned = slice_model(dense, kept)
     new_plan = dict(plan, replayed_from=str(path), params_dense=params_dense, params_pruned=count_parameters(pruned))
     save_pruned(pruned, output_dir, new_plan, tokenizer=loading.load_tokenizer(model, trust_remote_code),
-                overwrite=overwrite, source=loading.resolve(model))
+                overwrite=overwrite, source=source)
     return new_plan
 
 

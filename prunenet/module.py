@@ -203,8 +203,9 @@ class PruneNetModule(L.LightningModule):
         detached = (u.detach(), c.detach())
         for i in batch.tolist():
             w = self.states[i]
+            w32 = w.float()  # used twice below; a no-op for float32 states
             gen = layer_generator(self.seed, self.current_epoch, i, self.device)
-            z = self.policy.logits(w, detached).requires_grad_()
+            z = self.policy.logits(w32, detached).requires_grad_()
             p = self.policy.keep_probabilities(z, generator=gen)
             kept = sample_rows(p.detach(), self.kept_width, generator=gen, layer=i)
             ks = ks_statistic(self.reference_spectrum(i), singular_values(w.index_select(0, kept), dtype))
@@ -217,7 +218,7 @@ class PruneNetModule(L.LightningModule):
             # the gradient of sum_i L_i without the graph holding a float32 copy of every layer's W_i
             # (32 x 180 MB for LLaMA-2-7B, 80 x 940 MB for a 70B).
             (dz,) = torch.autograd.grad(step_loss, z)
-            surrogate = surrogate + (w.float().t() @ dz) @ u + dz.sum() * c
+            surrogate = surrogate + (w32.t() @ dz) @ u + dz.sum() * c
             loss = loss + step_loss.detach()
             ks_all[i], reward_all[i], trained[i] = ks, r, 1.0
         # Sum over ranks: every rank then holds every layer's metrics.

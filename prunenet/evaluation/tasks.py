@@ -246,11 +246,11 @@ def _build_task(s: TaskSpec):
     logging.getLogger("lm_eval.api.task").addFilter(_FILTER)
     if not s.is_group:
         cfg = task_config(s.name)
-        if s.local:
-            return task_manager(s.builtin_dir).load([cfg])["tasks"][s.name]
-        try:  # lm-eval's own data: downloaded from the hub at construction
+        try:
             return task_manager(s.builtin_dir).load([cfg])["tasks"][s.name]
         except Exception as exc:  # datasets/hub raise many types; report one line
+            if s.local:  # packaged data: not a network problem
+                raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise EvaluationError(f"cannot load the data of lm-eval task {s.name!r} ({first}); it needs network "
                                   f"access to the Hugging Face hub") from exc

@@ -86,6 +86,68 @@ def zero_removed():
     return _zero_removed
 
 
+# ----------------------------------------------------------------------------- logits comparisons
+
+
+@torch.no_grad()
+def forward_logits(model, ids: torch.Tensor, dtype: torch.dtype, kept: Sequence[torch.Tensor] | None = None,
+                   adapter=None) -> torch.Tensor:
+    """Logits of ``model`` on ``ids``, shape (batch, seq, vocab), computed by a copy of it in ``dtype``.
+
+    With ``kept`` (one index tensor per decoder layer), the activations of the removed neurons are
+    zeroed at the input of each FFN output module (a forward pre-hook found through the adapter's
+    module paths only, not its slicing code): what a model sliced to ``kept`` must compute.
+    The caller's model is not changed (a deep copy is cast; casting back would round buffers).
+    """
+    import copy
+
+    from prunenet.arch import get_adapter
+
+    model = copy.deepcopy(model).to(dtype)
+    if kept is not None:
+        adapter = adapter or get_adapter(model.config)
+        n = adapter.intermediate_size(model.config)
+        for layer, idx in zip(adapter.layers(model), kept):
+            mask = torch.zeros(n, dtype=dtype)
+            mask[torch.as_tensor(idx, dtype=torch.long)] = 1
+
+            def zero_removed(_module, args, mask=mask):
+                return (args[0] * mask,) + tuple(args[1:])
+
+            adapter.output_module(layer).register_forward_pre_hook(zero_removed)
+    return model(input_ids=ids).logits.to(dtype)
+
+
+def assert_logits_match(actual, reference, ids: torch.Tensor, kept: Sequence[torch.Tensor] | None = None,
+                        adapter=None) -> None:
+    """Assert that ``actual`` computes the same function as ``reference`` (with the neurons outside
+    ``kept`` zeroed, when given) on ``ids``.
+
+    Both run in float64. What float64 leaves to differ is (a) float64 rounding in another summation
+    order (a sliced matmul has fewer terms) and (b) a last-bit flip where transformers casts to
+    float32 inside a norm or the rotary embedding. Either is bounded by the float32 rounding error of
+    the whole reference forward, measured here on the same inputs: ``tol = max|ref_f32 - ref_f64|``.
+    So the tolerance follows from the dtype and the size of this computation (vocabulary, depth,
+    widths) on whatever CPU runs it: about 1e-7 for the tiny models, about 1e-4 for Gemma-3-270M's
+    262k-wide vocabulary. A floor of 64 float64 ulps of the largest logit covers a float32 forward
+    that happens to be exact. One wrongly kept neuron moves the logits by 1e-4 to 4e-1 on every
+    model of the suite, far above that (``test_slicing_is_exact`` and the Gemma test prove it fails).
+    """
+    want = forward_logits(reference, ids, torch.float64, kept, adapter)
+    noise32 = (forward_logits(reference, ids, torch.float32, kept, adapter).double() - want).abs().max()
+    tol = max(float(noise32), 64 * torch.finfo(torch.float64).eps * float(want.abs().max()))
+    got = forward_logits(actual, ids, torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+def assert_same_weights(a, b) -> None:
+    """The two models hold bit-identical tensors under the same names (exact on any CPU)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), sorted(set(sa) ^ set(sb))
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
 #: Tiny models of families PruneNet may not support; the first one it does not is used.
 _UNSUPPORTED_CANDIDATES = {
     "bloom": ("BloomConfig", {"vocab_size": 101, "hidden_size": 24, "n_layer": 2, "n_head": 4}),

@@ -21,6 +21,7 @@ anything is changed or written.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,7 @@ import torch
 from prunenet.arch import ADAPTERS, get_adapter, markdown_table, supported_model_types
 from prunenet.errors import ConfigurationError
 from prunenet.slicing import count_parameters, kept_width, save_pruned, slice_model
+from tests.conftest import assert_logits_match, assert_same_weights
 from tests.tiny import TINY_FAMILIES, save_tiny, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,39 +45,9 @@ def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab - 3, (2, 9), generator=g)
 
 
-@torch.no_grad()
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits.float()
-
-
 def _random_kept(n: int, k: int, layers: int, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randperm(n, generator=g)[:k].sort().values for _ in range(layers)]
-
-
-@torch.no_grad()
-def _zeroed_logits(model, adapter, kept, ids) -> torch.Tensor:
-    """Dense logits with the removed neurons' activations zeroed at the FFN output's input.
-
-    Uses only the adapter's module *paths*, not its slicing code, so it is an independent
-    reference for what the sliced model must compute.
-    """
-    n = adapter.intermediate_size(model.config)
-    handles = []
-    for layer, idx in zip(adapter.layers(model), kept):
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[idx] = True
-
-        def hook(_mod, args, mask=mask):
-            x = args[0]
-            return (x * mask.to(x.dtype),) + tuple(args[1:])
-
-        handles.append(adapter.output_module(layer).register_forward_pre_hook(hook))
-    try:
-        return _logits(model, ids)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _plain_load(path):
@@ -186,7 +158,7 @@ class ArchContract:
             assert count_parameters(dense) == before
             assert all(torch.equal(adapter.state(layer), s) for layer, s in zip(layers, snapshot))
             return
-        reference = _zeroed_logits(dense, adapter, kept, ids)
+        reference = copy.deepcopy(dense)
         # Parameters of one removed neuron: a row of each input (two for a fused gate_up, plus the
         # bias entries) and a column of the output.
         d = adapter.hidden_size(dense.config)
@@ -200,7 +172,12 @@ class ArchContract:
         assert before - count_parameters(dense) == len(layers) * (n - k) * per_neuron
         for layer, idx in zip(adapter.layers(dense), kept):
             assert tuple(adapter.state(layer).shape) == (k, d)
-        torch.testing.assert_close(_logits(dense, ids), reference, atol=1e-5, rtol=1e-4)
+        assert_logits_match(dense, reference, ids, kept, adapter)
+        # The check has teeth: one removed neuron kept instead of a kept one (last layer) fails it.
+        wrong = [idx.clone() for idx in kept]
+        wrong[-1][0] = min(set(range(n)) - set(wrong[-1].tolist()))
+        with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+            assert_logits_match(dense, reference, ids, wrong, adapter)
 
     def test_save_and_plain_reload_round_trip(self, adapter, tmp_path):
         model = tiny_model(self.model_type, seed=0, **self.overrides)
@@ -213,7 +190,6 @@ class ArchContract:
             return
         ids = _ids(model.config.get_text_config().vocab_size, seed=1)
         slice_model(model, kept)
-        expected = _logits(model, ids)
         out = save_pruned(model, tmp_path / "out", {"kept_indices": {str(i): k.tolist() for i, k in enumerate(kept)}})
         reloaded, info = _plain_load(out)
         _assert_clean_load(info)
@@ -221,7 +197,8 @@ class ArchContract:
         assert reloaded.config.model_type == self.model_type
         assert adapter.intermediate_size(reloaded.config) == kept[0].numel()
         assert count_parameters(reloaded) == count_parameters(model)
-        torch.testing.assert_close(_logits(reloaded, ids), expected, atol=1e-6, rtol=1e-5)
+        assert_same_weights(reloaded, model)
+        assert_logits_match(reloaded, model, ids)
 
     def test_shardwise_slicing_matches_in_memory(self, dense, adapter, folder, tmp_path):
         """Slicing the safetensors files tensor by tensor (no model built) gives the same checkpoint."""
@@ -243,7 +220,8 @@ class ArchContract:
         reloaded, info = _plain_load(out)
         _assert_clean_load(info)
         ids = _ids(dense.config.get_text_config().vocab_size, seed=3)
-        torch.testing.assert_close(_logits(reloaded, ids), _logits(expected, ids), atol=1e-6, rtol=1e-5)
+        assert_same_weights(reloaded, expected)
+        assert_logits_match(reloaded, expected, ids)
 
     # ---------------------------------------------------------------- the CLI
     def test_one_fit_episode_through_the_cli(self, dense, adapter, folder, tmp_path):
@@ -272,8 +250,7 @@ class ArchContract:
         pruned, info = _plain_load(out)
         _assert_clean_load(info)
         ids = _ids(dense.config.get_text_config().vocab_size, seed=4)
-        torch.testing.assert_close(_logits(pruned, ids), _zeroed_logits(dense, adapter, kept, ids),
-                                   atol=1e-5, rtol=1e-4)
+        assert_logits_match(pruned, dense, ids, kept, adapter)
 
 
 # --------------------------------------------------------------------------- hub-style names
@@ -299,7 +276,8 @@ class HubStyleNames:
         save_file(renamed, str(hub / "model.safetensors"), metadata={"format": "pt"})
         loaded = load_model(str(hub))
         ids = _ids(dense.config.get_text_config().vocab_size)
-        torch.testing.assert_close(_logits(loaded, ids), _logits(dense, ids))
+        assert_same_weights(loaded, dense)
+        assert_logits_match(loaded, dense, ids)
         for a, b in zip(adapter.layers(loaded), adapter.layers(dense)):
             assert torch.equal(adapter.state(a), adapter.state(b))
         # The fit reads the states from these files (streamed by name where it can).
@@ -319,7 +297,8 @@ class HubStyleNames:
         reloaded, info = _plain_load(out)
         _assert_clean_load(info)
         expected = slice_model(tiny_model(self.model_type, seed=0, **self.overrides), kept)
-        torch.testing.assert_close(_logits(reloaded, ids), _logits(expected, ids), atol=1e-6, rtol=1e-5)
+        assert_same_weights(reloaded, expected)
+        assert_logits_match(reloaded, expected, ids)
 
 
 # --------------------------------------------------------------------------- the families
@@ -349,9 +328,9 @@ class TestLlama(ArchContract):
         adapter = get_adapter(dense.config)
         kept = _random_kept(37, 20, 3, seed=5)
         ids = _ids(101)
-        reference = _zeroed_logits(dense, adapter, kept, ids)
+        reference = copy.deepcopy(dense)
         slice_model(dense, kept)
-        torch.testing.assert_close(_logits(dense, ids), reference, atol=1e-5, rtol=1e-4)
+        assert_logits_match(dense, reference, ids, kept, adapter)
 
 
 class TestMistral(ArchContract):
@@ -441,7 +420,8 @@ class TestGPT2(ArchContract, HubStyleNames):
         reloaded, info = _plain_load(out)
         _assert_clean_load(info)
         ids = _ids(101)
-        torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+        assert_same_weights(reloaded, model)
+        assert_logits_match(reloaded, model, ids)
 
 
 class TestGPTNeoX(ArchContract):
@@ -588,5 +568,10 @@ def test_gemma3_270m_end_to_end(tmp_path):
     assert pruned.config.intermediate_size == 1433
     ids = torch.tensor([[2, 651, 6037, 576, 9405, 563, 9079, 236761]])
     kept = [torch.tensor(plan["kept_indices"][str(i)]) for i in range(18)]
-    torch.testing.assert_close(_logits(pruned, ids), _zeroed_logits(dense, adapter, kept, ids), atol=2e-4, rtol=1e-4)
+    assert_logits_match(pruned, dense, ids, kept, adapter)  # tolerance: see assert_logits_match
+    # One wrong neuron in one layer (a removed one kept instead of the first kept one) must fail it.
+    wrong = [idx.clone() for idx in kept]
+    wrong[9][0] = min(set(range(2048)) - set(wrong[9].tolist()))
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        assert_logits_match(pruned, dense, ids, wrong, adapter)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
-from prunenet.errors import PruneNetError
+from prunenet.errors import PruneNetError, PruneNetWarning
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -15,6 +16,7 @@ def run_main(main: Callable[[], object]) -> None:
 
     Set ``PRUNENET_VERBOSE=1`` to get the traceback instead.
     """
+    warnings.showwarning = _show_warning
     try:
         main()
     except Exception as exc:
@@ -22,6 +24,17 @@ def run_main(main: Callable[[], object]) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A :class:`PruneNetWarning` is one ``warning: <message>`` line; other warnings as Python shows them."""
+    if issubclass(category, PruneNetWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,8 +26,8 @@ import torch
 from prunenet import loading
 from prunenet.arch import check_finite, get_adapter
 from prunenet.cli import run_main
-from prunenet.errors import ConfigurationError, PolicyError
-from prunenet.slicing import (METHODS, PLAN_FILE, SELECTION_MODES, atomic_write_text, check_output_dir,
+from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
+from prunenet.slicing import (METHODS, PLAN_FILE, SELECTION_MODES, atomic_write_text, check_kept, check_output_dir,
                               count_parameters, ffn_fingerprint, kept_width, load_policy, make_plan, save_pruned,
                               select_rows, slice_model, validate_selection)
 
@@ -82,7 +83,12 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     sweep = len(ratios) > 1
     targets = [Path(output_dir) / f"r{r:g}" for r in ratios] if sweep else [Path(output_dir)]
     if len(set(targets)) != len(targets):  # would write one folder twice (and fail half-way without overwrite)
-        raise ConfigurationError(f"compression_ratio lists a ratio twice: {', '.join(f'{r:g}' for r in ratios)}")
+        given = ([part.strip() for part in compression_ratio.split(",")] if isinstance(compression_ratio, str)
+                 else [f"{r!r}" for r in ratios])
+        first = next(t for t in targets if targets.count(t) > 1)
+        same = [g for g, t in zip(given, targets) if t == first]
+        raise ConfigurationError(f"compression_ratio lists a ratio twice: {' and '.join(same)} (of "
+                                 f"{','.join(given)}) both give the output folder {first.name!r}")
     source = loading.resolve(model)
     for t in targets:
         check_output_dir(t, overwrite, source)
@@ -95,11 +101,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
 
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(dense)
-    names = {id(p): name for name, p in dense.named_parameters()}
-    states = []
-    for layer in adapter.layers(dense):
-        check_finite(adapter.state(layer), names.get(id(adapter.input_modules(layer)[0].weight), "?"))
-        states.append(adapter.state(layer).clone())
+    states = [w.clone() for w in _checked_states(dense, adapter)]
     row_norms = [adapter.row_norms(layer) for layer in adapter.layers(dense)] if method == "magnitude" else None
     fingerprint = ffn_fingerprint(states)
     del dense
@@ -132,13 +134,26 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     return plans
 
 
-def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False, dtype: str = "auto",
-           trust_remote_code: bool = False) -> dict[str, Any]:
-    """Rebuild a checkpoint from its ``prunenet.json`` and the source model: same kept indices,
-    hence byte-identical weights for the same source weights and dtype.
+def _checked_states(model, adapter) -> list[torch.Tensor]:
+    """The policy states (first FFN input matrix, (n, d), views) of every layer, checked for NaN/Inf.
 
     Raises:
-        ConfigurationError: unreadable plan, or a plan that does not fit the model.
+        InvalidWeightsError: naming the parameter path.
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    states = []
+    for layer in adapter.layers(model):
+        w = adapter.state(layer)
+        check_finite(w, names.get(id(adapter.input_modules(layer)[0].weight), "?"))
+        states.append(w)
+    return states
+
+
+def read_plan(plan_path: str | Path) -> tuple[dict[str, Any], list[torch.Tensor], Path]:
+    """``(plan, kept indices per layer, path)`` of a ``prunenet.json`` (or a folder holding one).
+
+    Raises:
+        ConfigurationError: unreadable file, or no valid ``kept_indices``.
     """
     path = Path(plan_path)
     if path.is_dir():
@@ -146,21 +161,64 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
     try:
         plan = json.loads(path.read_text())
         kept = [torch.tensor(plan["kept_indices"][str(i)], dtype=torch.long) for i in range(len(plan["kept_indices"]))]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigurationError(f"cannot read a PruneNet plan from {str(path)!r}: {exc}") from None
-    # A plan made for a wider model fails slice_model's index check, but one made for a narrower model
-    # would silently keep the wrong neurons: compare the widths (slice_model checks the layer count).
+    return plan, kept, path
+
+
+def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False, dtype: str = "auto",
+           trust_remote_code: bool = False) -> dict[str, Any]:
+    """Rebuild a checkpoint from its ``prunenet.json`` and the source model: same kept indices,
+    hence byte-identical weights for the same source weights and dtype.
+
+    The plan must fit the model: same model type and FFN shape (n, d), one kept-index list per layer.
+    A model whose FFN weights differ from the plan's source (another fingerprint) is sliced with a
+    warning: the same neurons, chosen for other weights. The new ``prunenet.json`` records what was
+    done now (this model, its fingerprint, today's versions) and, under ``replayed_from``, the plan's
+    path and its own source.
+
+    Raises:
+        ConfigurationError: unreadable plan, or a plan that does not fit the model (says which fact differs).
+    """
+    plan, kept, path = read_plan(plan_path)
     config = loading.load_config(model, trust_remote_code)
-    n = get_adapter(config).intermediate_size(config)
+    adapter = get_adapter(config)
+    n, d = adapter.intermediate_size(config), adapter.hidden_size(config)
+    hint = f"replay it on its source model {plan.get('source_model')!r}"
+    if plan.get("model_type", config.model_type) != config.model_type:
+        raise ConfigurationError(f"plan {str(path)!r} was made for model type {plan['model_type']!r}, but {model!r} "
+                                 f"is {config.model_type!r}; {hint}")
+    # A plan made for a wider model fails the index check, but one made for a narrower model would
+    # silently keep the wrong neurons: compare the widths.
     if plan.get("intermediate_size", n) != n:
         raise ConfigurationError(f"plan {str(path)!r} was made for FFN width {plan['intermediate_size']}, "
-                                 f"but {model!r} has {n}; replay it on its source model {plan.get('source_model')!r}")
+                                 f"but {model!r} has {n}; {hint}")
+    if plan.get("hidden_size", d) != d:
+        raise ConfigurationError(f"plan {str(path)!r} was made for hidden size {plan['hidden_size']}, "
+                                 f"but {model!r} has {d}; {hint}")
+    layers = getattr(adapter.text_config(config), "num_hidden_layers", None)
+    check_kept(kept, n, layers if layers is not None else len(kept))
     source = loading.resolve(model)
     check_output_dir(output_dir, overwrite, source)
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(dense)
-    pruned = slice_model(dense, kept)
-    new_plan = dict(plan, replayed_from=str(path), params_dense=params_dense, params_pruned=count_parameters(pruned))
+    fingerprint = ffn_fingerprint(_checked_states(dense, adapter))
+    planned = plan.get("source_ffn_sha256")
+    if planned and planned != fingerprint:
+        warnings.warn(f"{model!r} has other FFN weights than the plan's source {plan.get('source_model')!r} "
+                      f"(FFN SHA-256 {fingerprint[:12]} vs {planned[:12]}): the same neurons are kept, but they "
+                      "were chosen for other weights", PruneNetWarning, stacklevel=2)
+    pruned = slice_model(dense, kept, adapter)
+    replayed_from = {key: plan.get(key) for key in ("source_model", "model_type", "source_ffn_sha256", "versions")}
+    carried = {key: plan[key] for key in ("episodes", "final_reward_mean", "policy_source_model", "policy_trained_ratio",
+                                          "policy_episodes", "policy_ffn_sha256") if key in plan}
+    new_plan = make_plan(
+        source_model=model, model_type=config.model_type, compression_ratio=plan.get("compression_ratio", 0.0),
+        round_to=plan.get("round_to", 1), intermediate_size=n, hidden_size=d, kept=kept,
+        method=plan.get("method", "prunenet"), selection=plan.get("selection"), seed=plan.get("seed", 0),
+        params_dense=params_dense, params_pruned=count_parameters(pruned),
+        extra={**carried, "source_ffn_sha256": fingerprint, "shardwise": False,
+               "replayed_from": {"path": str(path), **replayed_from}})
     save_pruned(pruned, output_dir, new_plan, tokenizer=loading.load_tokenizer(model, trust_remote_code),
                 overwrite=overwrite, source=source)
     return new_plan

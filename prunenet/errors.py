@@ -44,3 +44,8 @@ class PolicyError(PruneNetError):
 
 class EvaluationError(PruneNetError):
     """An evaluation cannot run: unknown task, bad limit/batch size, data or text unavailable."""
+
+
+class PruneNetWarning(UserWarning):
+    """Something the user should know that does not stop the work; entry points print it as one
+    ``warning: <message>`` line."""

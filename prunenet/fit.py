@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -17,7 +18,8 @@ from callbacks import PostPruningEvaluation, SpectrumMonitor, StructuralSlicing
 from prunenet.cli import run_main
 from prunenet.data import LayerDataModule
 from prunenet.errors import ConfigurationError
-from prunenet.module import PruneNetModule
+from prunenet.module import PruneNetModule, checkpoint_settings, settings_mismatch
+from prunenet.slicing import check_writable, resolve_output_path
 
 TRAINER_DEFAULTS = {
     "max_epochs": 20,              # episodes (authors' default)
@@ -46,8 +48,8 @@ def main(args: list[str] | None = None) -> PruneNetCLI:
                       trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
                       subclass_mode_model=False, subclass_mode_data=False)
     check_devices(cli.trainer, cli.model)
-    ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir,
-                                  cli.model.hparams.model_name_or_path)
+    check_log_dirs(cli.trainer)
+    ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir, cli.model.run_settings())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
 
@@ -70,37 +72,76 @@ def check_devices(trainer, module: PruneNetModule) -> None:
                                  f"use at most {module.num_layers_config} devices")
 
 
-def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, model_name_or_path: str | None = None) -> str | None:
-    """``last`` -> the newest ``last.ckpt`` of an earlier run of the same model under ``root_dir``
-    (each run logs to a new ``lightning_logs/version_N``, so Lightning's own "last" would only look
-    in the new, empty one). Runs of other models (per their ``hparams.yaml``) are skipped.
+def check_log_dirs(trainer) -> None:
+    """Refuse a log folder (``--trainer.default_root_dir``, the logger's ``save_dir``) where files
+    cannot be created, before anything is written: the logs, the policy checkpoints and the default
+    output folder go there.
 
     Raises:
-        ConfigurationError: ``last`` with no earlier checkpoint of this model, or a path that does not exist.
+        OutputExistsError: naming the folder and the reason.
+    """
+    folders = {str(Path(trainer.default_root_dir)): "log folder (--trainer.default_root_dir)"}
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if save_dir is not None:
+            folders.setdefault(str(Path(save_dir)), "logger folder (--trainer.logger save_dir)")
+    for folder, what in folders.items():
+        resolve_output_path(folder, what)  # a dangling or looping symlink is refused by name
+        check_writable(folder, what)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, settings: dict[str, Any]) -> str | None:
+    """``last`` -> the newest ``last.ckpt`` under ``root_dir`` of an earlier fit with the same
+    settings (``PruneNetModule.run_settings``: resolved source, seed, and the hyperparameters that
+    change the result); each run logs to a new ``lightning_logs/version_N``, so Lightning's own "last"
+    would only look in the new, empty one. A given path must exist and have the same settings.
+
+    Raises:
+        ConfigurationError: no such checkpoint, or one trained with other settings (names them).
     """
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        found = [p for p in Path(root_dir).glob("**/checkpoints/last*.ckpt")
-                 if model_name_or_path is None or _run_model(p) == str(model_name_or_path)]
-        if not found:
-            raise ConfigurationError(f"--ckpt_path last: no last.ckpt of {model_name_or_path!r} under "
-                                     f"{str(Path(root_dir).resolve())!r}; run without --ckpt_path first")
-        return str(max(found, key=lambda p: p.stat().st_mtime))
+        found = sorted(Path(root_dir).glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        same_source = []
+        for path in found:
+            stored = _stored_settings(path)
+            if stored is None or stored["source"] != settings["source"]:
+                continue
+            if not settings_mismatch(stored, settings):
+                return str(path)
+            same_source.append((path, stored))
+        if same_source:
+            path, stored = same_source[0]
+            raise ConfigurationError(f"--ckpt_path last: the newest checkpoint of this model ({str(path)!r}) was "
+                                     f"trained with {settings_mismatch(stored, settings)}; resume with its settings, "
+                                     "or run without --ckpt_path")
+        raise ConfigurationError(f"--ckpt_path last: no last.ckpt of {settings['source']!r} under "
+                                 f"{str(Path(root_dir).resolve())!r}; run without --ckpt_path first")
     if not Path(ckpt_path).is_file():
         raise ConfigurationError(f"--ckpt_path {ckpt_path!r} does not exist (pass a .ckpt file or 'last')")
+    stored = _stored_settings(Path(ckpt_path))
+    if stored is None:
+        raise ConfigurationError(f"--ckpt_path {ckpt_path!r} is not a PruneNet fit checkpoint")
+    differ = settings_mismatch(stored, settings)
+    if differ:
+        raise ConfigurationError(f"--ckpt_path {ckpt_path!r} was trained with {differ}; resume with its settings, "
+                                 "or run without --ckpt_path")
     return ckpt_path
 
 
-def _run_model(ckpt: Path) -> str | None:
-    """``model_name_or_path`` of the run that wrote ``ckpt`` (its logger's hparams.yaml), or None."""
-    import yaml
+def _stored_settings(ckpt: Path) -> dict[str, Any] | None:
+    """The run settings stored in a Lightning checkpoint, or None if it is not a readable PruneNet one.
+    Memory-mapped: the policy and optimizer tensors are not read."""
+    import torch
 
-    hparams = ckpt.parent.parent / "hparams.yaml"
     try:
-        return str(yaml.safe_load(hparams.read_text()).get("model_name_or_path"))
-    except (OSError, AttributeError, yaml.YAMLError):
+        checkpoint = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is "not one of ours", skipped or refused by the caller
         return None
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
+        return None
+    return checkpoint_settings(checkpoint)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,42 @@ def load_ffn_states(model_name_or_path: str, dtype: str = "auto", trust_remote_c
     return states, info
 
 
+#: Hyperparameters that change the result of a fit (the rest, e.g. low_memory, change only how it runs).
+RESULT_HPARAMS = ("compression_ratio", "learning_rate", "weight_decay", "gamma", "use_kld", "spectra_dtype", "dtype")
+
+
+def canonical_source(model_name_or_path: str) -> str:
+    """One name per source model: ``asset:<name>``, the absolute real path of a local folder
+    (``./m``, ``m`` and a symlink to it are the same), or the hub id as given."""
+    from prunenet import assets
+
+    name = str(model_name_or_path)
+    if assets.is_asset(name):
+        return f"asset:{name}"
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def checkpoint_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`PruneNetModule.run_settings` of the fit that wrote a Lightning checkpoint (its saved
+    hyperparameters and ``prunenet_run`` record). Checkpoints written before the record existed give
+    no seed (None: not compared) and the source resolved from ``model_name_or_path`` now."""
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    run = dict(checkpoint.get("prunenet_run") or {})
+    source = run.get("source")
+    if source is None and hparams.get("model_name_or_path") is not None:
+        source = canonical_source(hparams["model_name_or_path"])
+    return {"source": source, "seed": run.get("seed"), **{key: hparams.get(key) for key in RESULT_HPARAMS}}
+
+
+def settings_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> str:
+    """``""`` when a stored fit can be resumed with the current settings, else what differs, as
+    ``"seed=0 (this run: 5), compression_ratio=0.3 (this run: 0.25)"``. A stored None is not compared."""
+    parts = [f"{key}={stored[key]!r} (this run: {current.get(key)!r})" for key in stored
+             if stored[key] is not None and stored[key] != current.get(key)]
+    return ", ".join(parts)
+
+
 class PruneNetModule(L.LightningModule):
     """Trains the PruneNet policy on one model's FFN matrices.
 
@@ -176,6 +212,11 @@ class PruneNetModule(L.LightningModule):
         return loading.resolve(self.hparams.model_name_or_path)
 
     def on_fit_start(self) -> None:
+        # A new fit changes the policy: results of an earlier fit of this module (kept rows, the sliced
+        # model, the saved folder, its parameter count) are stale and are recomputed when asked.
+        self._kept = self._pruned = self._checkpoint = None
+        for key in ("params_pruned", "shardwise"):
+            self._state_info.pop(key, None)
         self._fit_start = time.time()
         states = self.states
         self._states = states.to(self.device) if isinstance(states, StreamedStates) else [
@@ -264,10 +305,22 @@ class PruneNetModule(L.LightningModule):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.hparams.learning_rate,
                                  weight_decay=self.hparams.weight_decay)
 
+    def run_settings(self) -> dict[str, Any]:
+        """The settings that determine this fit's result: resolved source, seed and the hyperparameters
+        that change the draws or the updates (a resumed fit must have the same ones)."""
+        return {"source": canonical_source(self.hparams.model_name_or_path), "seed": self.seed,
+                **{key: self.hparams[key] for key in RESULT_HPARAMS}}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["prunenet_history"] = list(self.history)
+        settings = self.run_settings()
+        checkpoint["prunenet_run"] = {"source": settings["source"], "seed": settings["seed"]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # prunenet.fit checks this before the Trainer starts; this covers programmatic resumes.
+        differ = settings_mismatch(checkpoint_settings(checkpoint), self.run_settings())
+        if differ:
+            raise ConfigurationError(f"cannot resume: the checkpoint was trained with {differ}")
         self.history = list(checkpoint.get("prunenet_history", []))
 
     # ------------------------------------------------------------------ results

@@ -150,13 +150,20 @@ def select_kept_rows(policy: SparsityPredictor, states: Sequence[torch.Tensor], 
 
 
 def ffn_fingerprint(states: Sequence[torch.Tensor]) -> str:
-    """SHA-256 over the raw bytes (dtype, shape, values) of the policy states: identifies the
-    source model's FFN weights in policy files and plans."""
+    """SHA-256 of the policy states (shape and values): identifies the source model's FFN weights
+    in policy files and plans.
+
+    Hashed in a canonical dtype, float32 (float64 stays float64), so the fingerprint does not depend
+    on the dtype the model was loaded in: a bfloat16 checkpoint gives the same fingerprint loaded as
+    bfloat16 or as float32 (bf16 and fp16 widen to float32 exactly). A float32 checkpoint hashes as
+    before this rule. Loading in a narrower dtype changes the values, hence the fingerprint. Hashing
+    goes one layer at a time (one float32 copy of one (n, d) matrix at most).
+    """
     import hashlib
 
     h = hashlib.sha256()
     for w in states:
-        w = w.detach().contiguous().cpu()
+        w = w.detach().to("cpu", torch.promote_types(w.dtype, torch.float32)).contiguous()
         h.update(f"{w.dtype}{tuple(w.shape)}".encode())
         h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
     return h.hexdigest()
@@ -252,6 +259,43 @@ def select_rows(method: str, *, k: int, states: Sequence[torch.Tensor], policy: 
     raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def check_kept(kept: Sequence[torch.Tensor], intermediate_size: int, num_layers: int) -> int:
+    """Check kept indices against a model: one tensor per layer, the same width in every layer,
+    distinct indices in ``[0, intermediate_size)``. Cheap: run it before loading any weights.
+
+    Returns:
+        The kept width k.
+    Raises:
+        ConfigurationError: naming the layers at fault (for unequal widths, which layers have which).
+    """
+    if len(kept) != num_layers:
+        raise ConfigurationError(f"got kept indices for {len(kept)} layers, the model has {num_layers}")
+    by_width: dict[int, list[int]] = {}
+    for i, idx in enumerate(kept):
+        by_width.setdefault(int(idx.numel()), []).append(i)
+    if len(by_width) != 1:
+        parts = [f"{w} in {_layer_list(layers)}" for w, layers in sorted(by_width.items())]
+        raise ConfigurationError("all layers must keep the same number of rows (the config holds one FFN width), "
+                                 f"got {' and '.join(parts)}")
+    for i, idx in enumerate(kept):
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= intermediate_size
+                            or idx.unique().numel() != idx.numel()):
+            raise ConfigurationError(f"layer {i}: kept indices must be distinct and in [0, {intermediate_size})")
+    return next(iter(by_width))
+
+
+def _layer_list(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 5] -> 'layers 0-3, 5'; [4] -> 'layer 4'."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+    return ("layers " if len(layers) > 1 else "layer ") + text
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     # parameters() yields each Parameter object once, so tied weights count once (also on meta).
@@ -276,17 +320,9 @@ def slice_model(model: torch.nn.Module, kept: Sequence[torch.Tensor],
     """
     adapter = adapter or get_adapter(model.config)
     layers = adapter.layers(model)
-    if len(kept) != len(layers):
-        raise ConfigurationError(f"got kept indices for {len(kept)} layers, the model has {len(layers)}")
-    widths = {int(k.numel()) for k in kept}
-    if len(widths) != 1:
-        raise ConfigurationError(f"all layers must keep the same number of rows, got widths {sorted(widths)}")
     n = adapter.intermediate_size(model.config)
+    width = check_kept(kept, n, len(layers))
     ffn_names = set(adapter.tensor_roles(model))
-    for i, idx in enumerate(kept):
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n or idx.unique().numel() != idx.numel()):
-            raise ConfigurationError(f"layer {i}: kept indices must be distinct and in [0, {n})")
-    width = widths.pop()
     adapter.check_sliceable(model.config, width)
     # Every FFN tensor, not only the policy state: a NaN in up/down would otherwise ship silently.
     for name, param in model.named_parameters():
@@ -299,33 +335,72 @@ def slice_model(model: torch.nn.Module, kept: Sequence[torch.Tensor],
 
 
 # --------------------------------------------------------------------------- saving
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
-    """Refuse an output path that is a file, is not writable, is a non-empty folder without
-    ``overwrite``, or is (or is inside) the ``source`` model folder. Writes nothing.
+def resolve_output_path(output_dir: str | os.PathLike, what: str = "output path") -> Path:
+    """The folder an output path really names. A symlink to a folder (or a path under one) is written
+    through: the result replaces the folder the link points to, and the link itself stays.
 
     Raises:
-        OutputExistsError: naming the path and the reason.
+        OutputExistsError: the path is (or goes through) a symlink loop, or a symlink whose target
+            does not exist (a dangling link is never silently replaced by a folder).
     """
     out = Path(output_dir).expanduser()
-    if source is not None and Path(source).is_dir():
-        src, target = Path(source).resolve(), out.resolve()
-        if target == src or src in target.parents:
-            raise OutputExistsError(f"output path {str(out)!r} is the source model folder (or inside it); "
-                                    "choose another folder")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {str(out)!r} is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {str(out)!r} exists and is not empty; pass overwrite=true "
-                                "(fit: --slicing.overwrite=true, compress: --overwrite) to replace it")
-    parent = out if out.is_dir() else out.parent
-    while not parent.exists() and parent != parent.parent:
+    try:
+        real = out.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError (ELOOP)
+        raise OutputExistsError(f"{what} {str(out)!r} is a symlink loop; point the link at a folder "
+                                "or pass another path") from None
+    for part in (out, *out.parents):
+        if part.is_symlink() and not part.exists():
+            where = "is" if part == out else f"goes through {str(part)!r},"
+            raise OutputExistsError(f"{what} {str(out)!r} {where} a symlink to {os.readlink(part)!r}, which does "
+                                    "not exist; create that folder or remove the link")
+    return real
+
+
+def check_writable(folder: str | os.PathLike, what: str, shown: str | None = None) -> None:
+    """Check that files can be created in ``folder`` (or, if it does not exist yet, in its nearest
+    existing parent) by creating and removing one: ``os.access`` says yes to root even on read-only
+    or virtual filesystems.
+
+    Raises:
+        OutputExistsError: ``"<what> '<shown or folder>' is not writable (<reason> in '<parent>')"``.
+    """
+    path = Path(folder).expanduser()
+    shown = shown or str(path)
+    parent = path
+    while not parent.is_dir() and parent != parent.parent:
         parent = parent.parent
-    try:  # a real probe: os.access says yes to root even on read-only or virtual filesystems
+    try:
         fd, probe = tempfile.mkstemp(prefix=".prunenet-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise OutputExistsError(f"output path {str(out)!r} is not writable ({exc.strerror} in {str(parent)!r})") from None
+        raise OutputExistsError(f"{what} {shown!r} is not writable ({exc.strerror} in {str(parent)!r})") from None
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """Refuse an output path that is a file, is not writable, is a non-empty folder without
+    ``overwrite``, is (or is inside) the ``source`` model folder, or is a dangling or looping
+    symlink. Writes nothing.
+
+    Returns:
+        The real output folder (symlinks resolved: see :func:`resolve_output_path`).
+    Raises:
+        OutputExistsError: naming the path and the reason.
+    """
+    shown = str(Path(output_dir).expanduser())
+    out = resolve_output_path(output_dir)
+    if source is not None and Path(source).is_dir():
+        src = Path(source).resolve()
+        if out == src or src in out.parents:
+            raise OutputExistsError(f"output path {shown!r} is the source model folder (or inside it); "
+                                    "choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {shown!r} is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder {shown!r} exists and is not empty; pass overwrite=true "
+                                "(fit: --slicing.overwrite=true, compress: --overwrite) to replace it")
+    check_writable(out.parent, "output path", shown)  # the new folder is built beside it, then renamed
     return out
 
 

@@ -209,15 +209,15 @@ def run_fit(*args: str, extra: list[str], timeout: int = 300, module: str = "pru
 
 
 def run_fit_many(jobs: dict[str, list[str]], extra: list[str], logdir: Path, timeout: int = 300,
-                 module: str = "prunenet.fit") -> dict[str, subprocess.CompletedProcess]:
+                 module: str = "prunenet.fit", env: dict[str, str] | None = None) -> dict[str, subprocess.CompletedProcess]:
     """Run several ``python -m <module>`` processes at once (each is mostly import time); output goes to files."""
     procs = {}
     with contextlib.ExitStack() as files:
         for name, args in jobs.items():
-            cmd, env = cli_command(args, extra, module)
+            cmd, environment = cli_command(args, extra, module, env)
             out = files.enter_context(open(logdir / f"{name}.stdout", "w"))
             err = files.enter_context(open(logdir / f"{name}.stderr", "w"))
-            procs[name] = (cmd, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True))
+            procs[name] = (cmd, subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=out, stderr=err, text=True))
         deadline = time.monotonic() + timeout
         for _, proc in procs.values():
             try:

@@ -252,7 +252,7 @@ def test_malformed_policy_file_is_a_one_line_policy_error(blob, match, tmp_path)
 def test_sweep_listing_a_ratio_twice_is_refused_before_writing(tiny_dir, tmp_path):
     from prunenet.compress import compress
 
-    with pytest.raises(ConfigurationError, match="lists a ratio twice: 0.1, 0.1"):
+    with pytest.raises(ConfigurationError, match="lists a ratio twice: 0.1 and 0.10 "):
         compress(str(tiny_dir), str(tmp_path / "sweep"), "0.1,0.10", method="random", overwrite=True)
     assert not (tmp_path / "sweep").exists()
 

@@ -1,0 +1,304 @@
+"""Reliability II (issue 12): symlinked and read-only outputs, plans replayed on the wrong model,
+mixed widths, mistyped paths, near-duplicate ratios, stale results after a second fit, a dtype-
+independent FFN fingerprint, and resumes that must match the run they continue.
+
+Every refused command is a one-line ``error:`` with exit code 2, before any work, with nothing
+written and nothing lost. The CLI cases run as real processes, launched together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunenet.compress import compress, replay
+from prunenet.errors import ConfigurationError, ModelLoadError, PruneNetWarning
+from prunenet.slicing import PLAN_FILE, POLICY_FILE, ffn_fingerprint, select_kept_rows, slice_model
+from tests.conftest import fit_in_process, one_line_error, run_fit_many
+from tests.tiny import save_tiny, tiny_llama, tiny_model
+
+NOT_WRITABLE_LOGS = Path("/sys/prunenet-test-logs")  # root ignores chmod; sysfs refuses new files even to root
+MISTYPED = "models/tlama"  # one slash: looks like a hub id, is a mistyped local path
+
+
+def _plan(folder: Path) -> dict:
+    return json.loads((folder / PLAN_FILE).read_text())
+
+
+def _fit_args(model, root: Path, *more: str, epochs: int = 2) -> list[str]:
+    return [f"--model.model_name_or_path={model}", f"--trainer.max_epochs={epochs}",
+            f"--trainer.default_root_dir={root / 'logs'}", f"--slicing.output_dir={root / 'out'}", *more]
+
+
+def _links(root: Path) -> dict[str, Path]:
+    """A dangling link, a symlink loop, a path under the dangling link, and a link to a real folder."""
+    root.mkdir(parents=True)
+    dangling = root / "dangling"
+    dangling.symlink_to(root / "missing-folder")
+    loop_a, loop_b = root / "loop-a", root / "loop-b"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    (root / "real").mkdir()
+    to_real = root / "to-real"
+    to_real.symlink_to(root / "real")
+    return {"dangling": dangling, "loop": loop_a, "under-dangling": dangling / "sub", "to-real": to_real}
+
+
+# ----------------------------------------------------------------------------- the CLI cases, as users run them
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    gemma = save_tiny(tiny_model("gemma3_text", seed=0), root / "gemma3")
+    llama = save_tiny(tiny_llama(seed=0), root / "llama", tokenizer=True)
+    other_llama = save_tiny(tiny_llama(seed=3), root / "llama-other-weights")
+    plans = root / "plans"
+    compress(str(gemma), str(plans / "gemma"), 0.3, method="random")
+    compress(str(llama), str(plans / "llama"), 0.3, method="random")
+    mixed = _plan(plans / "llama")
+    mixed["kept_indices"]["1"] = mixed["kept_indices"]["1"][:-3]  # layer 1 keeps 22 rows, layers 0 and 2 keep 25
+    (plans / "mixed.json").write_text(json.dumps(mixed))
+    return {"gemma": gemma, "llama": llama, "other-llama": other_llama, "gemma-plan": plans / "gemma" / PLAN_FILE,
+            "llama-plan": plans / "llama" / PLAN_FILE, "mixed-plan": plans / "mixed.json"}
+
+
+FIT_BAD = {  # name -> needles of the error line
+    "output-dangling-symlink": ["output path", "is a symlink to", "missing-folder", "does not exist"],
+    "output-symlink-loop": ["is a symlink loop"],
+    "output-under-dangling-symlink": ["goes through", "missing-folder"],
+    "log-dir-not-writable": ["--trainer.default_root_dir", str(NOT_WRITABLE_LOGS), "not writable"],
+    "log-dir-dangling-symlink": ["--trainer.default_root_dir", "is a symlink to", "does not exist"],
+    "mistyped-local-path": [repr(MISTYPED), "not a local folder", "hub"],
+}
+
+
+@pytest.fixture(scope="module")
+def bad_fits(models, tmp_path_factory, extra_args):
+    root = tmp_path_factory.mktemp("bad-fits")
+    links = _links(root / "links")
+    jobs, info = {}, {}
+    for name in FIT_BAD:
+        folder = root / name
+        folder.mkdir()
+        out, logs = folder / "out", folder / "logs"
+        if name.startswith("output-"):
+            out = links[{"output-dangling-symlink": "dangling", "output-symlink-loop": "loop",
+                         "output-under-dangling-symlink": "under-dangling"}[name]]
+        logs = {"log-dir-not-writable": NOT_WRITABLE_LOGS, "log-dir-dangling-symlink": links["dangling"]}.get(name, logs)
+        model = MISTYPED if name == "mistyped-local-path" else models["llama"]
+        jobs[name] = [f"--model.model_name_or_path={model}", "--trainer.max_epochs=2",
+                      f"--trainer.default_root_dir={logs}", f"--slicing.output_dir={out}"]
+        info[name] = {"folder": folder, "out": out, "logs": logs}
+    # The hub is unreachable here either way; offline mode answers at once instead of retrying.
+    results = run_fit_many(jobs, extra_args, root, env={"HF_HUB_OFFLINE": "1"})
+    return {name: (results[name], info[name], links) for name in jobs}
+
+
+@pytest.mark.parametrize("case", list(FIT_BAD))
+def test_bad_fit_input_is_one_line_error_before_any_work(case, bad_fits):
+    res, info, links = bad_fits[case]
+    error = one_line_error(res, code=2)
+    for needle in FIT_BAD[case]:
+        assert needle in error, error
+    assert "Epoch" not in res.stderr + res.stdout  # refused before the first episode
+    assert list(info["folder"].iterdir()) == []  # no log folder, no output, no checkpoint
+    # the links are untouched: still links, still dangling or looping, nothing created behind them
+    assert links["dangling"].is_symlink() and not links["dangling"].exists()
+    assert links["loop"].is_symlink() and not (links["loop"].parent / "missing-folder").exists()
+    assert not NOT_WRITABLE_LOGS.exists()
+
+
+COMPRESS_BAD = {  # name -> needles of the error line
+    "output-dangling-symlink": ["output path", "is a symlink to", "does not exist"],
+    "output-symlink-loop": ["is a symlink loop"],
+    "plan-of-another-family": ["model type 'gemma3_text'", "'llama'", "source model"],
+    "plan-with-mixed-widths": ["22 in layer 1", "25 in layers 0, 2"],
+    "ratio-given-twice": ["0.3 and 0.30000001", "r0.3"],
+    "mistyped-local-path": [repr(MISTYPED), "not a local folder", "hub"],
+}
+
+
+@pytest.fixture(scope="module")
+def compress_runs(models, tmp_path_factory):
+    """The refused compress commands and two that succeed (a write through a symlink, a replay on
+    another model of the same shape), launched together."""
+    root = tmp_path_factory.mktemp("compress-cli")
+    links = _links(root / "links")
+    llama = str(models["llama"])
+    replay_args = ["--model", llama, "--from_plan"]
+    jobs = {
+        "output-dangling-symlink": ["--method", "random", "--model", llama, "--output_dir", str(links["dangling"])],
+        "output-symlink-loop": ["--method", "random", "--model", llama, "--output_dir", str(links["loop"])],
+        "plan-of-another-family": [*replay_args, str(models["gemma-plan"]), "--output_dir", str(root / "o1")],
+        "plan-with-mixed-widths": [*replay_args, str(models["mixed-plan"]), "--output_dir", str(root / "o2")],
+        "ratio-given-twice": ["--method", "random", "--model", llama, "--compression_ratio", "0.3,0.30000001",
+                              "--output_dir", str(root / "o3")],
+        "mistyped-local-path": ["--method", "random", "--model", MISTYPED, "--output_dir", str(root / "o4")],
+        "write-through-symlink": ["--method", "random", "--model", llama, "--output_dir", str(links["to-real"])],
+        "replay-on-other-weights": ["--model", str(models["other-llama"]), "--from_plan", str(models["llama-plan"]),
+                                    "--output_dir", str(root / "replayed")],
+    }
+    logs = root / "process-output"
+    logs.mkdir()
+    return run_fit_many(jobs, [], logs, module="prunenet.compress", env={"HF_HUB_OFFLINE": "1"}), root, links
+
+
+@pytest.mark.parametrize("case", list(COMPRESS_BAD))
+def test_bad_compress_input_is_one_line_error_before_any_work(case, compress_runs):
+    results, root, links = compress_runs
+    error = one_line_error(results[case], code=2)
+    for needle in COMPRESS_BAD[case]:
+        assert needle in error, error
+    assert not any((root / f"o{i}").exists() for i in range(1, 5))
+    assert links["dangling"].is_symlink() and not links["dangling"].exists()
+
+
+def test_symlink_to_a_folder_is_written_through(compress_runs, models, tmp_path, extra_args, monkeypatch):
+    """compress and fit write into the folder a link points to; the link stays a link."""
+    results, _root, links = compress_runs
+    assert results["write-through-symlink"].returncode == 0, results["write-through-symlink"].stderr[-2000:]
+    assert links["to-real"].is_symlink() and (links["to-real"].resolve() / "config.json").is_file()
+    fit_links = _links(tmp_path / "links")
+    fit_in_process(_fit_args(models["llama"], tmp_path, f"--slicing.output_dir={fit_links['to-real']}",
+                             epochs=1), extra_args, monkeypatch)
+    assert fit_links["to-real"].is_symlink() and (tmp_path / "links" / "real" / PLAN_FILE).is_file()
+
+
+def test_replay_on_other_weights_warns_and_records_what_was_done(compress_runs, models):
+    results, root, _links = compress_runs
+    res = results["replay-on-other-weights"]
+    assert res.returncode == 0, res.stderr[-2000:]
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "other FFN weights" in warnings[0], res.stderr[-2000:]
+    original, replayed = _plan(models["llama-plan"].parent), _plan(root / "replayed")
+    assert replayed["kept_indices"] == original["kept_indices"]
+    # the provenance of what was done: this model and its weights, the plan it came from
+    assert replayed["source_model"] == str(models["other-llama"])
+    assert replayed["model_type"] == json.loads((root / "replayed" / "config.json").read_text())["model_type"]
+    states = [layer.mlp.gate_proj.weight for layer in tiny_llama(seed=3).model.layers]
+    assert replayed["source_ffn_sha256"] == ffn_fingerprint(states) != original["source_ffn_sha256"]
+    assert replayed["replayed_from"]["path"] == str(models["llama-plan"])
+    assert replayed["replayed_from"]["source_model"] == original["source_model"]
+    assert replayed["replayed_from"]["source_ffn_sha256"] == original["source_ffn_sha256"]
+
+
+def test_replay_refuses_another_hidden_size_and_names_it(models, tmp_path):
+    wider = save_tiny(tiny_llama(seed=0, hidden_size=32), tmp_path / "d32")
+    with pytest.raises(ConfigurationError, match=r"made for hidden size 24, but .* has 32") as err:
+        replay(str(models["llama-plan"]), str(wider), str(tmp_path / "out"))
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_replay_on_its_own_source_does_not_warn(models, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PruneNetWarning)
+        plan = replay(str(models["llama-plan"]), str(models["llama"]), str(tmp_path / "out"))
+    assert plan["source_ffn_sha256"] == _plan(models["llama-plan"].parent)["source_ffn_sha256"]
+
+
+def test_mixed_widths_name_the_layers():
+    model = tiny_llama(seed=0)
+    g = torch.Generator().manual_seed(0)
+    kept = [torch.randperm(37, generator=g)[:k].sort().values for k in (20, 25, 20)]
+    with pytest.raises(ConfigurationError, match=r"got 20 in layers 0, 2 and 25 in layer 1$"):
+        slice_model(model, kept)
+    assert model.config.intermediate_size == 37
+
+
+def test_mistyped_local_path_says_local_and_hub(monkeypatch):
+    from prunenet.loading import load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not a local folder .* nor loadable from the hub") as err:
+        load_config(MISTYPED)
+    assert str(Path(MISTYPED).absolute()) in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- results follow the policy
+
+
+def test_second_fit_of_the_same_module_rewrites_the_results(tiny_dir, tmp_path, extra_args, monkeypatch, one_thread):
+    """fit 1 episode, then 2 more on the same module (overwrite=true): the saved checkpoint is that
+    of the 3-episode policy, not the cached 1-episode result."""
+    cli = fit_in_process(_fit_args(tiny_dir, tmp_path, "--slicing.overwrite=true", epochs=1), extra_args, monkeypatch)
+    assert _plan(tmp_path / "out")["episodes"] == 1
+    cli.trainer.fit_loop.max_epochs = 3
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    plan = _plan(tmp_path / "out")
+    assert plan["episodes"] == 3
+    saved = torch.load(tmp_path / "out" / POLICY_FILE, weights_only=True)
+    assert saved["meta"]["episodes"] == 3
+    for name, value in cli.model.policy.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], value), name
+    fresh = select_kept_rows(cli.model.policy, cli.model.states, cli.model.kept_width, "sample", 0)
+    assert plan["kept_indices"] == {str(i): idx.tolist() for i, idx in enumerate(fresh)}
+
+
+# ----------------------------------------------------------------------------- the FFN fingerprint
+
+
+def test_fingerprint_does_not_depend_on_the_load_dtype(tmp_path, extra_args, monkeypatch, one_thread):
+    """A bf16 checkpoint fitted with --model.dtype=float32 is the same model for compress --dtype auto."""
+    bf16 = tiny_llama(seed=0).to(torch.bfloat16)
+    states = [layer.mlp.gate_proj.weight for layer in bf16.model.layers]
+    assert ffn_fingerprint(states) == ffn_fingerprint([w.float() for w in states])
+    fp32 = [layer.mlp.gate_proj.weight for layer in tiny_llama(seed=0).model.layers]
+    assert ffn_fingerprint(fp32) != ffn_fingerprint([w.bfloat16() for w in fp32])  # rounded values, another print
+    # float32 states hash as before the canonical form (policy files of earlier versions still match)
+    h = hashlib.sha256()
+    for w in (w.float() for w in states):
+        h.update(f"{w.dtype}{tuple(w.shape)}".encode())
+        h.update(w.contiguous().view(torch.uint8).numpy().tobytes())
+    assert ffn_fingerprint([w.float() for w in states]) == h.hexdigest()
+
+    folder = save_tiny(bf16, tmp_path / "bf16")
+    fit_in_process(_fit_args(folder, tmp_path, "--model.dtype=float32", epochs=1), extra_args, monkeypatch)
+    (plan,) = compress(str(folder), str(tmp_path / "reused"), 0.5, policy=str(tmp_path / "out"))
+    assert plan["policy_ffn_sha256"] == plan["source_ffn_sha256"]
+    assert plan["policy_transferred"] is False
+
+
+# ----------------------------------------------------------------------------- resume matches the run
+
+
+def test_resume_matches_the_run_by_resolved_source_seed_and_settings(tiny_dir, tmp_path, extra_args, monkeypatch,
+                                                                     one_thread):
+    fit_in_process(_fit_args(tiny_dir, tmp_path, "--seed_everything=0", epochs=2), extra_args, monkeypatch)
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    before = (tmp_path / "out" / PLAN_FILE).read_bytes()
+    refused = {
+        "seed": ("--seed_everything=5", r"seed=0 \(this run: 5\)"),
+        "ratio": ("--model.compression_ratio=0.25", r"compression_ratio=0.3 \(this run: 0.25\)"),
+        "learning rate": ("--model.learning_rate=0.01", r"learning_rate=0.001 \(this run: 0.01\)"),
+    }
+    for flag, match in refused.values():
+        for ckpt_path in ("last", str(ckpt)):
+            with pytest.raises(ConfigurationError, match=match):
+                fit_in_process(_fit_args(tiny_dir, tmp_path, flag, f"--ckpt_path={ckpt_path}",
+                                         "--slicing.overwrite=true", epochs=4), extra_args, monkeypatch)
+    assert (tmp_path / "out" / PLAN_FILE).read_bytes() == before  # refused before anything was rewritten
+    assert len(list((tmp_path / "logs").rglob("*.ckpt"))) == 2  # last.ckpt and the epoch checkpoint, no more
+    # The same folder by another spelling (a '..' detour, a symlink) is the same source: it resumes.
+    (tmp_path / "detour").mkdir()
+    link = tmp_path / "link-to-model"
+    link.symlink_to(tiny_dir)
+    for spelling in (tmp_path / "detour" / ".." / "link-to-model", f"{tiny_dir}/."):
+        cli = fit_in_process(_fit_args(spelling, tmp_path, "--ckpt_path=last", "--slicing.overwrite=true",
+                                       epochs=3), extra_args, monkeypatch)
+        assert Path(cli.trainer.ckpt_path) == ckpt
+        assert _plan(tmp_path / "out")["episodes"] == 3
+        os.utime(ckpt)  # stays the newest last.ckpt of this run for the next spelling
+
+
+def test_checkpoint_stores_the_seed_and_the_source(tiny_dir, tmp_path, extra_args, monkeypatch, one_thread):
+    fit_in_process(_fit_args(tiny_dir, tmp_path, "--seed_everything=7", epochs=1), extra_args, monkeypatch)
+    ckpt = torch.load(next((tmp_path / "logs").rglob("last.ckpt")), weights_only=True, map_location="cpu")
+    assert ckpt["prunenet_run"] == {"source": str(Path(tiny_dir).resolve()), "seed": 7}

@@ -12,7 +12,8 @@ from prunenet.errors import PruneNetError, PruneNetWarning
 
 def run_main(main: Callable[[], object]) -> None:
     """Run ``main``; a :class:`PruneNetError` (or Lightning's MisconfigurationException, e.g.
-    more devices than the machine has) prints ``error: <message>`` and exits 2.
+    more devices than the machine has) prints ``error: <message>`` and exits 2. A
+    :class:`PruneNetWarning` prints ``warning: <message>`` and the work goes on.
 
     Set ``PRUNENET_VERBOSE=1`` to get the traceback instead.
     """

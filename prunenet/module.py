@@ -317,8 +317,9 @@ class PruneNetModule(L.LightningModule):
         checkpoint["prunenet_run"] = {"source": settings["source"], "seed": settings["seed"]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # prunenet.fit checks this before the Trainer starts; this covers programmatic resumes.
-        differ = settings_mismatch(checkpoint_settings(checkpoint), self.run_settings())
+        # prunenet.fit checks this before the Trainer starts; this covers programmatic resumes (a trainer is
+        # attached), not load_from_checkpoint for inspection.
+        differ = self._trainer is not None and settings_mismatch(checkpoint_settings(checkpoint), self.run_settings())
         if differ:
             raise ConfigurationError(f"cannot resume: the checkpoint was trained with {differ}")
         self.history = list(checkpoint.get("prunenet_history", []))

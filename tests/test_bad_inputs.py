@@ -302,3 +302,20 @@ def test_checkpoint_stores_the_seed_and_the_source(tiny_dir, tmp_path, extra_arg
     fit_in_process(_fit_args(tiny_dir, tmp_path, "--seed_everything=7", epochs=1), extra_args, monkeypatch)
     ckpt = torch.load(next((tmp_path / "logs").rglob("last.ckpt")), weights_only=True, map_location="cpu")
     assert ckpt["prunenet_run"] == {"source": str(Path(tiny_dir).resolve()), "seed": 7}
+
+
+def test_programmatic_resume_with_another_seed_is_refused(tiny_dir, tmp_path, extra_args, monkeypatch, one_thread):
+    """Trainer.fit(ckpt_path=...) outside prunenet.fit is checked too; loading for inspection is not a resume."""
+    import lightning as L
+
+    from prunenet.data import LayerDataModule
+    from prunenet.module import PruneNetModule
+
+    fit_in_process(_fit_args(tiny_dir, tmp_path, "--seed_everything=0", epochs=1), extra_args, monkeypatch)
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path / "again")
+    with pytest.raises(ConfigurationError, match=r"seed=0 \(this run: 5\)"):
+        trainer.fit(PruneNetModule(str(tiny_dir)), datamodule=LayerDataModule(), ckpt_path=ckpt)
+    assert PruneNetModule.load_from_checkpoint(ckpt).hparams.model_name_or_path == str(tiny_dir)

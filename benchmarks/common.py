@@ -43,7 +43,7 @@ def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float
 
 def header(command: str) -> str:
     """Markdown header: exact command, machine and package versions."""
-    from prunenet.slicing import package_versions
+    from prunenet.plan import package_versions
 
     versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
     return (f"Command: `{command}`\n\nMachine: {platform.machine()}, {os.cpu_count()} CPU cores, "

@@ -21,9 +21,9 @@ Writes benchmarks/results/quality-smollm2.md (and a .json with every raw number)
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         return None
 
     from benchmarks.selection_ks import score_plan
-    from prunenet.module import load_ffn_states
-    from prunenet.slicing import PLAN_FILE
+    from prunenet.artifacts import PLAN_FILE
+    from prunenet.states import load_ffn_states
 
     states, _ = load_ffn_states("smollm2-135m")
     reference: dict = {}

@@ -60,8 +60,8 @@ def score_plan(plan: dict, states, reference: dict[int, torch.Tensor]) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    from prunenet.module import load_ffn_states
-    from prunenet.slicing import PLAN_FILE
+    from prunenet.artifacts import PLAN_FILE
+    from prunenet.states import load_ffn_states
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plans", nargs="+", help="pruned folders or prunenet.json files")

@@ -21,12 +21,10 @@ Measures and writes benchmarks/results/speed-smollm2.md:
 from __future__ import annotations
 
 import argparse
-import sys
-import functools
 import shutil
+import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -34,65 +32,40 @@ import torch
 from benchmarks.common import REPO, header, run_measured, table
 
 
-class _Timers:
-    def __init__(self) -> None:
-        self.total = defaultdict(float)
-
-    def wrap(self, name, fn):
-        @functools.wraps(fn)
-        def timed(*a, **k):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.total[name] += time.perf_counter() - start
-        return timed
-
-
 def fit_breakdown(episodes: int, workdir: Path) -> tuple[list[list[object]], Path]:
-    """Train in-process with timers around the module's building blocks; returns rows + output dir."""
+    """Train in-process and read the module's own phase timers (``PruneNetModule.timings``) plus
+    Lightning's backward/step hooks; returns rows + output dir."""
     import lightning as L
 
-    import prunenet.module as mod
     from callbacks import StructuralSlicing
     from prunenet.data import LayerDataModule
-
-    timers = _Timers()
-    originals = {n: getattr(mod, n) for n in ("singular_values", "ks_statistic", "sample_rows")}
-    for n, fn in originals.items():
-        setattr(mod, n, timers.wrap(n, fn))
+    from prunenet.module import PruneNetModule
 
     class BackwardTimer(L.Callback):
+        """The episode's one backward (through the surrogate) and the optimizer step."""
+
+        seconds = 0.0
+
         def on_before_backward(self, trainer, pl_module, loss):
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            timers.total["episode backward + optimizer step"] += time.perf_counter() - self.start
+            self.seconds += time.perf_counter() - self.start
 
-    grad = torch.autograd.grad  # training_step's per-layer backward to the row logits
-    torch.autograd.grad = timers.wrap("per-layer backward to the logits", grad)
-    try:
-        L.seed_everything(0)
-        module = mod.PruneNetModule("smollm2-135m", compression_ratio=0.3)
-        for name in ("logits", "keep_probabilities"):
-            setattr(module.policy, name, timers.wrap("policy forward", getattr(module.policy, name)))
-        out = workdir / "fit-out"
-        trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                            callbacks=[BackwardTimer(), StructuralSlicing(output_dir=str(out))])
-        _ = module.states  # load outside the timed episodes
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=LayerDataModule())
-        seconds = [h["seconds"] for h in module.history]
-    finally:
-        torch.autograd.grad = grad
-        for n, fn in originals.items():
-            setattr(mod, n, fn)
-    del start
+    backward = BackwardTimer()
+    L.seed_everything(0)
+    module = PruneNetModule("smollm2-135m", compression_ratio=0.3)
+    out = workdir / "fit-out"
+    trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        callbacks=[backward, StructuralSlicing(output_dir=str(out))])
+    _ = module.states  # load outside the timed episodes
+    trainer.fit(module, datamodule=LayerDataModule())
+    seconds = [h["seconds"] for h in module.history]
     first, rest = seconds[0], seconds[1:]
     steady = sum(rest) / len(rest) if rest else first
-    parts = dict(timers.total)
-    parts["spectra (svdvals; episode 1 also computes the 30 reference spectra)"] = parts.pop("singular_values", 0.0)
+    parts = dict(module.timings)
+    parts["episode backward + optimizer step"] = backward.seconds
     total = sum(seconds)
     parts["rest (Lightning loop, logging, reduce)"] = max(total - sum(parts.values()), 0.0)
     rows = [[name, f"{sec / episodes:.3f}", f"{100 * sec / total:.1f}%"] for name, sec in parts.items()]

@@ -19,9 +19,9 @@ The checkpoint is deleted afterwards unless ``--keep``. Results: benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path

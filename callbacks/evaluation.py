@@ -10,17 +10,17 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.rank_zero import on_rank_zero
-
+from prunenet.artifacts import EVAL_JSON, EVAL_MD
 from prunenet.errors import AssetMissingError, EvaluationError
-from prunenet.slicing import EVAL_JSON, EVAL_MD
+from prunenet.export import Exported
 
 
 class PostPruningEvaluation(L.Callback):
     """Evaluate the pruned model and the dense one at the end of fit; write ``eval.json``/``eval.md``.
 
-    On rank 0 it asks the module for the saved pruned checkpoint (``pruned_checkpoint()``,
-    which slices and saves once whichever callback asks first) and for the sliced model
-    (``pruned_model()``), runs lm-eval on both (the dense results are cached per model /
+    On rank 0 it asks the StructuralSlicing callback for what it exported (``export()``, which
+    slices and saves once whichever callback asks first: the folder, the plan, the sliced
+    model), loads the dense model from the module's source, runs lm-eval on both (the dense results are cached per model /
     tasks / limit / versions, so a second fit does not recompute them), prints the table,
     writes ``eval.json`` and ``eval.md`` into the pruned checkpoint folder and logs
     ``eval/<task>`` (pruned score), ``eval/dense/<task>``, ``eval/retention`` (% of the dense
@@ -91,21 +91,26 @@ class PostPruningEvaluation(L.Callback):
                                   f"add one or pass --evaluation.enabled=false")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from callbacks.slicing import find_slicing
+
         def work() -> None:
-            self.result = self.run(pl_module, trainer)
+            self.result = self.run(pl_module, find_slicing(trainer).export(pl_module), trainer)
 
         if self.enabled:
             on_rank_zero(trainer, work)
 
     # ------------------------------------------------------------------ work
-    def run(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> dict[str, Any]:
-        """Evaluate, write ``eval.json``/``eval.md`` next to the pruned checkpoint, log. Returns eval.json's dict."""
+    def run(self, pl_module: L.LightningModule, exported: Exported, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        """Evaluate the ``exported`` pruned checkpoint and the module's dense source; write
+        ``eval.json``/``eval.md`` into the checkpoint folder; log. Returns eval.json's dict."""
+        from prunenet import loading
+        from prunenet.artifacts import atomic_write_text
         from prunenet.evaluation import cache as eval_cache
         from prunenet.evaluation import compare, evaluate_model, markdown
-        from prunenet.slicing import atomic_write_text
+        from prunenet.evaluation.report import report
 
         start = time.perf_counter()
-        folder = pl_module.pruned_checkpoint()
+        folder = exported.path
         hp = pl_module.hparams
         tokenizer = pl_module.load_tokenizer()
         identity = None
@@ -115,7 +120,8 @@ class PostPruningEvaluation(L.Callback):
                 identity["load_dtype"] = str(hp.dtype)
         rank_zero_info(f"PostPruningEvaluation: {', '.join(self.settings.tasks)} "
                        f"(limit {self.settings.limit}) on the pruned and the dense model")
-        pruned = evaluate_model(pl_module.pruned_model, tokenizer, self.settings, identity=None, label="pruned",
+        pruned = evaluate_model(lambda: exported.model if exported.model is not None else loading.load_model(folder),
+                                tokenizer, self.settings, identity=None, label="pruned",
                                 log=rank_zero_info)
         dense = evaluate_model(pl_module.load_dense_model, tokenizer, self.settings, identity=identity,
                                label="dense", log=rank_zero_info)
@@ -123,17 +129,9 @@ class PostPruningEvaluation(L.Callback):
         title = (f"PruneNet evaluation: {hp.model_name_or_path}, compression ratio {hp.compression_ratio} "
                  f"(dense vs pruned)")
         table = markdown(comparison, title=title)
-        payload = {
-            "format": "prunenet-eval/1",
-            "dense_model": str(hp.model_name_or_path),
-            "pruned_model": str(folder),
-            "compression_ratio": float(hp.compression_ratio),
-            "settings": self.settings.to_dict(),
-            "comparison": comparison,
-            "dense": dense,
-            "pruned": pruned,
-            "wall_s": round(time.perf_counter() - start, 2),
-        }
+        payload = report(model=str(folder), result=pruned, baseline=str(hp.model_name_or_path), baseline_result=dense,
+                         settings=self.settings.to_dict(), comparison=comparison,
+                         wall_s=time.perf_counter() - start, compression_ratio=float(hp.compression_ratio))
         atomic_write_text(folder / EVAL_JSON, json.dumps(payload, indent=1, default=str) + "\n")
         atomic_write_text(folder / EVAL_MD, table)
         rank_zero_info("\n" + table + f"(evaluation wall time {payload['wall_s']:.0f} s; written to "

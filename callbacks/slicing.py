@@ -1,12 +1,18 @@
-"""StructuralSlicing: at the end of fit, slice the FFNs with the trained policy and save."""
+"""StructuralSlicing: at the end of fit, select the kept rows with the trained policy, slice, and save."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.rank_zero import on_rank_zero
-from prunenet.slicing import check_output_dir, validate_selection
+from prunenet import loading
+from prunenet.artifacts import check_output_dir
+from prunenet.export import Exported, export, use_shardwise
+from prunenet.selection import validate_selection
 
 
 class StructuralSlicing(L.Callback):
@@ -14,7 +20,9 @@ class StructuralSlicing(L.Callback):
 
     The checkpoint (safetensors, config with the new FFN width, tokenizer, generation
     config, ``policy.pt``, ``prunenet.json``) is written atomically to ``output_dir``
-    (default ``<log dir>/pruned``) on rank 0; other ranks wait.
+    (default ``<log dir>/pruned``) on rank 0; other ranks wait. What was written is
+    :attr:`exported` (path, plan, the sliced model), like ``ModelCheckpoint.best_model_path``;
+    other callbacks ask :meth:`export`, which does the work once per fit whoever asks first.
 
     Args:
         output_dir: where to save; must be absent or empty unless ``overwrite``.
@@ -25,7 +33,8 @@ class StructuralSlicing(L.Callback):
 
     Raises:
         OutputExistsError: at construction, before any training, if ``output_dir`` is a file,
-            not writable, or non-empty without ``overwrite``.
+            not writable, a dangling or looping symlink, or non-empty without ``overwrite``;
+            at setup for the default folder.
     """
 
     def __init__(self, output_dir: str | None = None, overwrite: bool = False, selection: str = "sample",
@@ -35,13 +44,74 @@ class StructuralSlicing(L.Callback):
             check_output_dir(output_dir, overwrite)
         self.output_dir, self.overwrite, self.selection = output_dir, overwrite, selection
         self.shardwise = shardwise
+        self.exported: Exported | None = None
+        self._default_output = Path("lightning_logs") / "pruned"
+
+    def output_path(self) -> Path:
+        """``output_dir`` or, by default, ``<log dir>/pruned``."""
+        return Path(self.output_dir).expanduser() if self.output_dir else self._default_output
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.configure_output(self.output_dir, self.overwrite, self.selection, self.shardwise)
+        # trainer.log_dir is a collective under DDP: resolve it here, on every rank.
+        self._default_output = Path(trainer.log_dir or "lightning_logs") / "pruned"
+        if stage == "fit":  # refuse a bad output folder (also the default one) now, not after all the episodes
+            source = pl_module.hparams.model_name_or_path
+            check_output_dir(self.output_path(), self.overwrite, loading.resolve(source))
+            use_shardwise(source, self.shardwise, pl_module.hparams.dtype)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.exported = None  # a new fit changes the policy: what an earlier fit exported is stale
+
+    def export(self, pl_module: L.LightningModule) -> Exported:
+        """Select, slice and save once per fit (call on rank 0); returns :attr:`exported`."""
+        if self.exported is None:
+            hp = pl_module.hparams
+            self.exported = export(
+                hp.model_name_or_path, pl_module.kept_indices(self.selection), self.output_path(),
+                method="prunenet", compression_ratio=hp.compression_ratio, selection=self.selection,
+                seed=pl_module.seed, policy=pl_module.policy, policy_meta=pl_module.policy_metadata(),
+                extra={"episodes": len(pl_module.history),
+                       "final_reward_mean": pl_module.history[-1]["reward_mean"] if pl_module.history else None,
+                       "source_ffn_sha256": pl_module.ffn_sha256()},
+                overwrite=self.overwrite, shardwise=self.shardwise, dtype=hp.dtype,
+                trust_remote_code=hp.trust_remote_code)
+        return self.exported
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def work() -> None:
-            pl_module.pruned_checkpoint()
-            rank_zero_info("\n" + pl_module.summary())
+            self.export(pl_module)
+            rank_zero_info("\n" + self.summary(pl_module))
 
         on_rank_zero(trainer, work)
+
+    def summary(self, pl_module: L.LightningModule) -> str:
+        """One-screen summary: params dense -> pruned, % removed, rewards, wall time, output path."""
+        plan, history = self.exported.plan, pl_module.history
+        lines = [
+            "PruneNet summary",
+            f"  model            {plan['source_model']} ({plan['model_type']}, {plan['num_layers']} layers)",
+            (f"  FFN width        {plan['intermediate_size']} -> {plan['kept_width']} "
+             f"(compression ratio {plan['compression_ratio']}, selection {plan['selection']})"),
+            (f"  parameters       {plan['params_dense']:,} -> {plan['params_pruned']:,} "
+             f"({100 * plan['params_removed_fraction']:.1f}% removed)"),
+        ]
+        if history:
+            lines.append(f"  mean reward      episode 1: {history[0]['reward_mean']:.3f}   "
+                         f"episode {len(history)}: {history[-1]['reward_mean']:.3f}")
+        lines.append(f"  wall time        {time.time() - pl_module.fit_started:.1f} s")
+        lines.append(f"  output           {self.exported.path}")
+        return "\n".join(lines)
+
+
+def find_slicing(trainer: L.Trainer) -> StructuralSlicing:
+    """The trainer's StructuralSlicing callback (the one that exports the pruned checkpoint).
+
+    Raises:
+        ConfigurationError: none is configured.
+    """
+    from prunenet.errors import ConfigurationError
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, StructuralSlicing):
+            return callback
+    raise ConfigurationError("this callback needs the StructuralSlicing callback, which exports the pruned model")

@@ -29,7 +29,7 @@ class SpectrumMonitor(L.Callback):
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
 
         def work() -> None:
-            fig = self.figure(pl_module)
+            fig = self.figure(pl_module, self.kept_rows(trainer, pl_module))
             logger = trainer.logger
             if logger is not None and hasattr(logger.experiment, "add_figure"):
                 logger.experiment.add_figure("spectra/dense_vs_kept", fig, global_step=trainer.global_step)
@@ -40,7 +40,19 @@ class SpectrumMonitor(L.Callback):
         if self.enabled:
             on_rank_zero(trainer, work)
 
-    def figure(self, pl_module: L.LightningModule):
+    @staticmethod
+    def kept_rows(trainer: L.Trainer, pl_module: L.LightningModule) -> list[torch.Tensor]:
+        """The rows the exported checkpoint keeps (StructuralSlicing's plan; exported now if it was
+        not yet), or, in a trainer without that callback, what the policy selects now."""
+        from callbacks.slicing import StructuralSlicing
+
+        slicing = [cb for cb in trainer.callbacks if isinstance(cb, StructuralSlicing)]
+        if not slicing:
+            return pl_module.kept_indices()
+        plan = slicing[0].export(pl_module).plan
+        return [torch.tensor(plan["kept_indices"][str(i)]) for i in range(plan["num_layers"])]
+
+    def figure(self, pl_module: L.LightningModule, kept: list[torch.Tensor]):
         """Matplotlib figure: singular value vs rank, dense and kept, one panel per layer."""
         import matplotlib
 
@@ -50,7 +62,6 @@ class SpectrumMonitor(L.Callback):
         total = pl_module.num_layers
         count = max(1, min(self.num_layers, total))
         layers = sorted({round(j * (total - 1) / max(count - 1, 1)) for j in range(count)})
-        kept = pl_module.kept_indices()
         fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.2), squeeze=False)
         for ax, i in zip(axes[0], layers):
             w = pl_module.states[i]

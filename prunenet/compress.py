@@ -8,28 +8,28 @@ any ratio, and any model whose FFN matrices have the same shape (n, d).
         --compression_ratio 0.1,0.2,0.3 --output_dir out/sweep [--round_to 64] [--overwrite]
     python -m prunenet.compress --from_plan out/smollm2-r0.3/prunenet.json --model smollm2-135m --output_dir out/replay
 
-Slicing and saving go through the same functions as the fit's StructuralSlicing
-callback (``slice_model``, ``make_plan``, ``save_pruned``).
+Slicing and saving go through the same export as the fit's StructuralSlicing callback
+(``prunenet.export.export``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from prunenet import loading
-from prunenet.arch import check_finite, get_adapter
+from prunenet.arch import get_adapter
+from prunenet.artifacts import atomic_write_text, check_output_dir, load_policy
 from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
-from prunenet.slicing import (METHODS, PLAN_FILE, SELECTION_MODES, atomic_write_text, check_kept, check_output_dir,
-                              count_parameters, ffn_fingerprint, kept_width, load_policy, make_plan, save_pruned,
-                              select_rows, slice_model, validate_selection)
+from prunenet.export import export
+from prunenet.plan import ffn_fingerprint, read_plan
+from prunenet.selection import METHODS, SELECTION_MODES, kept_width, select_rows, validate_selection
+from prunenet.slicing import check_kept
+from prunenet.states import model_states
 
 
 def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
@@ -100,12 +100,10 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
                               f"({meta.get('source_model')}), but {model!r} has {(n, d)}")
 
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    params_dense = count_parameters(dense)
-    states = [w.clone() for w in _checked_states(dense, adapter)]
+    states = [w.clone() for w in model_states(dense, adapter)[0]]
     row_norms = [adapter.row_norms(layer) for layer in adapter.layers(dense)] if method == "magnitude" else None
     fingerprint = ffn_fingerprint(states)
     del dense
-    tokenizer = loading.load_tokenizer(model, trust_remote_code)
     extra = {}
     if pol is not None:
         extra = {"policy_source_model": meta.get("source_model"), "policy_trained_ratio": meta.get("compression_ratio"),
@@ -118,52 +116,16 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         start = time.perf_counter()
         kept = select_rows(method, k=k, states=states, policy=pol, selection=selection, seed=seed,
                            row_norms=row_norms)
-        pruned = slice_model(loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code), kept,
-                             adapter)
-        plan = make_plan(source_model=model, model_type=config.model_type, compression_ratio=r, round_to=round_to,
-                         intermediate_size=n, hidden_size=d, kept=kept, method=method,
-                         selection=selection if method == "prunenet" else None, seed=seed,
-                         params_dense=params_dense, params_pruned=count_parameters(pruned), extra=extra)
-        save_pruned(pruned, target, plan, policy=pol, policy_meta=meta or None, tokenizer=tokenizer,
-                    overwrite=overwrite, source=source)
-        summary = {k_: v for k_, v in plan.items() if k_ != "kept_indices"}
+        exported = export(model, kept, target, method=method, compression_ratio=r, round_to=round_to,
+                          selection=selection if method == "prunenet" else None, seed=seed, extra=extra,
+                          policy=pol, policy_meta=meta or None, overwrite=overwrite, dtype=dtype,
+                          trust_remote_code=trust_remote_code)
+        summary = {k_: v for k_, v in exported.plan.items() if k_ != "kept_indices"}
         summary.update(output_dir=str(target), seconds=round(time.perf_counter() - start, 2))
         plans.append(summary)
     if sweep:
         atomic_write_text(Path(output_dir) / "summary.md", summary_table(plans))
     return plans
-
-
-def _checked_states(model, adapter) -> list[torch.Tensor]:
-    """The policy states (first FFN input matrix, (n, d), views) of every layer, checked for NaN/Inf.
-
-    Raises:
-        InvalidWeightsError: naming the parameter path.
-    """
-    names = {id(p): name for name, p in model.named_parameters()}
-    states = []
-    for layer in adapter.layers(model):
-        w = adapter.state(layer)
-        check_finite(w, names.get(id(adapter.input_modules(layer)[0].weight), "?"))
-        states.append(w)
-    return states
-
-
-def read_plan(plan_path: str | Path) -> tuple[dict[str, Any], list[torch.Tensor], Path]:
-    """``(plan, kept indices per layer, path)`` of a ``prunenet.json`` (or a folder holding one).
-
-    Raises:
-        ConfigurationError: unreadable file, or no valid ``kept_indices``.
-    """
-    path = Path(plan_path)
-    if path.is_dir():
-        path = path / PLAN_FILE
-    try:
-        plan = json.loads(path.read_text())
-        kept = [torch.tensor(plan["kept_indices"][str(i)], dtype=torch.long) for i in range(len(plan["kept_indices"]))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigurationError(f"cannot read a PruneNet plan from {str(path)!r}: {exc}") from None
-    return plan, kept, path
 
 
 def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False, dtype: str = "auto",
@@ -201,26 +163,21 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
     source = loading.resolve(model)
     check_output_dir(output_dir, overwrite, source)
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    params_dense = count_parameters(dense)
-    fingerprint = ffn_fingerprint(_checked_states(dense, adapter))
+    fingerprint = ffn_fingerprint(model_states(dense, adapter)[0])
     planned = plan.get("source_ffn_sha256")
     if planned and planned != fingerprint:
         warnings.warn(f"{model!r} has other FFN weights than the plan's source {plan.get('source_model')!r} "
                       f"(FFN SHA-256 {fingerprint[:12]} vs {planned[:12]}): the same neurons are kept, but they "
                       "were chosen for other weights", PruneNetWarning, stacklevel=2)
-    pruned = slice_model(dense, kept, adapter)
     replayed_from = {key: plan.get(key) for key in ("source_model", "model_type", "source_ffn_sha256", "versions")}
     carried = {key: plan[key] for key in ("episodes", "final_reward_mean", "policy_source_model", "policy_trained_ratio",
                                           "policy_episodes", "policy_ffn_sha256") if key in plan}
-    new_plan = make_plan(
-        source_model=model, model_type=config.model_type, compression_ratio=plan.get("compression_ratio", 0.0),
-        round_to=plan.get("round_to", 1), intermediate_size=n, hidden_size=d, kept=kept,
-        method=plan.get("method", "prunenet"), selection=plan.get("selection"), seed=plan.get("seed", 0),
-        params_dense=params_dense, params_pruned=count_parameters(pruned),
-        extra={**carried, "source_ffn_sha256": fingerprint, "shardwise": False,
-               "replayed_from": {"path": str(path), **replayed_from}})
-    save_pruned(pruned, output_dir, new_plan, tokenizer=loading.load_tokenizer(model, trust_remote_code),
-                overwrite=overwrite, source=source)
+    new_plan = export(model, kept, output_dir, model=dense, method=plan.get("method", "prunenet"),
+                      compression_ratio=plan.get("compression_ratio", 0.0), round_to=plan.get("round_to", 1),
+                      selection=plan.get("selection"), seed=plan.get("seed", 0), overwrite=overwrite,
+                      trust_remote_code=trust_remote_code,
+                      extra={**carried, "source_ffn_sha256": fingerprint,
+                             "replayed_from": {"path": str(path), **replayed_from}}).plan
     return new_plan
 
 

@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
 
 def source_model(folder: str) -> str:
     """The ``source_model`` recorded in a pruned folder's ``prunenet.json``."""
-    from prunenet.slicing import PLAN_FILE
+    from prunenet.artifacts import PLAN_FILE
 
     plan = Path(folder).expanduser() / PLAN_FILE
     if not plan.is_file():
@@ -79,9 +79,20 @@ def source_model(folder: str) -> str:
         raise EvaluationError(f"{plan} has no readable source_model ({exc})") from None
 
 
+def _recorded_ratio(model: str) -> float | None:
+    """The compression ratio in a pruned folder's ``prunenet.json``, or None (dense model, hub id)."""
+    from prunenet.artifacts import PLAN_FILE
+
+    try:
+        return float(json.loads((Path(model).expanduser() / PLAN_FILE).read_text())["compression_ratio"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from prunenet.artifacts import atomic_write_text
     from prunenet.evaluation import EvalSettings, PerplexitySettings, compare, evaluate_checkpoint, markdown
-    from prunenet.slicing import atomic_write_text
+    from prunenet.evaluation.report import report
 
     args = parser().parse_args(argv)
     ppl = PerplexitySettings.parse(args.perplexity, context_length=args.perplexity_context_length,
@@ -111,9 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = markdown(comparison, title=f"Evaluation of {args.model}" + (f" (baseline {baseline})" if baseline else ""),
                      dense_label="baseline" if baseline else "dense", pruned_label="model")
     print(table, end="")
-    payload = {"format": "prunenet-eval/1", "model": args.model, "baseline": baseline,
-               "settings": settings.to_dict(), "comparison": comparison, "result": result,
-               "baseline_result": base_result, "wall_s": round(time.perf_counter() - start, 2)}
+    payload = report(model=args.model, result=result, baseline=baseline, baseline_result=base_result,
+                     settings=settings.to_dict(), comparison=comparison, wall_s=time.perf_counter() - start,
+                     compression_ratio=_recorded_ratio(args.model))
     if args.output:
         atomic_write_text(out, json.dumps(payload, indent=1, default=str) + "\n")
         atomic_write_text(out.with_suffix(".md"), table)

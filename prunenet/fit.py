@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import PostPruningEvaluation, SpectrumMonitor, StructuralSlicing
+from prunenet.artifacts import check_writable, resolve_output_path
 from prunenet.cli import run_main
 from prunenet.data import LayerDataModule
 from prunenet.errors import ConfigurationError
-from prunenet.module import PruneNetModule, checkpoint_settings, settings_mismatch
-from prunenet.slicing import check_writable, resolve_output_path
+from prunenet.module import PruneNetModule
+from prunenet.resume import resolve_ckpt_path
 
 TRAINER_DEFAULTS = {
     "max_epochs": 20,              # episodes (authors' default)
@@ -88,60 +88,6 @@ def check_log_dirs(trainer) -> None:
     for folder, what in folders.items():
         resolve_output_path(folder, what)  # a dangling or looping symlink is refused by name
         check_writable(folder, what)
-
-
-def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, settings: dict[str, Any]) -> str | None:
-    """``last`` -> the newest ``last.ckpt`` under ``root_dir`` of an earlier fit with the same
-    settings (``PruneNetModule.run_settings``: resolved source, seed, and the hyperparameters that
-    change the result); each run logs to a new ``lightning_logs/version_N``, so Lightning's own "last"
-    would only look in the new, empty one. A given path must exist and have the same settings.
-
-    Raises:
-        ConfigurationError: no such checkpoint, or one trained with other settings (names them).
-    """
-    if ckpt_path is None:
-        return None
-    if ckpt_path == "last":
-        found = sorted(Path(root_dir).glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-        same_source = []
-        for path in found:
-            stored = _stored_settings(path)
-            if stored is None or stored["source"] != settings["source"]:
-                continue
-            if not settings_mismatch(stored, settings):
-                return str(path)
-            same_source.append((path, stored))
-        if same_source:
-            path, stored = same_source[0]
-            raise ConfigurationError(f"--ckpt_path last: the newest checkpoint of this model ({str(path)!r}) was "
-                                     f"trained with {settings_mismatch(stored, settings)}; resume with its settings, "
-                                     "or run without --ckpt_path")
-        raise ConfigurationError(f"--ckpt_path last: no last.ckpt of {settings['source']!r} under "
-                                 f"{str(Path(root_dir).resolve())!r}; run without --ckpt_path first")
-    if not Path(ckpt_path).is_file():
-        raise ConfigurationError(f"--ckpt_path {ckpt_path!r} does not exist (pass a .ckpt file or 'last')")
-    stored = _stored_settings(Path(ckpt_path))
-    if stored is None:
-        raise ConfigurationError(f"--ckpt_path {ckpt_path!r} is not a PruneNet fit checkpoint")
-    differ = settings_mismatch(stored, settings)
-    if differ:
-        raise ConfigurationError(f"--ckpt_path {ckpt_path!r} was trained with {differ}; resume with its settings, "
-                                 "or run without --ckpt_path")
-    return ckpt_path
-
-
-def _stored_settings(ckpt: Path) -> dict[str, Any] | None:
-    """The run settings stored in a Lightning checkpoint, or None if it is not a readable PruneNet one.
-    Memory-mapped: the policy and optimizer tensors are not read."""
-    import torch
-
-    try:
-        checkpoint = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is "not one of ours", skipped or refused by the caller
-        return None
-    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
-        return None
-    return checkpoint_settings(checkpoint)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The pruning policy (SparsityPredictor), a plain ``nn.Module``.
+"""Policies: networks that score the n rows of an FFN input matrix (plain ``nn.Module``s, no Lightning).
+
+``RowPolicy`` is the plug point (ours); ``SparsityPredictor`` is the paper's policy, ``RowMLP`` a
+nonlinear one (ours). Choose one by name with ``--model.policy`` (:data:`POLICIES`).
 
 Source: PruneNet paper, Section 3 ("policy learning"), and the authors' code.
 The network scores every row (intermediate neuron) of an FFN input matrix
@@ -16,34 +19,39 @@ at O(n d) instead of O(n^2 d) time and without the (n, n) intermediate.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
-class SparsityPredictor(nn.Module):
-    """Row-importance policy shared by all layers of one model shape.
+class RowPolicy(nn.Module):
+    """A policy: scores the n rows of an FFN input matrix W of shape (n, d) (ours: the plug point).
+
+    A subclass sets ``name`` (its registry key), takes ``(intermediate_size, hidden_size)`` and
+    implements :meth:`logits`. Training asks for the logits of every layer without a graph, takes
+    the loss gradient dL/dz per layer, then calls :meth:`surrogate`: a scalar whose gradient with
+    respect to the parameters is ``dz^T dz/dtheta``. The default builds the layer's graph (autograd:
+    correct for any policy); a policy may fold it into fewer tensors (``SparsityPredictor`` does).
 
     Args:
         intermediate_size: n, rows of the FFN input matrix (FFN width).
         hidden_size: d, columns of the FFN input matrix (model width).
-
-    Parameters (names follow the authors' code so their policies map 1:1):
-        ``proj_intermediate``: ``nn.Linear(d, n)``, weight A of shape (n, d), bias b (n,).
-        ``row_sparsities``: v, shape (n, 1), initialised U(0, 1).
+    Raises:
+        ValueError: non-positive sizes.
     """
+
+    name = ""
 
     def __init__(self, intermediate_size: int, hidden_size: int) -> None:
         super().__init__()
         if intermediate_size < 1 or hidden_size < 1:
             raise ValueError(
-                f"SparsityPredictor needs positive sizes, got intermediate_size={intermediate_size}, "
+                f"{type(self).__name__} needs positive sizes, got intermediate_size={intermediate_size}, "
                 f"hidden_size={hidden_size}"
             )
         self.intermediate_size = int(intermediate_size)
         self.hidden_size = int(hidden_size)
-        self.proj_intermediate = nn.Linear(hidden_size, intermediate_size, bias=True)
-        self.row_sparsities = nn.Parameter(torch.rand(intermediate_size, 1))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -56,35 +64,30 @@ class SparsityPredictor(nn.Module):
                 f"policy expects an FFN input matrix of shape (n, d)={self.shape}, got {tuple(weight.shape)}"
             )
 
-    def direction(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The score's parameters folded into ``(u, c) = (A^T v, b . v)``: shapes (d,) and (), float32.
-
-        The row scores are ``z = W u + c``; everything the policy learns is in ``u`` and ``c``,
-        which are connected to the parameters (differentiable).
-        """
-        a = self.proj_intermediate.weight.float()
-        b = self.proj_intermediate.bias.float()
-        v = self.row_sparsities.float()
-        return (a.t() @ v).squeeze(-1), (b @ v).squeeze(-1)  # the O(n d) reordering of (W A^T) v
-
-    def logits(self, weight: torch.Tensor, direction: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Pre-sigmoid row scores ``logit(alpha) = W (A^T v) + b . v``.
+    def logits(self, weight: torch.Tensor, prepared: Any = None) -> torch.Tensor:
+        """Row scores z = logit(alpha), shape (n,), float32, differentiable in the parameters.
 
         Args:
-            weight: FFN input matrix W, shape (n, d), any float dtype (computed in float32).
-            direction: ``(u, c)`` from :meth:`direction` (possibly detached), to reuse across
-                layers; computed here when None.
-        Returns:
-            Tensor of shape (n,), float32.
-        Raises:
-            ValueError: if ``weight`` is not of shape (n, d).
+            weight: W, shape (n, d), any float dtype.
+            prepared: what :meth:`prepare` returned (an optional per-episode precomputation).
         """
-        self._check(weight)
-        u, c = self.direction() if direction is None else direction
-        return weight.float() @ u + c
+        raise NotImplementedError
+
+    def prepare(self) -> Any:
+        """Per-episode precomputation shared by all layers (connected to the parameters); None by default."""
+        return None
+
+    def detached_logits(self, weight: torch.Tensor, prepared: Any = None) -> torch.Tensor:
+        """:meth:`logits` without an autograd graph, shape (n,), float32."""
+        with torch.no_grad():
+            return self.logits(weight, prepared)
+
+    def surrogate(self, weight: torch.Tensor, dz: torch.Tensor, prepared: Any = None) -> torch.Tensor:
+        """A scalar whose parameter gradient is ``sum_j dz_j dz_j/dtheta`` (dz: dL/dz of this layer, (n,))."""
+        return (self.logits(weight, prepared) * dz).sum()
 
     def keep_probabilities(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Relaxed-Bernoulli keep probabilities ``p = sigmoid(logit(eps) + z)``, eps ~ U(0, 1).
+        """Relaxed-Bernoulli keep probabilities ``p = sigmoid(logit(eps) + z)``, eps ~ U(0, 1) (paper, Section 3).
 
         Args:
             z: row logits, shape (n,).
@@ -111,26 +114,111 @@ class SparsityPredictor(nn.Module):
             generator: source of eps ~ U(0, 1); pass a seeded one for reproducible,
                 resumable runs.
         Returns:
-            ``(p, z)``: keep probabilities p of shape (n,) and the logits z = logit(alpha)
-            of shape (n,), both float32. ``p = sigmoid(logit(eps) + z)``; using z directly
-            instead of ``logit(sigmoid(z))`` is the same value without overflow.
+            ``(p, z)``: keep probabilities p and logits z, both of shape (n,), float32.
         """
         z = self.logits(weight)
         return self.keep_probabilities(z, generator), z
 
-    @staticmethod
-    def kl_regulariser(z: torch.Tensor) -> torch.Tensor:
-        """The authors' optional ``use_kld`` term on alpha = sigmoid(z), summed over rows.
 
-        ``sum_j [-(1 - a_j) log a_j - a_j log(1 - a_j) + log 0.5]`` (authors' code,
-        ``calculate_KLD``), computed with log-sigmoids for stability.
+class SparsityPredictor(RowPolicy):
+    """The paper's row-importance policy, shared by all layers of one model shape.
+
+    Parameters (names follow the authors' code so their policies map 1:1):
+        ``proj_intermediate``: ``nn.Linear(d, n)``, weight A of shape (n, d), bias b (n,).
+        ``row_sparsities``: v, shape (n, 1), initialised U(0, 1).
+
+    Its scores are linear in W (``z = W u + c`` with ``(u, c) = (A^T v, b . v)``), so the training
+    gradient of a layer folds into (u, c) without holding W in the graph (:meth:`surrogate`).
+    """
+
+    name = "sparsity_predictor"
+
+    def __init__(self, intermediate_size: int, hidden_size: int) -> None:
+        super().__init__(intermediate_size, hidden_size)
+        self.proj_intermediate = nn.Linear(hidden_size, intermediate_size, bias=True)
+        self.row_sparsities = nn.Parameter(torch.rand(intermediate_size, 1))
+
+    def direction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score's parameters folded into ``(u, c) = (A^T v, b . v)``: shapes (d,) and (), float32.
+
+        The row scores are ``z = W u + c``; everything the policy learns is in ``u`` and ``c``,
+        which are connected to the parameters (differentiable).
+        """
+        a = self.proj_intermediate.weight.float()
+        b = self.proj_intermediate.bias.float()
+        v = self.row_sparsities.float()
+        return (a.t() @ v).squeeze(-1), (b @ v).squeeze(-1)  # the O(n d) reordering of (W A^T) v
+
+    def prepare(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u, c)`` of :meth:`direction`, once per episode."""
+        return self.direction()
+
+    def logits(self, weight: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pre-sigmoid row scores ``logit(alpha) = W (A^T v) + b . v``.
 
         Args:
-            z: logits of shape (n,).
+            weight: FFN input matrix W, shape (n, d), any float dtype (computed in float32).
+            prepared: ``(u, c)`` from :meth:`direction` (possibly detached), to reuse across
+                layers; computed here when None.
         Returns:
-            Scalar tensor.
+            Tensor of shape (n,), float32.
+        Raises:
+            ValueError: if ``weight`` is not of shape (n, d).
         """
-        a = torch.sigmoid(z)
-        log_a = F.logsigmoid(z)
-        log_1ma = F.logsigmoid(-z)
-        return (-(1 - a) * log_a - a * log_1ma + torch.log(torch.tensor(0.5, device=z.device))).sum()
+        self._check(weight)
+        u, c = self.direction() if prepared is None else prepared
+        return weight.float() @ u + c
+
+    def detached_logits(self, weight: torch.Tensor, prepared: Any = None) -> torch.Tensor:
+        u, c = self.direction() if prepared is None else prepared
+        return self.logits(weight, (u.detach(), c.detach()))
+
+    def surrogate(self, weight: torch.Tensor, dz: torch.Tensor, prepared: Any = None) -> torch.Tensor:
+        """The fold of ``dz^T dz/dtheta`` for ``z = W u + c``: dL/du = W^T dz, dL/dc = sum dz, so
+        ``(W^T dz) . u + (sum dz) c`` has the same parameter gradient, and the graph holds (u, c),
+        not W (32 x 180 MB of float32 copies for LLaMA-2-7B)."""
+        u, c = self.direction() if prepared is None else prepared
+        return (weight.float().t() @ dz) @ u + dz.sum() * c
+
+
+class RowMLP(RowPolicy):
+    """A nonlinear policy (ours): each row w_j of W is scored by a small MLP,
+    ``z_j = v . tanh(H w_j + b) + c``, H: (hidden, d). Row-wise, so it is independent of n like the paper's.
+
+    Args:
+        intermediate_size, hidden_size: see :class:`RowPolicy`.
+        width: hidden units of the MLP.
+    """
+
+    name = "row_mlp"
+
+    def __init__(self, intermediate_size: int, hidden_size: int, width: int = 16) -> None:
+        super().__init__(intermediate_size, hidden_size)
+        self.hidden = nn.Linear(hidden_size, width)
+        self.out = nn.Linear(width, 1)
+
+    def logits(self, weight: torch.Tensor, prepared: Any = None) -> torch.Tensor:
+        self._check(weight)
+        # Each row scaled to unit RMS: the MLP sees a row's shape, whatever the model's weight scale
+        # (raw LLM weights are ~0.02, where tanh would be linear).
+        x = weight.float()
+        x = x / x.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+        return self.out(torch.tanh(self.hidden(x))).squeeze(-1)
+
+
+#: Policies by name (``--model.policy``): the paper's, and ours.
+POLICIES: dict[str, type[RowPolicy]] = {cls.name: cls for cls in (SparsityPredictor, RowMLP)}
+DEFAULT_POLICY = SparsityPredictor.name
+
+
+def build_policy(name: str, intermediate_size: int, hidden_size: int) -> RowPolicy:
+    """A new policy of registry name ``name`` for FFN matrices of shape (n, d).
+
+    Raises:
+        ConfigurationError: an unknown name (lists the known ones).
+    """
+    from prunenet.errors import ConfigurationError
+
+    if name not in POLICIES:
+        raise ConfigurationError(f"policy must be one of {sorted(POLICIES)}, got {name!r}")
+    return POLICIES[name](intermediate_size, hidden_size)

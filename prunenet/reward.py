@@ -1,4 +1,5 @@
-"""Spectral reward: singular values, two-sample KS statistic, reward, discount.
+"""Rewards: singular values, the two-sample KS statistic, the paper's reward and discount, and the
+reward plug point (``--model.reward``).
 
 Source: PruneNet paper, Section 3 (reward r_i = 1 / KS(sv(W_i), sv(W_i[kept])),
 discounted by gamma^i over the layer index i).
@@ -7,6 +8,8 @@ discounted by gamma^i over the layer index i).
 from __future__ import annotations
 
 import torch
+
+from prunenet.errors import ConfigurationError
 
 #: Reward used when the KS statistic is exactly 0 (identical spectra); the
 #: authors' code returns 99999 in that case.
@@ -86,3 +89,44 @@ def discount(reward: float, layer_index: int, gamma: float) -> float:
     if layer_index < 0:
         raise ValueError(f"layer_index must be >= 0, got {layer_index}")
     return (gamma**layer_index) * reward
+
+
+class KSGateReward:
+    """The paper's reward on the policy state (the first FFN input matrix, "gate"):
+    ``r_i = 1 / KS(sv(W_i), sv(W_i[kept]))``. Source: PruneNet Section 3.
+
+    The plug point ``--model.reward`` (ours): a reward has ``name``, :meth:`reference` (computed
+    once per layer and cached by the caller) and ``__call__``.
+
+    Args:
+        dtype: ``torch.float32`` or ``torch.float64`` for the singular values.
+    """
+
+    name = "ks_gate"
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+
+    def reference(self, weight: torch.Tensor) -> torch.Tensor:
+        """Singular values of the dense W_i, shape (min(n, d),)."""
+        return singular_values(weight, self.dtype)
+
+    def __call__(self, weight: torch.Tensor, kept: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(KS statistic, reward)`` of keeping rows ``kept`` (shape (k,)) of ``weight`` (n, d)."""
+        ks = ks_statistic(reference, singular_values(weight.index_select(0, kept), self.dtype))
+        return ks, spectral_reward(ks)
+
+
+#: Rewards by name (``--model.reward``).
+REWARDS = {cls.name: cls for cls in (KSGateReward,)}
+
+
+def build_reward(name: str, dtype: torch.dtype) -> KSGateReward:
+    """The reward of registry name ``name``.
+
+    Raises:
+        ConfigurationError: an unknown name (lists the known ones).
+    """
+    if name not in REWARDS:
+        raise ConfigurationError(f"reward must be one of {sorted(REWARDS)}, got {name!r}")
+    return REWARDS[name](dtype)

@@ -1,5 +1,5 @@
-"""Models bigger than memory: read FFN input matrices straight from safetensors, and slice
-a (sharded) safetensors checkpoint shard by shard.
+"""Safetensors checkpoints without building the model: find tensors by name, and slice a (sharded)
+checkpoint shard by shard (models bigger than memory).
 
 PruneNet never runs the LLM forward, so fitting needs only the policy states W_i.
 They are read by name (names come from the architecture adapter applied to a model
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from prunenet.arch import ArchAdapter, check_finite, get_adapter
+from prunenet.arch import check_finite, get_adapter
+from prunenet.artifacts import EVAL_JSON, EVAL_MD, PLAN_FILE
 from prunenet.errors import ModelLoadError
-from prunenet.slicing import EVAL_JSON, EVAL_MD, PLAN_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -82,95 +82,6 @@ def match_keys(names: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
             raise KeyError(name)
         out[name] = found[0]
     return out
-
-
-class StreamedStates(Sequence):
-    """Per-layer policy states read from safetensors on demand: ``states[i]`` is (n, d).
-
-    Args:
-        folder: the safetensors checkpoint folder.
-        keys: checkpoint key of the first FFN input weight of every layer.
-        adapter: turns the stored weight into the (n, d) state.
-        cache: keep every layer once read (fast); False reads it again at each use
-            (one layer in memory at a time: the ``low_memory`` mode).
-    """
-
-    def __init__(self, folder: Path, files: dict[str, str], keys: list[str], adapter: ArchAdapter,
-                 cache: bool) -> None:
-        self.folder, self.files, self.keys, self.adapter, self.cache = Path(folder), files, keys, adapter, cache
-        self._cache: dict[int, torch.Tensor] = {}
-        self._checked: set[int] = set()
-        self.device: torch.device | str = "cpu"
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if i in self._cache:
-            return self._cache[i]
-        from safetensors import safe_open
-
-        key = self.keys[i]
-        try:
-            with safe_open(self.folder / self.files[key], framework="pt") as f:
-                weight = f.get_tensor(key)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot read {key} from {self.folder / self.files[key]}: {exc}") from None
-        state = self.adapter.state_from_weight(weight)
-        if i not in self._checked:
-            check_finite(state, key)
-            self._checked.add(i)
-        state = state.to(self.device)
-        if self.cache:
-            self._cache[i] = state
-        return state
-
-    def to(self, device) -> "StreamedStates":
-        """Move (future reads and the cache) to ``device``; returns self."""
-        self.device = device
-        self._cache = {i: w.to(device) for i, w in self._cache.items()}
-        return self
-
-
-def stream_states(folder: str | os.PathLike, config: Any, low_memory: bool | None = None,
-                  low_memory_threshold: int = 1 << 30) -> tuple[StreamedStates, dict[str, Any]] | None:
-    """Open the policy states of a local safetensors checkpoint without building the model.
-
-    Args:
-        folder: resolved local model folder.
-        config: its config.
-        low_memory: True = one layer at a time; False = read all once; None = True when the
-            states total more than ``low_memory_threshold`` bytes (default 1 GiB).
-    Returns:
-        ``(states, info)`` with info ``params_dense``, ``state_names``, ``low_memory``; or None when
-        ``folder`` is not a safetensors checkpoint or its names cannot be matched (the caller then
-        loads the model with transformers).
-    """
-    files = safetensors_files(folder)
-    if files is None:
-        return None
-    adapter = get_adapter(config)
-    model = meta_model(config)
-    names = {id(p): n for n, p in model.named_parameters()}
-    layers = adapter.layers(model)
-    state_names = [names[id(adapter.input_modules(layer)[0].weight)] for layer in layers]
-    try:
-        mapping = match_keys(state_names, list(files))
-    except KeyError:
-        return None
-    metas = [adapter.state(layer) for layer in layers]
-    nbytes = sum(int(w.numel()) * w.element_size() for w in metas)
-    params_dense = sum(p.numel() for p in model.parameters())
-    del model
-    if low_memory is None:
-        low_memory = nbytes > low_memory_threshold
-    states = StreamedStates(Path(folder), files, [mapping[n] for n in state_names], adapter, cache=not low_memory)
-    return states, {"params_dense": params_dense, "state_names": state_names, "low_memory": low_memory,
-                    "streamed": True}
 
 
 def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torch.Tensor], out: Path) -> int:

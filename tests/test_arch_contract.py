@@ -31,7 +31,9 @@ import torch
 
 from prunenet.arch import ADAPTERS, get_adapter, markdown_table, supported_model_types
 from prunenet.errors import ConfigurationError
-from prunenet.slicing import count_parameters, kept_width, save_pruned, slice_model
+from prunenet.export import save_pruned
+from prunenet.selection import kept_width
+from prunenet.slicing import count_parameters, slice_model
 from tests.conftest import assert_logits_match, assert_same_weights
 from tests.tiny import TINY_FAMILIES, save_tiny, tiny_model
 
@@ -134,7 +136,7 @@ class ArchContract:
                 assert out(torch.zeros(1, n)).shape[-1] == d
 
     def test_policy_state_of_the_loaded_checkpoint(self, folder, adapter):
-        from prunenet.module import load_ffn_states
+        from prunenet.states import load_ffn_states
 
         states, info = load_ffn_states(str(folder))
         n, d = self.width, states[0].shape[1]
@@ -281,7 +283,7 @@ class HubStyleNames:
         for a, b in zip(adapter.layers(loaded), adapter.layers(dense)):
             assert torch.equal(adapter.state(a), adapter.state(b))
         # The fit reads the states from these files (streamed by name where it can).
-        from prunenet.module import load_ffn_states
+        from prunenet.states import load_ffn_states
 
         states, _ = load_ffn_states(str(hub))
         for w, layer in zip(states, adapter.layers(dense)):

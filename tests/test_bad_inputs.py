@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunenet.artifacts import PLAN_FILE, POLICY_FILE
 from prunenet.compress import compress, replay
 from prunenet.errors import ConfigurationError, ModelLoadError, PruneNetWarning
-from prunenet.slicing import PLAN_FILE, POLICY_FILE, ffn_fingerprint, select_kept_rows, slice_model
+from prunenet.plan import ffn_fingerprint
+from prunenet.selection import select_kept_rows
+from prunenet.slicing import slice_model
 from tests.conftest import fit_in_process, one_line_error, run_fit_many
 from tests.tiny import save_tiny, tiny_llama, tiny_model
 

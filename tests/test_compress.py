@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prunenet.artifacts import PLAN_FILE, POLICY_FILE
 from prunenet.compress import main as compress_main
 from prunenet.errors import ConfigurationError
-from prunenet.slicing import PLAN_FILE, POLICY_FILE, kept_width
+from prunenet.selection import kept_width
 from tests.conftest import REPO, fit_in_process, one_line_error, run_fit_many
 from tests.tiny import save_tiny, tiny_llama
 
@@ -239,8 +240,8 @@ _SIZES = {"intermediate_size": N, "hidden_size": D}
     ({"state_dict": {}, "meta": {"intermediate_size": None, "hidden_size": D}}, "NoneType"),
 ], ids=["meta-list", "meta-str", "state-dict-str", "wrong-shapes", "no-size", "size-none"])
 def test_malformed_policy_file_is_a_one_line_policy_error(blob, match, tmp_path):
+    from prunenet.artifacts import load_policy
     from prunenet.errors import PolicyError
-    from prunenet.slicing import load_policy
 
     path = tmp_path / "policy.pt"
     torch.save(blob, path)

@@ -374,26 +374,21 @@ def test_model_identity_changes_with_weights(tiny_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------- callback
+#: eval.json's keys, written alike by the callback and prunenet.evaluate.
+REPORT_KEYS = {"format", "model", "baseline", "compression_ratio", "settings", "comparison", "result",
+               "baseline_result", "wall_s"}
+
 class _FakeModule:
     """What PostPruningEvaluation asks of the LightningModule, on a tiny model."""
 
-    def __init__(self, dense_dir, out_dir):
+    def __init__(self, dense_dir):
         from lightning.fabric.utilities.data import AttributeDict
 
         from prunenet import loading
 
-        self._loading, self.dense_dir, self.out_dir = loading, str(dense_dir), Path(out_dir)
+        self._loading, self.dense_dir = loading, str(dense_dir)
         self.hparams = AttributeDict(model_name_or_path=self.dense_dir, compression_ratio=0.3, dtype="auto")
         self.dense_loads = 0
-
-    def pruned_checkpoint(self):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        return self.out_dir
-
-    def pruned_model(self):
-        from tests.tiny import tiny_llama
-
-        return tiny_llama(seed=1)  # stands in for the sliced model
 
     def load_dense_model(self):
         self.dense_loads += 1
@@ -403,18 +398,29 @@ class _FakeModule:
         return self._loading.load_tokenizer(self.dense_dir)
 
 
+def _fake_export(out_dir: Path):
+    """What StructuralSlicing exports, standing in: a folder and the sliced model."""
+    from prunenet.export import Exported
+    from tests.tiny import tiny_llama
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Exported(out_dir, {}, tiny_llama(seed=1))
+
+
 def test_callback_writes_report_and_caches_dense(tiny_dir, tmp_path):
     from callbacks import PostPruningEvaluation
 
     cb = PostPruningEvaluation(tasks="piqa,arc_easy", limit=3, batch_size=4, perplexity="squad-wiki",
                                perplexity_context_length=32, perplexity_max_tokens=96, device="cpu")
-    module = _FakeModule(tiny_dir, tmp_path / "pruned")
-    payload = cb.run(module)
+    module = _FakeModule(tiny_dir)
+    exported = _fake_export(tmp_path / "pruned")
+    payload = cb.run(module, exported)
     folder = tmp_path / "pruned"
     saved = json.loads((folder / "eval.json").read_text())
     assert saved["comparison"] == json.loads(json.dumps(payload["comparison"]))
-    assert set(saved["dense"]["tasks"]) == {"piqa", "arc_easy"}
-    assert saved["pruned"]["tasks"]["arc_easy"]["split"] == "validation"
+    assert set(saved) == REPORT_KEYS and saved["format"] == "prunenet-eval/2" and saved["baseline"] == str(tiny_dir)
+    assert set(saved["baseline_result"]["tasks"]) == {"piqa", "arc_easy"}
+    assert saved["result"]["tasks"]["arc_easy"]["split"] == "validation"
     table = (folder / "eval.md").read_text()
     assert "| arc_easy | acc_norm | validation | 3 |" in table and "retention" in table
     assert "Perplexity (squad-wiki, context 32, stride 32, 93 tokens): dense" in table
@@ -423,9 +429,9 @@ def test_callback_writes_report_and_caches_dense(tiny_dir, tmp_path):
     assert {"eval/piqa", "eval/arc_easy", "eval/dense/piqa", "eval/perplexity", "eval/dense/perplexity"} <= set(metrics)
     assert module.dense_loads == 1
     # Second run: the dense model is not loaded again.
-    payload2 = cb.run(module)
+    payload2 = cb.run(module, exported)
     assert module.dense_loads == 1
-    assert payload2["dense"]["tasks"]["piqa"]["cached"]
+    assert payload2["baseline_result"]["tasks"]["piqa"]["cached"]
     assert payload2["comparison"]["rows"] == payload["comparison"]["rows"]
 
 
@@ -462,6 +468,7 @@ def test_evaluate_cli_writes_json_and_prints_table(tiny_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| piqa | acc_norm | validation | 3 |" in printed and "| winogrande | acc |" in printed
     saved = json.loads(out.read_text())
+    assert set(saved) == REPORT_KEYS and saved["format"] == "prunenet-eval/2"  # the callback's schema too
     assert saved["result"]["tasks"]["piqa"]["score"] == payload["result"]["tasks"]["piqa"]["score"]
     assert out.with_suffix(".md").read_text() in printed
 
@@ -509,7 +516,7 @@ def _tb_scalars(logdir: Path) -> dict[str, float]:
 
 
 def test_fit_with_evaluation_before_slicing(tiny_dir, tmp_path):
-    """The evaluation callback listed BEFORE the slicing callback: it asks the module, not the other callback."""
+    """The evaluation callback listed BEFORE the slicing callback: it asks that callback to export (once)."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -527,11 +534,11 @@ def test_fit_with_evaluation_before_slicing(tiny_dir, tmp_path):
     trainer.fit(PruneNetModule(model_name_or_path=str(tiny_dir), compression_ratio=0.5), datamodule=LayerDataModule())
     saved = json.loads((out / "eval.json").read_text())
     assert (out / "config.json").is_file() and (out / "eval.md").is_file()
-    assert saved["pruned_model"] == str(out) and saved["compression_ratio"] == 0.5
-    assert saved["settings"]["limit"] == 2 and saved["pruned"]["tasks"]["piqa"]["n"] == 2
+    assert saved["model"] == str(out) and saved["compression_ratio"] == 0.5
+    assert saved["settings"]["limit"] == 2 and saved["result"]["tasks"]["piqa"]["n"] == 2
     scalars = _tb_scalars(tmp_path / "logs")
     assert {"eval/piqa", "eval/dense/piqa", "eval/perplexity", "eval/dense/perplexity"} <= set(scalars)
-    assert scalars["eval/piqa"] == pytest.approx(saved["pruned"]["tasks"]["piqa"]["score"])
+    assert scalars["eval/piqa"] == pytest.approx(saved["result"]["tasks"]["piqa"]["score"])
     assert evaluation.result["comparison"] == saved["comparison"]
 
 

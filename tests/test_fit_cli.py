@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from prunenet.slicing import PLAN_FILE, POLICY_FILE
+from prunenet.artifacts import PLAN_FILE, POLICY_FILE
 from tests.conftest import REPO, assert_logits_match, fit_parse_only, one_line_error, run_fit, run_fit_many
 from tests.tiny import build_tiny, save_tiny, tiny_llama
 

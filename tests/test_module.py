@@ -9,10 +9,14 @@ import lightning as L
 import pytest
 import torch
 
+from prunenet.artifacts import PLAN_FILE, POLICY_FILE
+from callbacks import StructuralSlicing
 from prunenet.data import LayerDataModule
 from prunenet.errors import ConfigurationError, ModelLoadError, UnsupportedModelError
+from prunenet.learner import LEARNERS
 from prunenet.module import PruneNetModule
-from prunenet.slicing import PLAN_FILE, POLICY_FILE, count_parameters
+from prunenet.policy import POLICIES
+from prunenet.slicing import count_parameters
 from tests.conftest import assert_logits_match
 from tests.tiny import save_tiny, tiny_llama
 
@@ -89,9 +93,9 @@ def test_same_seed_same_kept_indices(tiny_dir, tmp_path, monkeypatch):
 
 def test_pruned_checkpoint_round_trip(tiny_dir, tmp_path, monkeypatch, plain_load):
     module, _trainer, _ = _fit(tiny_dir, tmp_path / "logs", monkeypatch=monkeypatch)
-    module.configure_output(str(tmp_path / "pruned"), overwrite=False, selection="sample")
-    out = module.pruned_checkpoint()
-    assert out == tmp_path / "pruned"
+    slicing = StructuralSlicing(output_dir=str(tmp_path / "pruned"))
+    out = slicing.export(module).path
+    assert out == tmp_path / "pruned" and slicing.export(module) is slicing.exported  # once per fit
     k = module.kept_width
     reloaded, info, messages = plain_load(out)
     assert reloaded.config.intermediate_size == k == math.floor(0.7 * N)
@@ -111,8 +115,7 @@ def test_pruned_checkpoint_round_trip(tiny_dir, tmp_path, monkeypatch, plain_loa
 
 def test_topk_selection_keeps_highest_alpha(tiny_dir, tmp_path, monkeypatch):
     module, _, _ = _fit(tiny_dir, tmp_path, epochs=1, monkeypatch=monkeypatch)
-    module.configure_output(None, False, "topk")
-    for w, idx in zip(module.states, module.kept_indices()):
+    for w, idx in zip(module.states, module.kept_indices("topk")):
         z = module.policy.logits(w)
         mask = torch.ones(N, dtype=torch.bool)
         mask[idx] = False
@@ -140,12 +143,15 @@ def test_module_rejects_missing_and_unsupported_models(tmp_path, unsupported_dir
         PruneNetModule(str(folder))
 
 
-@pytest.mark.parametrize("use_kld", [False, True])
-def test_episode_gradient_equals_the_paper_loss_gradient(tiny_dir, use_kld, monkeypatch):
-    """training_step backpropagates per layer through the row logits (so the graph never holds the
-    weights); the gradient must equal autograd through sum_i -gamma^i r_i sum_{kept} log p_j (+ KL)."""
-    from prunenet.reward import discount, ks_statistic, singular_values, spectral_reward
-    from prunenet.slicing import layer_generator, sample_rows
+@pytest.mark.parametrize("learner,use_kld", [(name, kld) for name in LEARNERS for kld in (False, True)])
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+def test_folded_episode_gradient_equals_the_full_graph_gradient(tiny_dir, policy_name, learner, use_kld, monkeypatch):
+    """training_step backpropagates per layer to the row logits and hands dL/dz to the policy's
+    surrogate (the paper's policy folds it so the graph never holds the weights; others use
+    autograd). For every policy x learner the episode gradient must equal autograd through the
+    full graph of sum_i L_i."""
+    from prunenet.reward import ks_statistic, singular_values, spectral_reward
+    from prunenet.selection import layer_generator, sample_rows
 
     grads = {}
 
@@ -155,7 +161,8 @@ def test_episode_gradient_equals_the_paper_loss_gradient(tiny_dir, use_kld, monk
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
     L.seed_everything(3, verbose=False)
-    module = PruneNetModule(str(tiny_dir), compression_ratio=0.3, gamma=0.9, use_kld=use_kld)
+    module = PruneNetModule(str(tiny_dir), compression_ratio=0.3, gamma=0.9, use_kld=use_kld, policy=policy_name,
+                            learner=learner)
     policy = type(module.policy)(N, D)
     policy.load_state_dict(module.policy.state_dict())
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -168,15 +175,37 @@ def test_episode_gradient_equals_the_paper_loss_gradient(tiny_dir, use_kld, monk
         p, z = policy(w, generator=gen)  # the full graph, through W_i
         kept = sample_rows(p.detach(), module.kept_width, generator=gen, layer=i)
         r = spectral_reward(ks_statistic(singular_values(w), singular_values(w.index_select(0, kept))))
-        reference = reference - discount(r, i, 0.9) * torch.log(p.index_select(0, kept)).sum()
-        if use_kld:
-            reference = reference + policy.kl_regulariser(z)
+        reference = reference + module.learner.loss(z=z, p=p, kept=kept, reward=r, layer=i)
     reference.backward()
+    # float32 forward over 3 layers of (37, 24): relative 1e-5 is ~100 float32 ulps
     assert module.history[0]["loss"] == pytest.approx(float(reference), rel=1e-5)
     assert set(grads) == {n for n, _ in policy.named_parameters()}
     for name, param in policy.named_parameters():
         assert param.grad.abs().max() > 0, name
+        # two float32 summation orders of the same gradient (W^T dz folded vs through the graph)
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("use_kld", [False, True])
+def test_paper_learner_is_the_paper_loss(use_kld):
+    """L_i = -gamma^i r_i sum_{j in kept} log p_j (+ the authors' KL term), Section 3."""
+    from prunenet.learner import PaperLearner, kl_regulariser
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(37, generator=g, dtype=torch.float64)
+    p = torch.sigmoid(z)
+    kept = torch.tensor([1, 4, 9, 30])
+    expected = -(0.9**2) * 4.5 * torch.log(p[kept]).sum() + (kl_regulariser(z) if use_kld else 0.0)
+    got = PaperLearner(gamma=0.9, use_kld=use_kld).loss(z=z, p=p, kept=kept, reward=4.5, layer=2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same float64 operations
+
+
+def test_plug_points_by_name_and_unknown_names(tiny_dir):
+    module = PruneNetModule(str(tiny_dir), policy="row_mlp", reward="ks_gate", learner="paper")
+    assert type(module.policy).__name__ == "RowMLP" and module.hparams.policy == "row_mlp"
+    for key, bad in (("policy", "linear"), ("reward", "ks_down"), ("learner", "ppo")):
+        with pytest.raises(ConfigurationError, match=rf"{key} must be one of .* got '{bad}'"):
+            PruneNetModule(str(tiny_dir), **{key: bad})
 
 
 #: Kept rows of the tiny LLaMA (seed 0) after a 3-episode fit at r = 0.5 with seed 0, recorded on

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunenet.artifacts import PLAN_FILE, POLICY_FILE
 from prunenet.errors import InvalidWeightsError, ModelLoadError
-from prunenet.slicing import PLAN_FILE, POLICY_FILE
 from tests.conftest import REPO, cli_command, fit_in_process, one_line_error, run_fit_many
 from tests.tiny import save_tiny, tiny_llama
 
@@ -126,7 +126,7 @@ def test_inf_in_ffn_matrix_is_named_before_any_svd(tmp_path, extra_args, monkeyp
     def no_svd(*args, **kwargs):
         raise AssertionError("singular values computed before the NaN/Inf check")
 
-    monkeypatch.setattr("prunenet.module.singular_values", no_svd)
+    monkeypatch.setattr("prunenet.reward.singular_values", no_svd)
     with pytest.raises(InvalidWeightsError, match=r"model\.layers\.2\.mlp\.gate_proj\.weight has 1 NaN/Inf"):
         fit_in_process(_fit_args(model, tmp_path, "--model.dtype=float32"), extra_args, monkeypatch)
     assert not (tmp_path / "out").exists()
@@ -232,7 +232,7 @@ def test_trust_remote_code_is_off_by_default(tiny_dir, tmp_path, monkeypatch):
 _WRITER = """
 import sys, time
 from pathlib import Path
-from prunenet.slicing import atomic_write_dir
+from prunenet.artifacts import atomic_write_dir
 
 out, overwrite, ready = Path(sys.argv[1]), sys.argv[2] == "1", Path(sys.argv[3])
 

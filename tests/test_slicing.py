@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunenet.artifacts import PLAN_FILE, POLICY_FILE, atomic_write_dir
 from prunenet.errors import ConfigurationError, InvalidProbabilitiesError, OutputExistsError
+from prunenet.export import save_pruned
 from prunenet.policy import SparsityPredictor
-from prunenet.slicing import (
-    PLAN_FILE,
-    POLICY_FILE,
-    atomic_write_dir,
-    count_parameters,
-    kept_width,
-    sample_rows,
-    save_pruned,
-    select_kept_rows,
-    slice_model,
-)
+from prunenet.selection import kept_width, sample_rows, select_kept_rows
+from prunenet.slicing import count_parameters, slice_model
 from tests.conftest import assert_logits_match, assert_same_weights
 from tests.tiny import tiny_llama
 
@@ -223,7 +216,7 @@ def test_round_trip_through_plain_from_pretrained(tmp_path, tied, plain_load, ze
     saved_plan = json.loads((out / PLAN_FILE).read_text())
     assert saved_plan["kept_indices"] == {str(i): idx.tolist() for i, idx in enumerate(kept)}
     saved_policy = torch.load(out / POLICY_FILE, weights_only=True)
-    assert saved_policy["meta"] == {"intermediate_size": n}
+    assert saved_policy["meta"] == {"policy": "sparsity_predictor", "intermediate_size": n}  # the class, to rebuild it
     for key, value in policy.state_dict().items():
         assert torch.equal(saved_policy["state_dict"][key], value)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, Phi3Config
 
 from prunenet.arch import get_adapter
 from prunenet.errors import ModelLoadError
-from prunenet.module import load_ffn_states
 from prunenet.slicing import slice_model
-from prunenet.streaming import safetensors_files, slice_checkpoint, stream_states
+from prunenet.states import load_ffn_states, stream_states
+from prunenet.streaming import safetensors_files, slice_checkpoint
 from tests.conftest import assert_logits_match, assert_same_weights
 from tests.tiny import build_tiny, save_tiny, tiny_llama
 

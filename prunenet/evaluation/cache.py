@@ -97,7 +97,7 @@ def load(key: str) -> dict[str, Any] | None:
 
 def store(key: str, record: dict[str, Any]) -> None:
     """Write an entry atomically (a failure to cache never fails an evaluation)."""
-    from prunenet.slicing import atomic_write_text
+    from prunenet.artifacts import atomic_write_text
 
     try:
         root = cache_root()

@@ -1,4 +1,5 @@
-"""Retention and the report table (eval.md, printed by the callback and ``prunenet.evaluate``).
+"""The evaluation report: retention, its one JSON schema (``eval.json``) and its table (``eval.md``),
+written alike by the PostPruningEvaluation callback and ``prunenet.evaluate``.
 
 Retention of a task = 100 * pruned score / dense score (higher-is-better metrics
 only). The average is over the five zero-shot tasks of the paper and SliceGPT
@@ -60,6 +61,30 @@ def compare(dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, A
                "stride": p["stride"], "max_tokens": p.get("max_tokens"), "tokens": p["tokens"],
                "pruned": p["perplexity"], "dense": d["perplexity"] if d else None}
     return {"rows": rows, "average": avg, "perplexity": ppl, "limit": pruned["settings"]["limit"]}
+
+
+#: The schema of ``eval.json``; version 2 is the first shared by the fit and ``prunenet.evaluate``.
+REPORT_FORMAT = "prunenet-eval/2"
+
+
+def report(*, model: str, result: dict[str, Any], baseline: str | None, baseline_result: dict[str, Any] | None,
+           settings: dict[str, Any], comparison: dict[str, Any], wall_s: float,
+           compression_ratio: float | None = None) -> dict[str, Any]:
+    """The ``eval.json`` payload.
+
+    Args:
+        model: the evaluated model (a pruned folder after a fit).
+        result: its results (``evaluate_model`` / ``evaluate_checkpoint``).
+        baseline, baseline_result: the model it is compared with (the dense source after a fit),
+            or None.
+        settings: ``EvalSettings.to_dict()``.
+        comparison: :func:`compare` of the two.
+        wall_s: seconds the evaluation took.
+        compression_ratio: of the pruned model, when known.
+    """
+    return {"format": REPORT_FORMAT, "model": str(model), "baseline": None if baseline is None else str(baseline),
+            "compression_ratio": compression_ratio, "settings": settings, "comparison": comparison,
+            "result": result, "baseline_result": baseline_result, "wall_s": round(float(wall_s), 2)}
 
 
 def _num(x: float | None, digits: int = 4) -> str:

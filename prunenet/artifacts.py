@@ -1,0 +1,188 @@
+"""Artifacts: the files PruneNet writes and reads (their names, output-folder checks, atomic writes,
+policy files). Nothing here knows about models or selection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunenet.errors import OutputExistsError, PolicyError
+from prunenet.policy import DEFAULT_POLICY, RowPolicy, build_policy
+
+POLICY_FILE = "policy.pt"
+
+PLAN_FILE = "prunenet.json"
+#: The post-pruning evaluation written next to a pruned model (callbacks/evaluation.py).
+EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+
+
+def resolve_output_path(output_dir: str | os.PathLike, what: str = "output path") -> Path:
+    """The folder an output path really names. A symlink to a folder (or a path under one) is written
+    through: the result replaces the folder the link points to, and the link itself stays.
+
+    Raises:
+        OutputExistsError: the path is (or goes through) a symlink loop, or a symlink whose target
+            does not exist (a dangling link is never silently replaced by a folder).
+    """
+    out = Path(output_dir).expanduser()
+    try:
+        real = out.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError (ELOOP)
+        raise OutputExistsError(f"{what} {str(out)!r} is a symlink loop; point the link at a folder "
+                                "or pass another path") from None
+    for part in (out, *out.parents):
+        if part.is_symlink() and not part.exists():
+            where = "is" if part == out else f"goes through {str(part)!r},"
+            raise OutputExistsError(f"{what} {str(out)!r} {where} a symlink to {os.readlink(part)!r}, which does "
+                                    "not exist; create that folder or remove the link")
+    return real
+
+
+def check_writable(folder: str | os.PathLike, what: str, shown: str | None = None) -> None:
+    """Check that files can be created in ``folder`` (or, if it does not exist yet, in its nearest
+    existing parent) by creating and removing one: ``os.access`` says yes to root even on read-only
+    or virtual filesystems.
+
+    Raises:
+        OutputExistsError: ``"<what> '<shown or folder>' is not writable (<reason> in '<parent>')"``.
+    """
+    path = Path(folder).expanduser()
+    shown = shown or str(path)
+    parent = path
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prunenet-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputExistsError(f"{what} {shown!r} is not writable ({exc.strerror} in {str(parent)!r})") from None
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """Refuse an output path that is a file, is not writable, is a non-empty folder without
+    ``overwrite``, is (or is inside) the ``source`` model folder, or is a dangling or looping
+    symlink. Writes nothing.
+
+    Returns:
+        The real output folder (symlinks resolved: see :func:`resolve_output_path`).
+    Raises:
+        OutputExistsError: naming the path and the reason.
+    """
+    shown = str(Path(output_dir).expanduser())
+    out = resolve_output_path(output_dir)
+    if source is not None and Path(source).is_dir():
+        src = Path(source).resolve()
+        if out == src or src in out.parents:
+            raise OutputExistsError(f"output path {shown!r} is the source model folder (or inside it); "
+                                    "choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {shown!r} is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder {shown!r} exists and is not empty; pass overwrite=true "
+                                "(fit: --slicing.overwrite=true, compress: --overwrite) to replace it")
+    check_writable(out.parent, "output path", shown)  # the new folder is built beside it, then renamed
+    return out
+
+
+def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None],
+                     source: str | os.PathLike | None = None) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling folder, then rename it to ``output_dir``.
+
+    A crash during ``write`` leaves no output (or the previous one intact). With
+    ``overwrite`` the old folder is replaced only after the new one is complete.
+
+    Raises:
+        OutputExistsError: see :func:`check_output_dir`.
+    """
+    out = check_output_dir(output_dir, overwrite, source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files; use the umask like any file
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file via a temporary sibling and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON (one space), atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def save_policy(folder: Path, policy: RowPolicy, meta: dict[str, Any] | None = None) -> None:
+    """Write ``policy.pt``: ``{"state_dict", "meta"}``; meta names the policy class (``policy``) and
+    its shape, so :func:`load_policy` rebuilds it."""
+    meta = {"policy": policy.name, **dict(meta or {})}
+    torch.save({"state_dict": policy.state_dict(), "meta": meta}, folder / POLICY_FILE)
+
+
+def load_policy(path: str | os.PathLike) -> tuple[RowPolicy, dict[str, Any]]:
+    """Load a ``policy.pt`` (or the ``policy.pt`` inside a folder) with ``weights_only=True``.
+
+    Returns:
+        ``(policy, meta)``; meta holds intermediate_size, hidden_size, model_type, training ratio,
+        episodes, seed, versions, ffn_sha256 of the model it was trained on.
+    Raises:
+        PolicyError: missing file, not a PruneNet policy, or inconsistent shapes.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / POLICY_FILE
+    if not path.is_file():
+        raise PolicyError(f"policy file {str(path)!r} does not exist (pass a policy.pt or a folder holding one)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors of any kind mean "not a policy"
+        raise PolicyError(f"{str(path)!r} is not a PruneNet policy file ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
+        raise PolicyError(f"{str(path)!r} is not a PruneNet policy file (expected keys 'state_dict' and 'meta')")
+    if not isinstance(blob["meta"], dict):
+        raise PolicyError(f"{str(path)!r} is not a PruneNet policy file ('meta' is a {type(blob['meta']).__name__}, "
+                          "not a dict)")
+    meta, state = dict(blob["meta"]), blob["state_dict"]
+    try:
+        policy = build_policy(meta.get("policy", DEFAULT_POLICY), int(meta["intermediate_size"]), int(meta["hidden_size"]))
+        policy.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # ConfigurationError is a ValueError
+        # one line, but with the details (load_state_dict puts the size mismatches on later lines)
+        raise PolicyError(f"{str(path)!r} is not a valid PruneNet policy: {' '.join(str(exc).split())}") from None
+    return policy.eval(), meta

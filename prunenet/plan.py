@@ -1,0 +1,110 @@
+"""Plan: the provenance record of a pruned checkpoint (``prunenet.json``, format ``prunenet/1``):
+how to build it, read it, and fingerprint the FFN weights it was made from.
+
+A plan is a JSON object; :func:`make_plan` is the one place that builds it and :func:`read_plan`
+the one that reads it back (with the kept indices as tensors). The fields: source_model,
+model_type, method, selection, seed, compression_ratio, round_to, effective_compression_ratio,
+intermediate_size, kept_width, hidden_size, num_layers, params_dense, params_pruned,
+params_removed_fraction, extras (episodes, policy_*, source_ffn_sha256, shardwise, replayed_from),
+versions, kept_indices (layer -> sorted row indices).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunenet.artifacts import PLAN_FILE
+from prunenet.errors import ConfigurationError
+
+#: A plan as read or written: the JSON object of ``prunenet.json``.
+Plan = dict[str, Any]
+
+
+def ffn_fingerprint(states: Sequence[torch.Tensor]) -> str:
+    """SHA-256 of the policy states (shape and values): identifies the source model's FFN weights
+    in policy files and plans.
+
+    Hashed in a canonical dtype, float32 (float64 stays float64), so the fingerprint does not depend
+    on the dtype the model was loaded in: a bfloat16 checkpoint gives the same fingerprint loaded as
+    bfloat16 or as float32 (bf16 and fp16 widen to float32 exactly). A float32 checkpoint hashes as
+    before this rule. Loading in a narrower dtype changes the values, hence the fingerprint. Hashing
+    goes one layer at a time (one float32 copy of one (n, d) matrix at most).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in states:
+        w = w.detach().to("cpu", torch.promote_types(w.dtype, torch.float32)).contiguous()
+        h.update(f"{w.dtype}{tuple(w.shape)}".encode())
+        h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+    return h.hexdigest()
+
+
+def make_plan(*, source_model: str, model_type: str, compression_ratio: float, round_to: int,
+              intermediate_size: int, hidden_size: int, kept: Sequence[torch.Tensor], method: str,
+              selection: str | None, seed: int, params_dense: int, params_pruned: int,
+              extra: dict[str, Any] | None = None) -> Plan:
+    """The provenance record written as ``prunenet.json``: enough to rebuild the exact
+    checkpoint from the source model (``kept_indices`` per layer)."""
+    k = int(kept[0].numel())
+    return {
+        "format": "prunenet/1",
+        "source_model": str(source_model),
+        "model_type": model_type,
+        "method": method,
+        "selection": selection,
+        "seed": int(seed),
+        "compression_ratio": float(compression_ratio),
+        "round_to": int(round_to),
+        "effective_compression_ratio": round(1 - k / intermediate_size, 6),
+        "intermediate_size": int(intermediate_size),
+        "kept_width": k,
+        "hidden_size": int(hidden_size),
+        "num_layers": len(kept),
+        "params_dense": int(params_dense),
+        "params_pruned": int(params_pruned),
+        "params_removed_fraction": round(1 - params_pruned / params_dense, 6),
+        **(extra or {}),
+        "versions": package_versions(),
+        "kept_indices": {str(i): idx.tolist() for i, idx in enumerate(kept)},
+    }
+
+
+def write_plan(folder: Path, plan: Plan) -> None:
+    """Write ``prunenet.json`` into ``folder`` (a checkpoint folder being built)."""
+    (Path(folder) / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+
+
+def read_plan(plan_path: str | Path) -> tuple[Plan, list[torch.Tensor], Path]:
+    """``(plan, kept indices per layer, path)`` of a ``prunenet.json`` (or a folder holding one).
+
+    Raises:
+        ConfigurationError: unreadable file, or no valid ``kept_indices``.
+    """
+    path = Path(plan_path)
+    if path.is_dir():
+        path = path / PLAN_FILE
+    try:
+        plan = json.loads(path.read_text())
+        kept = [torch.tensor(plan["kept_indices"][str(i)], dtype=torch.long) for i in range(len(plan["kept_indices"]))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigurationError(f"cannot read a PruneNet plan from {str(path)!r}: {exc}") from None
+    return plan, kept, path
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that determine a checkpoint (for provenance)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("prunenet", "torch", "transformers", "lightning", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,5 +1,7 @@
-"""Lightning callbacks of PruneNet: each asks the module for what it needs, runs on
-rank 0, then waits at a barrier, and none depends on another or on their order."""
+"""Lightning callbacks of PruneNet: each runs its work on rank 0, then waits at a barrier.
+StructuralSlicing exports the pruned checkpoint; PostPruningEvaluation (which requires it) and
+SpectrumMonitor ask it for what it exported, which it produces once per fit whoever asks first,
+so their order does not matter."""
 
 from callbacks.evaluation import PostPruningEvaluation
 from callbacks.slicing import StructuralSlicing

@@ -85,7 +85,12 @@ class PostPruningEvaluation(L.Callback):
                                   "(or --evaluation.enabled=false)") from None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Fail before training, not after, when the model cannot be evaluated (no tokenizer)."""
+        """Fail before training, not after, when there is nothing to evaluate (no StructuralSlicing
+        callback to export the pruned model) or the model cannot be evaluated (no tokenizer)."""
+        from callbacks.slicing import find_slicing
+
+        if self.enabled:
+            find_slicing(trainer)  # every rank: all refuse together
         if self.enabled and trainer.is_global_zero and pl_module.load_tokenizer() is None:
             raise EvaluationError(f"{pl_module.hparams.model_name_or_path} has no tokenizer, which lm-eval needs; "
                                   f"add one or pass --evaluation.enabled=false")

@@ -4,6 +4,7 @@ policy files). Nothing here knows about models or selection.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,16 +34,22 @@ def resolve_output_path(output_dir: str | os.PathLike, what: str = "output path"
             does not exist (a dangling link is never silently replaced by a folder).
     """
     out = Path(output_dir).expanduser()
+    loop = f"{what} {str(out)!r} is a symlink loop; point the link at a folder or pass another path"
     try:
         real = out.resolve()
-    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError (ELOOP)
-        raise OutputExistsError(f"{what} {str(out)!r} is a symlink loop; point the link at a folder "
-                                "or pass another path") from None
+    except (RuntimeError, OSError):  # Python 3.10-3.12 raise RuntimeError for a loop
+        raise OutputExistsError(loop) from None
     for part in (out, *out.parents):
-        if part.is_symlink() and not part.exists():
+        if not part.is_symlink():
+            continue
+        try:
+            os.stat(part)
+        except OSError as exc:  # Python 3.13 resolves a loop without raising: ask the kernel per link
+            if exc.errno == errno.ELOOP:
+                raise OutputExistsError(loop) from None
             where = "is" if part == out else f"goes through {str(part)!r},"
             raise OutputExistsError(f"{what} {str(out)!r} {where} a symlink to {os.readlink(part)!r}, which does "
-                                    "not exist; create that folder or remove the link")
+                                    "not exist; create that folder or remove the link") from None
     return real
 
 
@@ -90,6 +97,8 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: str
         raise OutputExistsError(f"output folder {shown!r} exists and is not empty; pass overwrite=true "
                                 "(fit: --slicing.overwrite=true, compress: --overwrite) to replace it")
     check_writable(out.parent, "output path", shown)  # the new folder is built beside it, then renamed
+    if out.is_dir():  # moving the old folder aside rewrites its '..': it must be writable too
+        check_writable(out, "output folder", shown)
     return out
 
 

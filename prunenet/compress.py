@@ -26,7 +26,7 @@ from prunenet.artifacts import atomic_write_text, check_output_dir, load_policy
 from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
 from prunenet.export import export
-from prunenet.plan import ffn_fingerprint, read_plan
+from prunenet.plan import ffn_fingerprint, read_plan, same_ffn
 from prunenet.selection import METHODS, SELECTION_MODES, kept_width, select_rows, validate_selection
 from prunenet.slicing import check_kept
 from prunenet.states import model_states
@@ -108,7 +108,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     if pol is not None:
         extra = {"policy_source_model": meta.get("source_model"), "policy_trained_ratio": meta.get("compression_ratio"),
                  "policy_episodes": meta.get("episodes"), "policy_ffn_sha256": meta.get("ffn_sha256"),
-                 "policy_transferred": meta.get("ffn_sha256") != fingerprint}
+                 "policy_transferred": not same_ffn(meta.get("ffn_sha256"), states, fingerprint)}
     extra["source_ffn_sha256"] = fingerprint
 
     plans = []
@@ -163,15 +163,18 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
     source = loading.resolve(model)
     check_output_dir(output_dir, overwrite, source)
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    fingerprint = ffn_fingerprint(model_states(dense, adapter)[0])
+    states = model_states(dense, adapter)[0]
+    fingerprint = ffn_fingerprint(states)
     planned = plan.get("source_ffn_sha256")
-    if planned and planned != fingerprint:
+    if planned and not same_ffn(planned, states, fingerprint):
         warnings.warn(f"{model!r} has other FFN weights than the plan's source {plan.get('source_model')!r} "
                       f"(FFN SHA-256 {fingerprint[:12]} vs {planned[:12]}): the same neurons are kept, but they "
                       "were chosen for other weights", PruneNetWarning, stacklevel=2)
     replayed_from = {key: plan.get(key) for key in ("source_model", "model_type", "source_ffn_sha256", "versions")}
     carried = {key: plan[key] for key in ("episodes", "final_reward_mean", "policy_source_model", "policy_trained_ratio",
                                           "policy_episodes", "policy_ffn_sha256") if key in plan}
+    if "policy_ffn_sha256" in plan:  # whether the policy was trained on other weights than this model's
+        carried["policy_transferred"] = not same_ffn(plan["policy_ffn_sha256"], states, fingerprint)
     new_plan = export(model, kept, output_dir, model=dense, method=plan.get("method", "prunenet"),
                       compression_ratio=plan.get("compression_ratio", 0.0), round_to=plan.get("round_to", 1),
                       selection=plan.get("selection"), seed=plan.get("seed", 0), overwrite=overwrite,

@@ -8,7 +8,6 @@ always-present callback sections ``slicing`` (StructuralSlicing) and ``spectrum`
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -80,12 +79,14 @@ def check_log_dirs(trainer) -> None:
     Raises:
         OutputExistsError: naming the folder and the reason.
     """
-    folders = {str(Path(trainer.default_root_dir)): "log folder (--trainer.default_root_dir)"}
+    folders = {str(trainer.default_root_dir): "log folder (--trainer.default_root_dir)"}
     for logger in trainer.loggers:
         save_dir = getattr(logger, "save_dir", None)
         if save_dir is not None:
-            folders.setdefault(str(Path(save_dir)), "logger folder (--trainer.logger save_dir)")
+            folders.setdefault(str(save_dir), "logger folder (--trainer.logger save_dir)")
     for folder, what in folders.items():
+        if "://" in folder:  # a remote store (s3://, gs://): Lightning's fsspec handles it, not a local probe
+            continue
         resolve_output_path(folder, what)  # a dangling or looping symlink is refused by name
         check_writable(folder, what)
 

@@ -70,7 +70,7 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
         hint = ("; it runs only with trust_remote_code (fit: --model.trust_remote_code=true, compress: "
                 "--trust_remote_code): set it only if you trust that code"
                 if not trust_remote_code and "trust_remote_code" in str(exc) else "")
-        raise ModelLoadError(_load_error("the config", name_or_path, path, exc) + hint) from exc
+        raise ModelLoadError(_load_error("the config of", name_or_path, path, exc) + hint) from exc
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | None = None,
@@ -131,9 +131,9 @@ def _load_error(what: str, name: str, resolved: str, exc: BaseException) -> str:
     """One line for a failed load. A name that was tried on the hub (no local path of that name) gets
     both facts, so a mistyped local path is not reported as a network problem only."""
     if resolved == str(name) and not Path(name).expanduser().exists():
-        return (f"cannot load {what} of {str(name)!r}: it is not a local folder (no such path: "
+        return (f"cannot load {what} {str(name)!r}: it is not a local folder (no such path: "
                 f"{str(Path(name).expanduser().absolute())!r}) nor loadable from the hub ({_first_line(exc)})")
-    return f"cannot load {what} of {str(name)!r}: {_first_line(exc)}"
+    return f"cannot load {what} {str(name)!r}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

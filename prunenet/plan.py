@@ -11,6 +11,7 @@ versions, kept_indices (layer -> sorted row indices).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,14 +36,29 @@ def ffn_fingerprint(states: Sequence[torch.Tensor]) -> str:
     before this rule. Loading in a narrower dtype changes the values, hence the fingerprint. Hashing
     goes one layer at a time (one float32 copy of one (n, d) matrix at most).
     """
-    import hashlib
-
     h = hashlib.sha256()
     for w in states:
         w = w.detach().to("cpu", torch.promote_types(w.dtype, torch.float32)).contiguous()
         h.update(f"{w.dtype}{tuple(w.shape)}".encode())
         h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
     return h.hexdigest()
+
+
+def same_ffn(stored: str | None, states: Sequence[torch.Tensor], fingerprint: str) -> bool:
+    """Whether a fingerprint recorded in a policy or plan names these states (whose canonical
+    :func:`ffn_fingerprint` is ``fingerprint``). Files written before the canonical form hashed
+    bfloat16 / float16 states in their own dtype; that older hash is accepted too.
+    """
+    if stored is None or stored == fingerprint:
+        return stored is not None
+    if not any(w.dtype in (torch.bfloat16, torch.float16) for w in states):
+        return False
+    h = hashlib.sha256()
+    for w in states:
+        w = w.detach().contiguous().cpu()
+        h.update(f"{w.dtype}{tuple(w.shape)}".encode())
+        h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+    return stored == h.hexdigest()
 
 
 def make_plan(*, source_model: str, model_type: str, compression_ratio: float, round_to: int,

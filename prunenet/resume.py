@@ -38,11 +38,24 @@ def checkpoint_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {"source": source, "seed": run.get("seed"), **{key: hparams.get(key) for key in RESULT_HPARAMS}}
 
 
+def _same(key: str, stored: Any, current: Any) -> bool:
+    """Equal settings; dtypes compared by what they mean (``bf16`` is ``bfloat16``)."""
+    if key == "dtype":
+        from prunenet.loading import parse_dtype
+        from prunenet.errors import ModelLoadError
+
+        try:
+            return parse_dtype(stored) == parse_dtype(current)
+        except ModelLoadError:
+            pass
+    return stored == current
+
+
 def settings_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> str:
     """``""`` when a stored fit can be resumed with the current settings, else what differs, as
     ``"seed=0 (this run: 5), compression_ratio=0.3 (this run: 0.25)"``. A stored None is not compared."""
     parts = [f"{key}={stored[key]!r} (this run: {current.get(key)!r})" for key in stored
-             if stored[key] is not None and stored[key] != current.get(key)]
+             if stored[key] is not None and not _same(key, stored[key], current.get(key))]
     return ", ".join(parts)
 
 

@@ -18,11 +18,11 @@ import torch
 
 from prunenet.artifacts import PLAN_FILE, POLICY_FILE
 from prunenet.compress import compress, replay
-from prunenet.errors import ConfigurationError, ModelLoadError, PruneNetWarning
+from prunenet.errors import ConfigurationError, PruneNetWarning
 from prunenet.plan import ffn_fingerprint
 from prunenet.selection import select_kept_rows
 from prunenet.slicing import slice_model
-from tests.conftest import fit_in_process, one_line_error, run_fit_many
+from tests.conftest import REPO, fit_in_process, one_line_error, run_fit_many
 from tests.tiny import save_tiny, tiny_llama, tiny_model
 
 NOT_WRITABLE_LOGS = Path("/sys/prunenet-test-logs")  # root ignores chmod; sysfs refuses new files even to root
@@ -77,7 +77,7 @@ FIT_BAD = {  # name -> needles of the error line
     "output-under-dangling-symlink": ["goes through", "missing-folder"],
     "log-dir-not-writable": ["--trainer.default_root_dir", str(NOT_WRITABLE_LOGS), "not writable"],
     "log-dir-dangling-symlink": ["--trainer.default_root_dir", "is a symlink to", "does not exist"],
-    "mistyped-local-path": [repr(MISTYPED), "not a local folder", "hub"],
+    "mistyped-local-path": [repr(MISTYPED), "not a local folder", repr(str(REPO / MISTYPED)), "hub"],
 }
 
 
@@ -123,7 +123,7 @@ COMPRESS_BAD = {  # name -> needles of the error line
     "plan-of-another-family": ["model type 'gemma3_text'", "'llama'", "source model"],
     "plan-with-mixed-widths": ["22 in layer 1", "25 in layers 0, 2"],
     "ratio-given-twice": ["0.3 and 0.30000001", "r0.3"],
-    "mistyped-local-path": [repr(MISTYPED), "not a local folder", "hub"],
+    "mistyped-local-path": [repr(MISTYPED), "not a local folder", repr(str(REPO / MISTYPED)), "hub"],
 }
 
 
@@ -216,13 +216,64 @@ def test_mixed_widths_name_the_layers():
     assert model.config.intermediate_size == 37
 
 
-def test_mistyped_local_path_says_local_and_hub(monkeypatch):
-    from prunenet.loading import load_config
+def test_symlink_loop_is_named_even_where_resolve_does_not_raise(tmp_path, monkeypatch):
+    """Python 3.13's Path.resolve() returns a looping path instead of raising: still a loop, not 'dangling'."""
+    from prunenet.artifacts import resolve_output_path
+    from prunenet.errors import OutputExistsError
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="not a local folder .* nor loadable from the hub") as err:
-        load_config(MISTYPED)
-    assert str(Path(MISTYPED).absolute()) in str(err.value) and "\n" not in str(err.value)
+    links = _links(tmp_path / "links")
+    monkeypatch.setattr(Path, "resolve", lambda self, strict=False: self.absolute())
+    with pytest.raises(OutputExistsError, match="is a symlink loop"):
+        resolve_output_path(links["loop"])
+    with pytest.raises(OutputExistsError, match="is a symlink to .*missing-folder"):
+        resolve_output_path(links["dangling"])
+
+
+def test_remote_log_folders_are_not_probed_locally():
+    from types import SimpleNamespace
+
+    from prunenet.fit import check_log_dirs
+
+    logger = SimpleNamespace(save_dir="gs://bucket/logs")
+    check_log_dirs(SimpleNamespace(default_root_dir="s3://bucket/runs", loggers=[logger]))  # no error
+
+
+def test_resume_compares_dtypes_by_meaning():
+    from prunenet.resume import settings_mismatch
+
+    assert settings_mismatch({"dtype": "bfloat16", "seed": 0}, {"dtype": "bf16", "seed": 0}) == ""
+    assert settings_mismatch({"dtype": "bfloat16"}, {"dtype": "float32"}) == "dtype='bfloat16' (this run: 'float32')"
+    assert settings_mismatch({"dtype": None, "seed": None}, {"dtype": "auto", "seed": 3}) == ""  # old checkpoints
+
+
+def test_fingerprints_written_before_the_canonical_form_still_match():
+    """Policies and plans of earlier versions hashed bf16/fp16 states in their own dtype."""
+    from prunenet.plan import same_ffn
+
+    states = [layer.mlp.gate_proj.weight.detach() for layer in tiny_llama(seed=0).to(torch.bfloat16).model.layers]
+    legacy = hashlib.sha256()
+    for w in states:
+        legacy.update(f"{w.dtype}{tuple(w.shape)}".encode())
+        legacy.update(w.contiguous().view(torch.uint8).numpy().tobytes())
+    canonical = ffn_fingerprint(states)
+    assert legacy.hexdigest() != canonical
+    assert same_ffn(canonical, states, canonical) and same_ffn(legacy.hexdigest(), states, canonical)
+    assert not same_ffn("0" * 64, states, canonical) and not same_ffn(None, states, canonical)
+
+
+def test_evaluation_without_slicing_is_refused_before_training(tiny_dir, tmp_path):
+    import lightning as L
+
+    from callbacks import PostPruningEvaluation
+    from prunenet.data import LayerDataModule
+    from prunenet.module import PruneNetModule
+
+    module = PruneNetModule(str(tiny_dir))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[PostPruningEvaluation(tasks="piqa", limit=2)], default_root_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match="needs the StructuralSlicing callback"):
+        trainer.fit(module, datamodule=LayerDataModule())
+    assert module.history == []  # no episode ran
 
 
 # ----------------------------------------------------------------------------- results follow the policy

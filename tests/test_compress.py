@@ -334,6 +334,8 @@ def test_plan_replay_is_bit_identical(source, policy_dir, reused, tiny_dir, tmp_
     assert json.loads((out / "config.json").read_text()) == json.loads((original / "config.json").read_text())
     assert _kept(out) == _kept(original)
     assert _plan(out)["replayed_from"]["path"] == str(original / PLAN_FILE)
+    if "policy_ffn_sha256" in _plan(original):  # a policy's plan: replayed on its own source, not transferred
+        assert _plan(out)["policy_transferred"] is _plan(original)["policy_transferred"] is False
 
 
 def test_plan_replay_refuses_a_model_of_another_ffn_width(policy_dir, tmp_path):

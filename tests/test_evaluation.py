@@ -547,7 +547,7 @@ def test_fit_without_tokenizer_fails_before_training(tiny_dir, tmp_path):
 
     import lightning as L
 
-    from callbacks import PostPruningEvaluation
+    from callbacks import PostPruningEvaluation, StructuralSlicing
     from prunenet.data import LayerDataModule
     from prunenet.module import PruneNetModule
 
@@ -557,7 +557,8 @@ def test_fit_without_tokenizer_fails_before_training(tiny_dir, tmp_path):
         if f.name in ("config.json", "model.safetensors", "generation_config.json"):
             shutil.copy(f, bare / f.name)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[PostPruningEvaluation(tasks="piqa", limit=2)])
+                        enable_progress_bar=False, default_root_dir=tmp_path,
+                        callbacks=[PostPruningEvaluation(tasks="piqa", limit=2), StructuralSlicing()])
     module = PruneNetModule(model_name_or_path=str(bare))
     with pytest.raises(EvaluationError, match="no tokenizer.*--evaluation.enabled=false"):
         trainer.fit(module, datamodule=LayerDataModule())

@@ -2,7 +2,8 @@
 
 Source: PruneNet Section 3 for ``paper`` (REINFORCE with the paper's surrogate
 ``L_i = -gamma^i r_i sum_{j in kept} log p_j``, optional KL-style term on alpha from the authors'
-code). The interface is ours.
+code). The interface and ``baseline`` (REINFORCE with a per-layer baseline, normalised advantages
+and the exact likelihood of the draw) are ours.
 """
 
 from __future__ import annotations
@@ -35,23 +36,35 @@ class Learner:
     """Turns one layer's outcome into a differentiable loss in that layer's logits ``z``.
 
     Subclasses set ``name`` (registry key) and implement :meth:`loss`. A learner with state (a
-    running baseline, say) keeps it in :meth:`state_dict`, which the fit checkpoint stores.
+    running baseline, say) keeps it in :meth:`state_dict`, which the fit checkpoint stores, and
+    updates it in :meth:`end_episode` from every layer's reward (summed over DDP ranks, so every
+    rank holds the same state). A learner that compares with uniformly random rows sets
+    ``wants_random_reference``; the module then gives it, once per layer before the first
+    episode, the reward of a seeded random draw of the same size (:meth:`set_random_reference`).
     """
 
     name = ""
+    wants_random_reference = False
 
-    def loss(self, *, z: torch.Tensor, p: torch.Tensor, kept: torch.Tensor, reward: float,
+    def loss(self, *, z: torch.Tensor, p: torch.Tensor, kept: torch.Tensor, drawn: torch.Tensor, reward: float,
              layer: int) -> torch.Tensor:
         """Scalar loss of one layer.
 
         Args:
             z: row logits, shape (n,), requires grad.
             p: keep probabilities computed from z, shape (n,).
-            kept: the rows drawn, LongTensor of shape (k,).
+            kept: the rows drawn, sorted, LongTensor of shape (k,).
+            drawn: the same rows in draw order.
             reward: r_i of this layer (float).
             layer: layer index i.
         """
         raise NotImplementedError
+
+    def set_random_reference(self, layer: int, reward: float) -> None:
+        """The reward of a uniformly random draw in layer ``layer`` (only if ``wants_random_reference``)."""
+
+    def end_episode(self, rewards: dict[int, float]) -> None:
+        """Update the state after an episode with every trained layer's reward."""
 
     def state_dict(self) -> dict:
         return {}
@@ -74,7 +87,7 @@ class PaperLearner(Learner):
     def __init__(self, gamma: float = 0.99, use_kld: bool = False) -> None:
         self.gamma, self.use_kld = float(gamma), bool(use_kld)
 
-    def loss(self, *, z: torch.Tensor, p: torch.Tensor, kept: torch.Tensor, reward: float,
+    def loss(self, *, z: torch.Tensor, p: torch.Tensor, kept: torch.Tensor, drawn: torch.Tensor, reward: float,
              layer: int) -> torch.Tensor:
         step_loss = -discount(reward, layer, self.gamma) * torch.log(p.index_select(0, kept)).sum()
         if self.use_kld:
@@ -82,8 +95,94 @@ class PaperLearner(Learner):
         return step_loss
 
 
+def ordered_draw_log_likelihood(p: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """Exact log-probability of drawing the rows ``drawn`` in that order without replacement, each
+    with probability proportional to ``p`` among the rows not yet drawn (what ``torch.multinomial(p, k,
+    replacement=False)`` does; Plackett-Luce, equivalently Gumbel-top-k on ``log p``). Ours; the paper
+    uses the surrogate ``sum_{j in kept} log p_j``.
+
+    ``log P = sum_t [log p_{d_t} - log(sum_j p_j - sum_{s<t} p_{d_s})]``, in float64.
+
+    Args:
+        p: positive weights, shape (n,), differentiable.
+        drawn: the draw, LongTensor of shape (k,), in draw order.
+    Returns:
+        Scalar tensor (float64).
+    """
+    p64 = p.double()
+    picked = p64.index_select(0, drawn)
+    before = torch.cat([picked.new_zeros(1), picked.cumsum(0)[:-1]])  # weight drawn before step t
+    return (torch.log(picked) - torch.log(p64.sum() - before)).sum()
+
+
+class BaselineLearner(Learner):
+    """REINFORCE with a per-layer baseline and normalised advantages, on the exact log-likelihood of
+    the ordered draw (ours).
+
+    ``L_i = -A_i log P(draw_i)`` with the advantage ``A_i = (r_i - b_i) / s_i``: b_i is an exponential
+    running mean of layer i's rewards and s_i their running standard deviation (``momentum``). Before
+    the first episode b_i is the reward of a uniformly random draw of the same size, and s_i 1% of it,
+    so from the first episode the policy is pushed towards selections better than random rows. The
+    state is updated after each episode with every layer's reward and saved in the fit checkpoint, so
+    a resumed fit continues exactly. No gamma^i discount: each layer is compared with itself.
+
+    Args:
+        gamma: not used (kept so every learner takes the same settings).
+        use_kld: add the authors' KL-style term.
+        momentum: weight of the old baseline in each update, in [0, 1).
+    Raises:
+        ConfigurationError: momentum outside [0, 1).
+    """
+
+    name = "baseline"
+    wants_random_reference = True
+
+    def __init__(self, gamma: float = 0.99, use_kld: bool = False, momentum: float = 0.9) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigurationError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.use_kld, self.momentum = bool(use_kld), float(momentum)
+        self.mean: dict[int, float] = {}
+        self.std: dict[int, float] = {}
+
+    def set_random_reference(self, layer: int, reward: float) -> None:
+        if layer not in self.mean:  # a resumed fit keeps its state
+            self.mean[layer], self.std[layer] = float(reward), max(0.01 * abs(float(reward)), 1e-6)
+
+    def advantage(self, layer: int, reward: float) -> float:
+        """``(r - b_layer) / s_layer`` with the state before this episode's update.
+
+        Raises:
+            ConfigurationError: a layer with no baseline yet (no random reference was set).
+        """
+        if layer not in self.mean:
+            raise ConfigurationError(f"learner 'baseline' has no baseline for layer {layer}")
+        return (float(reward) - self.mean[layer]) / self.std[layer]
+
+    def loss(self, *, z: torch.Tensor, p: torch.Tensor, kept: torch.Tensor, drawn: torch.Tensor, reward: float,
+             layer: int) -> torch.Tensor:
+        step_loss = -self.advantage(layer, reward) * ordered_draw_log_likelihood(p, drawn).to(z.dtype)
+        if self.use_kld:
+            step_loss = step_loss + kl_regulariser(z)
+        return step_loss
+
+    def end_episode(self, rewards: dict[int, float]) -> None:
+        m = self.momentum
+        for layer, r in rewards.items():
+            mean = self.mean.get(layer, float(r))
+            self.mean[layer] = m * mean + (1 - m) * float(r)
+            var = m * self.std.get(layer, 1.0) ** 2 + (1 - m) * (float(r) - mean) ** 2
+            self.std[layer] = max(var, 1e-12) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": {str(k): v for k, v in self.mean.items()}, "std": {str(k): v for k, v in self.std.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean = {int(k): float(v) for k, v in state.get("mean", {}).items()}
+        self.std = {int(k): float(v) for k, v in state.get("std", {}).items()}
+
+
 #: Learners by name (``--model.learner``).
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (PaperLearner,)}
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (PaperLearner, BaselineLearner)}
 
 
 def build_learner(name: str, gamma: float, use_kld: bool) -> Learner:

@@ -40,7 +40,8 @@ from prunenet.plan import ffn_fingerprint, package_versions
 from prunenet.policy import DEFAULT_POLICY, build_policy
 from prunenet.resume import RESULT_HPARAMS, canonical_source, checkpoint_settings, settings_mismatch
 from prunenet.reward import build_reward
-from prunenet.selection import kept_width, layer_generator, sample_rows, select_kept_rows, validate_ratio
+from prunenet.selection import (RANDOM_REFERENCE_EPISODE, kept_width, layer_generator, sample_rows, select_kept_rows,
+                                validate_ratio)
 from prunenet.states import StreamedStates, load_ffn_states
 
 _SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -65,7 +66,8 @@ class PruneNetModule(L.LightningModule):
             instead of keeping all in memory (None: automatic, when they exceed 1 GiB).
         policy: the policy network by name: ``sparsity_predictor`` (paper) or ``row_mlp`` (ours).
         reward: the reward by name: ``ks_gate`` (paper: 1 / KS of the gate spectra).
-        learner: how rewards become a loss, by name: ``paper`` (REINFORCE, Section 3).
+        learner: how rewards become a loss, by name: ``paper`` (REINFORCE, Section 3) or ``baseline``
+            (ours: per-layer baseline, normalised advantages, exact likelihood of the draw).
 
     Raises:
         ConfigurationError: bad ratio / gamma / spectra dtype / plug-point name, or a ratio that keeps no row.
@@ -163,13 +165,14 @@ class PruneNetModule(L.LightningModule):
                 z = self.policy.detached_logits(w, prepared).requires_grad_()
                 p = self.policy.keep_probabilities(z, generator=gen)
             with self.timed("sampling"):
-                kept = sample_rows(p.detach(), self.kept_width, generator=gen, layer=i)
+                drawn = sample_rows(p.detach(), self.kept_width, generator=gen, layer=i, ordered=True)
+                kept = drawn.sort().values
             with self.timed("reference spectra (once per layer)"):
                 reference = self.reference_spectrum(i)
             with self.timed("reward (spectra of the kept rows, KS)"):
                 ks, r = self.reward(w, kept, reference)
             with self.timed("learner loss and per-layer backward to the logits"):
-                step_loss = self.learner.loss(z=z, p=p, kept=kept, reward=r, layer=i)
+                step_loss = self.learner.loss(z=z, p=p, kept=kept, drawn=drawn, reward=r, layer=i)
                 # Backpropagate to z_i now, while W_i is in memory, and let the policy turn dL/dz_i into a
                 # surrogate with the same parameter gradient: the one backward of the episode then gives
                 # the gradient of sum_i L_i (the paper's policy holds no float32 copy of W_i for it).
@@ -184,6 +187,7 @@ class PruneNetModule(L.LightningModule):
         total_loss = reduce(loss.clone(), reduce_op="sum")
         layers = [i for i in range(num_layers) if trained[i] > 0]
         self.last_ks = {i: float(ks_all[i]) for i in layers}
+        self.learner.end_episode({i: float(reward_all[i]) for i in layers})  # the same on every rank
         # One optimizer step per episode, so step-level logging is per-episode logging (and needs
         # no sync_dist: the values were already summed over ranks above).
         count = trained.sum()
@@ -197,6 +201,19 @@ class PruneNetModule(L.LightningModule):
         # DDP averages gradients over ranks; scaling by world size makes the update the
         # gradient of the full sum over layers, the same as on one device.
         return surrogate * self.trainer.world_size
+
+    def on_train_start(self) -> None:
+        # A learner that compares with random rows gets, once per layer (every layer on every rank, so
+        # all ranks hold the same state), the reward of a seeded uniformly random draw of the same size.
+        if self.learner.wants_random_reference:
+            for i in range(self.num_layers):
+                w = self.states[i]
+                gen = layer_generator(self.seed, RANDOM_REFERENCE_EPISODE, i, self.device)
+                rows = torch.randperm(w.shape[0], generator=gen, device=self.device)[: self.kept_width].sort().values
+                with self.timed("reference spectra (once per layer)"):
+                    reference = self.reference_spectrum(i)
+                with self.timed("reward of a random draw (once per layer)"):
+                    self.learner.set_random_reference(i, self.reward(w, rows, reference)[1])
 
     def on_train_end(self) -> None:
         # Slicing, the spectrum figure and evaluation run after Lightning moved the module to CPU;

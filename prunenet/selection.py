@@ -70,7 +70,7 @@ def kept_width(intermediate_size: int, compression_ratio: float, round_to: int =
 
 
 def sample_rows(probs: torch.Tensor, k: int, generator: torch.Generator | None = None,
-                layer: int | str = "?") -> torch.Tensor:
+                layer: int | str = "?", ordered: bool = False) -> torch.Tensor:
     """Draw ``k`` distinct rows with probability proportional to ``probs`` (no replacement).
 
     torch's CPU ``multinomial`` without replacement silently returns zero-probability
@@ -81,8 +81,9 @@ def sample_rows(probs: torch.Tensor, k: int, generator: torch.Generator | None =
         k: rows to keep, 1 <= k <= n.
         generator: seeded generator for reproducibility.
         layer: layer index, only used in error messages.
+        ordered: return the rows in draw order (for the exact likelihood of the draw) instead of sorted.
     Returns:
-        Sorted LongTensor of shape (k,).
+        LongTensor of shape (k,), sorted (or in draw order).
     Raises:
         InvalidProbabilitiesError: NaN/Inf entries, or fewer than k positive entries (names the layer).
     """
@@ -93,7 +94,7 @@ def sample_rows(probs: torch.Tensor, k: int, generator: torch.Generator | None =
         raise InvalidProbabilitiesError(
             f"layer {layer}: only {positive} keep probabilities are positive, cannot sample k={k} rows")
     rows = torch.multinomial(probs.float(), k, replacement=False, generator=generator)
-    return rows.sort().values
+    return rows if ordered else rows.sort().values
 
 
 def layer_generator(seed: int, episode: int, layer: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -106,6 +107,8 @@ def layer_generator(seed: int, episode: int, layer: int, device: torch.device | 
 
 #: Episode number used for the final selection's generators (distinct from training episodes).
 FINAL_EPISODE = 1_000_000
+#: Episode number of the uniformly random draws a learner may compare with (distinct from the above).
+RANDOM_REFERENCE_EPISODE = 1_000_001
 
 
 @torch.no_grad()

@@ -153,9 +153,14 @@ def test_folded_episode_gradient_equals_the_full_graph_gradient(tiny_dir, policy
     from prunenet.reward import ks_statistic, singular_values, spectral_reward
     from prunenet.selection import layer_generator, sample_rows
 
-    grads = {}
+    import copy
+
+    grads, before = {}, {}
 
     class Capture(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            before["learner"] = copy.deepcopy(pl_module.learner)  # its state as the episode's loss sees it
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             grads.update({n: p.grad.detach().clone() for n, p in pl_module.policy.named_parameters()})
 
@@ -173,9 +178,10 @@ def test_folded_episode_gradient_equals_the_full_graph_gradient(tiny_dir, policy
     for i, w in enumerate(module.states):
         gen = layer_generator(module.seed, 0, i)
         p, z = policy(w, generator=gen)  # the full graph, through W_i
-        kept = sample_rows(p.detach(), module.kept_width, generator=gen, layer=i)
+        drawn = sample_rows(p.detach(), module.kept_width, generator=gen, layer=i, ordered=True)
+        kept = drawn.sort().values
         r = spectral_reward(ks_statistic(singular_values(w), singular_values(w.index_select(0, kept))))
-        reference = reference + module.learner.loss(z=z, p=p, kept=kept, reward=r, layer=i)
+        reference = reference + before["learner"].loss(z=z, p=p, kept=kept, drawn=drawn, reward=r, layer=i)
     reference.backward()
     # float32 forward over 3 layers of (37, 24): relative 1e-5 is ~100 float32 ulps
     assert module.history[0]["loss"] == pytest.approx(float(reference), rel=1e-5)
@@ -196,8 +202,48 @@ def test_paper_learner_is_the_paper_loss(use_kld):
     p = torch.sigmoid(z)
     kept = torch.tensor([1, 4, 9, 30])
     expected = -(0.9**2) * 4.5 * torch.log(p[kept]).sum() + (kl_regulariser(z) if use_kld else 0.0)
-    got = PaperLearner(gamma=0.9, use_kld=use_kld).loss(z=z, p=p, kept=kept, reward=4.5, layer=2)
+    got = PaperLearner(gamma=0.9, use_kld=use_kld).loss(z=z, p=p, kept=kept, drawn=kept.flip(0), reward=4.5, layer=2)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same float64 operations
+
+
+def test_ordered_draw_likelihood_is_a_distribution_over_draws():
+    """Summed over every ordered draw of k of n rows, exp(log-likelihood) is 1, and the first row
+    drawn has probability p_j / sum(p): the law torch.multinomial(replacement=False) samples from."""
+    import itertools
+
+    from prunenet.learner import ordered_draw_log_likelihood
+
+    p = torch.tensor([0.9, 0.2, 0.55, 0.05, 0.7], dtype=torch.float64)
+    total, first = 0.0, torch.zeros(5, dtype=torch.float64)
+    for draw in itertools.permutations(range(5), 3):
+        prob = float(ordered_draw_log_likelihood(p, torch.tensor(draw)).exp())
+        total += prob
+        first[draw[0]] += prob
+    assert total == pytest.approx(1.0, abs=1e-12)  # 60 float64 terms
+    torch.testing.assert_close(first, p / p.sum(), rtol=0, atol=1e-12)
+
+
+def test_baseline_learner_advantage_state_and_checkpoint():
+    from prunenet.learner import BaselineLearner, ordered_draw_log_likelihood
+
+    learner = BaselineLearner(momentum=0.5)
+    with pytest.raises(ConfigurationError, match="no baseline for layer 0"):
+        learner.advantage(0, 5.0)
+    learner.set_random_reference(0, 4.0)  # b = 4, s = 0.04
+    assert learner.advantage(0, 5.0) == pytest.approx(25.0)
+    z = torch.zeros(6, requires_grad=True)
+    p = torch.sigmoid(z)
+    drawn = torch.tensor([4, 1, 2])
+    loss = learner.loss(z=z, p=p, kept=drawn.sort().values, drawn=drawn, reward=5.0, layer=0)
+    assert float(loss) == pytest.approx(-25.0 * float(ordered_draw_log_likelihood(p, drawn)))
+    learner.end_episode({0: 5.0})  # mean 0.5*4 + 0.5*5, var 0.5*0.04^2 + 0.5*1^2
+    assert learner.mean[0] == pytest.approx(4.5) and learner.std[0] == pytest.approx((0.5 * 0.0016 + 0.5) ** 0.5)
+    learner.set_random_reference(0, 100.0)  # a resumed fit keeps its state
+    restored = BaselineLearner(momentum=0.5)
+    restored.load_state_dict(learner.state_dict())
+    assert restored.mean == learner.mean and restored.std == learner.std
+    with pytest.raises(ConfigurationError, match="momentum"):
+        BaselineLearner(momentum=1.0)
 
 
 def test_plug_points_by_name_and_unknown_names(tiny_dir):

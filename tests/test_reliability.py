@@ -301,15 +301,18 @@ def _same_result(a: Path, b: Path) -> None:
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_resume_a_finished_shorter_run(tiny_dir, tmp_path, extra_args, monkeypatch, one_thread):
-    """3 episodes, then ``--trainer.max_epochs=6 --ckpt_path last``: the same as 6 episodes at once."""
+@pytest.mark.parametrize("learner", ["paper", "baseline"])
+def test_resume_a_finished_shorter_run(learner, tiny_dir, tmp_path, extra_args, monkeypatch, one_thread):
+    """3 episodes, then ``--trainer.max_epochs=6 --ckpt_path last``: the same as 6 episodes at once
+    (the baseline learner's running state travels in the checkpoint)."""
     reference = tmp_path / "reference"
-    fit_in_process(_fit_args(tiny_dir, reference, epochs=6), extra_args, monkeypatch)
+    flag = f"--model.learner={learner}"
+    fit_in_process(_fit_args(tiny_dir, reference, flag, epochs=6), extra_args, monkeypatch)
     two = tmp_path / "two-steps"
-    fit_in_process(_fit_args(tiny_dir, two, epochs=3), extra_args, monkeypatch)
+    fit_in_process(_fit_args(tiny_dir, two, flag, epochs=3), extra_args, monkeypatch)
     first = json.loads((two / "out" / PLAN_FILE).read_text())
     assert first["episodes"] == 3
-    cli = fit_in_process(_fit_args(tiny_dir, two, "--ckpt_path=last", "--slicing.overwrite=true", epochs=6),
+    cli = fit_in_process(_fit_args(tiny_dir, two, flag, "--ckpt_path=last", "--slicing.overwrite=true", epochs=6),
                          extra_args, monkeypatch)
     assert Path(cli.trainer.ckpt_path).name == "last.ckpt" and "version_0" in cli.trainer.ckpt_path
     assert json.loads((two / "out" / PLAN_FILE).read_text())["episodes"] == 6

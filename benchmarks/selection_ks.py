@@ -30,8 +30,12 @@ from benchmarks.common import REPO, header, mean_std, table
 
 
 def method_label(plan: dict) -> str:
-    """``prunenet-sample``, ``prunenet-topk``, ``random`` or ``magnitude``."""
-    return f"prunenet-{plan['selection']}" if plan["method"] == "prunenet" else plan["method"]
+    """``prunenet-sample``, ``prunenet-topk`` (the paper's learner), ``prunenet[<learner>]-<selection>``
+    (another learner), ``random`` or ``magnitude``."""
+    if plan["method"] != "prunenet":
+        return plan["method"]
+    learner = plan.get("learner") or plan.get("policy_learner") or "paper"  # plans before learners: the paper's
+    return f"prunenet-{plan['selection']}" if learner == "paper" else f"prunenet[{learner}]-{plan['selection']}"
 
 
 def score_plan(plan: dict, states, reference: dict[int, torch.Tensor]) -> dict[str, float]:
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for plan in plans:
         groups[(method_label(plan), plan["compression_ratio"])].append(score_plan(plan, states, reference))
-    order = ["prunenet-sample", "prunenet-topk", "random", "magnitude"]
+    order = ["prunenet-sample", "prunenet-topk", "prunenet[baseline]-sample", "prunenet[baseline]-topk", "random",
+             "magnitude"]
     rows = []
     for (method, r), scores in sorted(groups.items(), key=lambda g: (g[0][1], order.index(g[0][0])
                                                                      if g[0][0] in order else len(order))):

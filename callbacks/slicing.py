@@ -70,7 +70,7 @@ class StructuralSlicing(L.Callback):
                 hp.model_name_or_path, pl_module.kept_indices(self.selection), self.output_path(),
                 method="prunenet", compression_ratio=hp.compression_ratio, selection=self.selection,
                 seed=pl_module.seed, policy=pl_module.policy, policy_meta=pl_module.policy_metadata(),
-                extra={"episodes": len(pl_module.history),
+                extra={**pl_module.algorithm(), "episodes": len(pl_module.history),
                        "final_reward_mean": pl_module.history[-1]["reward_mean"] if pl_module.history else None,
                        "source_ffn_sha256": pl_module.ffn_sha256()},
                 overwrite=self.overwrite, shardwise=self.shardwise, dtype=hp.dtype,

@@ -107,6 +107,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     extra = {}
     if pol is not None:
         extra = {"policy_source_model": meta.get("source_model"), "policy_trained_ratio": meta.get("compression_ratio"),
+                 "policy_learner": meta.get("learner"), "policy_reward": meta.get("reward"),
                  "policy_episodes": meta.get("episodes"), "policy_ffn_sha256": meta.get("ffn_sha256"),
                  "policy_transferred": not same_ffn(meta.get("ffn_sha256"), states, fingerprint)}
     extra["source_ffn_sha256"] = fingerprint
@@ -171,8 +172,9 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
                       f"(FFN SHA-256 {fingerprint[:12]} vs {planned[:12]}): the same neurons are kept, but they "
                       "were chosen for other weights", PruneNetWarning, stacklevel=2)
     replayed_from = {key: plan.get(key) for key in ("source_model", "model_type", "source_ffn_sha256", "versions")}
-    carried = {key: plan[key] for key in ("episodes", "final_reward_mean", "policy_source_model", "policy_trained_ratio",
-                                          "policy_episodes", "policy_ffn_sha256") if key in plan}
+    carried = {key: plan[key] for key in ("policy", "reward", "learner", "episodes", "final_reward_mean",
+                                          "policy_source_model", "policy_trained_ratio", "policy_learner",
+                                          "policy_reward", "policy_episodes", "policy_ffn_sha256") if key in plan}
     if "policy_ffn_sha256" in plan:  # whether the policy was trained on other weights than this model's
         carried["policy_transferred"] = not same_ffn(plan["policy_ffn_sha256"], states, fingerprint)
     new_plan = export(model, kept, output_dir, model=dense, method=plan.get("method", "prunenet"),

@@ -289,7 +289,12 @@ class PruneNetModule(L.LightningModule):
         return {"intermediate_size": self.intermediate_size, "hidden_size": self.hidden_size,
                 "model_type": self.model_type, "source_model": str(self.hparams.model_name_or_path),
                 "compression_ratio": float(self.hparams.compression_ratio), "episodes": len(self.history),
-                "seed": self.seed, "ffn_sha256": self.ffn_sha256(), "versions": package_versions()}
+                "seed": self.seed, "ffn_sha256": self.ffn_sha256(), "versions": package_versions(),
+                **self.algorithm()}
+
+    def algorithm(self) -> dict[str, str]:
+        """The plug-point choices that trained this policy: ``{"policy", "reward", "learner"}`` names."""
+        return {key: self.hparams[key] for key in ("policy", "reward", "learner")}
 
     def load_dense_model(self):
         """A fresh dense copy of the source model (loaded from disk, never deep-copied)."""

@@ -50,6 +50,10 @@ def test_score_plan_reuses_and_fills_the_reference_cache():
 
 @pytest.mark.parametrize("plan,label", [({"method": "prunenet", "selection": "topk"}, "prunenet-topk"),
                                         ({"method": "prunenet", "selection": "sample"}, "prunenet-sample"),
+                                        ({"method": "prunenet", "selection": "topk", "learner": "paper"},
+                                         "prunenet-topk"),
+                                        ({"method": "prunenet", "selection": "topk", "policy_learner": "baseline"},
+                                         "prunenet[baseline]-topk"),
                                         ({"method": "random", "selection": None}, "random")])
 def test_method_label(plan, label):
     assert method_label(plan) == label

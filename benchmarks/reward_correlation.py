@@ -1,0 +1,153 @@
+"""Which data-free score predicts the pruned model's perplexity? A correlation study over random
+selections (issue 14, item 2), before training anything on a candidate reward.
+
+    python -m benchmarks.reward_correlation --model smollm2-135m --selections 24 [--ratio 0.3]
+        [--tokens 16384] [--output benchmarks/results/reward-correlation-smollm2.md]
+
+For each seed, uniformly random kept rows (``--method random`` of compress, seeded the same way) are
+scored by every candidate below, computed from the weights alone, and the model with those rows
+removed (removed neurons zeroed at the FFN output: the same function as the sliced model, see the
+test suite) is scored by perplexity on the SQuAD-dev Wikipedia text. The table gives, per candidate,
+the Spearman rank correlation with perplexity over the selections (a good reward has a strongly
+negative correlation if higher is better, positive if lower is better) and its p-value.
+
+Each finished selection is appended to a JSON-lines file next to the table and skipped when the
+command runs again, so an interrupted run continues where it stopped.
+
+Candidates (mean over layers; ours except ``ks_gate``):
+- ``ks_gate``: KS of the gate spectra, the paper's objective (lower is closer);
+- ``ks_all``: mean KS of the gate, up and down spectra;
+- ``energy_kept``: fraction of the FFN's squared Frobenius norm kept (gate and up rows, down columns);
+- ``down_max_kept``: sum over kept neurons of max |down column| / the same over all neurons;
+- ``outliers_kept``: fraction of each layer's top-1% neurons by max |down column| that are kept;
+- ``bos_kl`` (a data-free probe, named as such: one forward pass of the lone BOS token, no dataset):
+  KL(dense || pruned) of the next-token distribution after BOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import REPO, header, table
+
+CANDIDATES = ("ks_gate", "ks_all", "energy_kept", "down_max_kept", "outliers_kept", "bos_kl")
+
+
+def _ffn(adapter, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate (n, d), up (n, d), down (d, n)) of a LLaMA-style layer, float32."""
+    gate, up = (m.weight.detach().float() for m in adapter.input_modules(layer))
+    return gate, up, adapter.output_module(layer).weight.detach().float()
+
+
+def weight_scores(ffns, kept, reference) -> dict[str, float]:
+    """The weight-only candidates of one selection (kept: one LongTensor per layer)."""
+    from prunenet.reward import ks_statistic, singular_values
+
+    out = {k: [] for k in CANDIDATES if k != "bos_kl"}
+    for i, ((gate, up, down), rows) in enumerate(zip(ffns, kept)):
+        if i not in reference:
+            reference[i] = [singular_values(gate), singular_values(up), singular_values(down)]
+        ks = [float(ks_statistic(ref, singular_values(m))) for ref, m in
+              zip(reference[i], (gate[rows], up[rows], down[:, rows]))]
+        out["ks_gate"].append(ks[0])
+        out["ks_all"].append(statistics.fmean(ks))
+        energy = gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)
+        out["energy_kept"].append(float(energy[rows].sum() / energy.sum()))
+        peak = down.abs().amax(0)
+        out["down_max_kept"].append(float(peak[rows].sum() / peak.sum()))
+        top = torch.topk(peak, max(1, peak.numel() // 100)).indices
+        out["outliers_kept"].append(float(torch.isin(top, rows).float().mean()))
+    return {k: statistics.fmean(v) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from scipy.stats import spearmanr
+
+    from prunenet import loading
+    from prunenet.arch import get_adapter
+    from prunenet.evaluation.perplexity import PerplexitySettings, perplexity
+    from prunenet.selection import kept_width, select_rows
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--selections", type=int, default=24)
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    name = args.model.split("-")[0]
+    output = Path(args.output or REPO / f"benchmarks/results/reward-correlation-{name}.md")
+    records_path = output.with_suffix(".jsonl")
+    done = {}
+    if records_path.is_file():
+        for line in records_path.read_text().splitlines():
+            rec = json.loads(line)
+            if (rec["model"], rec["ratio"], rec["tokens"]) == (args.model, args.ratio, args.tokens):
+                done[rec["seed"]] = rec
+    model = loading.load_model(args.model)
+    tokenizer = loading.load_tokenizer(args.model)
+    adapter = get_adapter(model.config)
+    layers = adapter.layers(model)
+    ffns = [_ffn(adapter, layer) for layer in layers]
+    n = ffns[0][0].shape[0]
+    k = kept_width(n, args.ratio)
+    settings = PerplexitySettings(context_length=512, max_tokens=args.tokens)
+    bos = torch.tensor([[tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0]])
+    with torch.no_grad():
+        dense_logp = torch.log_softmax(model(input_ids=bos).logits[0, -1].double(), -1)
+    masks = [torch.ones(n) for _ in layers]
+    hooks = [adapter.output_module(layer).register_forward_pre_hook(
+        lambda _m, a, mask=mask: (a[0] * mask.to(a[0].dtype),) + tuple(a[1:])) for layer, mask in zip(layers, masks)]
+    reference: dict = {}
+    start = time.perf_counter()
+    try:
+        for seed in range(args.selections):
+            if seed in done:
+                continue
+            kept = select_rows("random", k=k, states=[g for g, _, _ in ffns], seed=seed)
+            for mask, rows in zip(masks, kept):
+                mask.zero_()
+                mask[rows] = 1.0
+            rec = {"model": args.model, "ratio": args.ratio, "tokens": args.tokens, "seed": seed,
+                   **weight_scores(ffns, kept, reference)}
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=bos).logits[0, -1].double(), -1)
+            rec["bos_kl"] = float((dense_logp.exp() * (dense_logp - logp)).sum())
+            rec["perplexity"] = perplexity(model, tokenizer, settings, progress=False)["perplexity"]
+            with records_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            done[seed] = rec
+            print(f"[{time.perf_counter() - start:6.0f} s] seed {seed}: ppl {rec['perplexity']:.1f}", flush=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    recs = [done[s] for s in sorted(done)]
+    ppl = [r["perplexity"] for r in recs]
+    rows = []
+    for cand in CANDIDATES:
+        values = [r[cand] for r in recs]
+        rho, p = spearmanr(values, ppl)
+        rows.append([cand, f"{min(values):.4g} .. {max(values):.4g}", f"{rho:+.2f}", f"{p:.2g}"])
+    geo = math.exp(statistics.fmean(math.log(x) for x in ppl))
+    text = f"# Data-free scores vs perplexity, {args.model}, r = {args.ratio:g}\n\n" + header(
+        "python -m benchmarks.reward_correlation " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
+    text += (f"{len(recs)} uniformly random selections (seeds 0..{len(recs) - 1}); perplexity on the first "
+             f"{args.tokens} tokens of squad-wiki, context 512: median {statistics.median(ppl):,.1f}, geometric "
+             f"mean {geo:,.1f}, min {min(ppl):,.1f}, max {max(ppl):,.1f}. Spearman rank correlation of each "
+             "candidate with perplexity over the selections (a useful reward to maximise correlates negatively, "
+             "one to minimise positively):\n\n")
+    text += table(["candidate", "range over selections", "Spearman rho vs perplexity", "p-value"], rows)
+    output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,10 +14,8 @@ Source: PruneNet Section 3 (policy learning with the spectral reward). Per episo
 Policy, reward and learner are plug points chosen by name (``--model.policy``, ``--model.reward``,
 ``--model.learner``); the defaults are the paper's. Slicing and saving are the ``StructuralSlicing``
 callback's work; this module only answers which rows its policy keeps.
-
-The LLM itself is never held: only the FFN input matrices W_i (views of the loaded
-weights, the rest of the model is freed), which are not registered as buffers so
-Lightning checkpoints and DDP broadcasts hold the policy alone.
+The LLM itself is never held: only the FFN input matrices W_i (not registered as buffers, so
+Lightning checkpoints and DDP broadcasts hold the policy alone).
 """
 
 from __future__ import annotations
@@ -107,8 +105,7 @@ class PruneNetModule(L.LightningModule):
         self.fit_started = time.time()
         self.history: list[dict[str, float]] = []
         self.last_ks: dict[int, float] = {}
-        #: Seconds spent in each phase of training_step, summed over this fit's episodes and layers
-        #: (read by benchmarks/speed.py; the episode backward and optimizer step are Lightning's).
+        #: Seconds per phase of training_step, summed over the fit (benchmarks/speed.py reads them).
         self.timings: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------ states
@@ -203,17 +200,15 @@ class PruneNetModule(L.LightningModule):
         return surrogate * self.trainer.world_size
 
     def on_train_start(self) -> None:
-        # A learner that compares with random rows gets, once per layer (every layer on every rank, so
-        # all ranks hold the same state), the reward of a seeded uniformly random draw of the same size.
+        # A learner that compares with random rows gets, once per layer (on every rank: the same state),
+        # the reward of a seeded uniformly random draw of the same size.
         if self.learner.wants_random_reference:
             for i in range(self.num_layers):
-                w = self.states[i]
                 gen = layer_generator(self.seed, RANDOM_REFERENCE_EPISODE, i, self.device)
-                rows = torch.randperm(w.shape[0], generator=gen, device=self.device)[: self.kept_width].sort().values
-                with self.timed("reference spectra (once per layer)"):
-                    reference = self.reference_spectrum(i)
+                rows = torch.randperm(self.intermediate_size, generator=gen, device=self.device)[: self.kept_width]
                 with self.timed("reward of a random draw (once per layer)"):
-                    self.learner.set_random_reference(i, self.reward(w, rows, reference)[1])
+                    r = self.reward(self.states[i], rows.sort().values, self.reference_spectrum(i))[1]
+                self.learner.set_random_reference(i, r)
 
     def on_train_end(self) -> None:
         # Slicing, the spectrum figure and evaluation run after Lightning moved the module to CPU;
@@ -246,12 +241,10 @@ class PruneNetModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["prunenet_history"] = list(self.history)
         checkpoint["prunenet_learner"] = self.learner.state_dict()  # e.g. a running baseline: exact resume
-        settings = self.run_settings()
-        checkpoint["prunenet_run"] = {"source": settings["source"], "seed": settings["seed"]}
+        checkpoint["prunenet_run"] = {k: v for k, v in self.run_settings().items() if k in ("source", "seed")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # prunenet.fit checks this before the Trainer starts; this covers programmatic resumes (a trainer is
-        # attached), not load_from_checkpoint for inspection.
+        # prunenet.fit checks before the Trainer starts; this covers programmatic resumes, not inspection.
         differ = self._trainer is not None and settings_mismatch(checkpoint_settings(checkpoint), self.run_settings())
         if differ:
             raise ConfigurationError(f"cannot resume: the checkpoint was trained with {differ}")

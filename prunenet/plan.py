@@ -36,9 +36,14 @@ def ffn_fingerprint(states: Sequence[torch.Tensor]) -> str:
     before this rule. Loading in a narrower dtype changes the values, hence the fingerprint. Hashing
     goes one layer at a time (one float32 copy of one (n, d) matrix at most).
     """
+    return _sha256(states, canonical=True)
+
+
+def _sha256(states: Sequence[torch.Tensor], canonical: bool) -> str:
+    """SHA-256 over each state's dtype, shape and bytes, in the canonical dtype or in its own."""
     h = hashlib.sha256()
     for w in states:
-        w = w.detach().to("cpu", torch.promote_types(w.dtype, torch.float32)).contiguous()
+        w = w.detach().to("cpu", torch.promote_types(w.dtype, torch.float32) if canonical else w.dtype).contiguous()
         h.update(f"{w.dtype}{tuple(w.shape)}".encode())
         h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
     return h.hexdigest()
@@ -53,12 +58,7 @@ def same_ffn(stored: str | None, states: Sequence[torch.Tensor], fingerprint: st
         return stored is not None
     if not any(w.dtype in (torch.bfloat16, torch.float16) for w in states):
         return False
-    h = hashlib.sha256()
-    for w in states:
-        w = w.detach().contiguous().cpu()
-        h.update(f"{w.dtype}{tuple(w.shape)}".encode())
-        h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
-    return stored == h.hexdigest()
+    return stored == _sha256(states, canonical=False)
 
 
 def make_plan(*, source_model: str, model_type: str, compression_ratio: float, round_to: int,

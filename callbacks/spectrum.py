@@ -44,13 +44,13 @@ class SpectrumMonitor(L.Callback):
     def kept_rows(trainer: L.Trainer, pl_module: L.LightningModule) -> list[torch.Tensor]:
         """The rows the exported checkpoint keeps (StructuralSlicing's plan; exported now if it was
         not yet), or, in a trainer without that callback, what the policy selects now."""
-        from callbacks.slicing import StructuralSlicing
+        from callbacks.slicing import find_slicing
+        from prunenet.errors import ConfigurationError
 
-        slicing = [cb for cb in trainer.callbacks if isinstance(cb, StructuralSlicing)]
-        if not slicing:
+        try:
+            return list(find_slicing(trainer).export(pl_module).kept)
+        except ConfigurationError:  # no StructuralSlicing in this trainer
             return pl_module.kept_indices()
-        plan = slicing[0].export(pl_module).plan
-        return [torch.tensor(plan["kept_indices"][str(i)]) for i in range(plan["num_layers"])]
 
     def figure(self, pl_module: L.LightningModule, kept: list[torch.Tensor]):
         """Matplotlib figure: singular value vs rank, dense and kept, one panel per layer."""

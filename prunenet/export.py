@@ -34,11 +34,13 @@ class Exported:
     Attributes:
         path: the checkpoint folder (symlinks resolved).
         plan: the ``prunenet.json`` written there.
+        kept: the kept rows per layer, sorted LongTensors of shape (k,).
         model: the sliced model when it was built in memory (reused for evaluation), else None.
     """
 
     path: Path
     plan: Plan
+    kept: Sequence[torch.Tensor]
     model: Any = None
 
 
@@ -106,7 +108,7 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
             written["plan"] = plan_of(count_parameters(meta_model(config)), params)
             write_provenance(tmp, written["plan"], policy, policy_meta)
 
-        return Exported(atomic_write_dir(output_dir, overwrite, write, resolved), written["plan"])
+        return Exported(atomic_write_dir(output_dir, overwrite, write, resolved), written["plan"], kept)
     if model is None:
         model = loading.load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(model)
@@ -115,7 +117,7 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
     path = save_pruned(model, output_dir, plan, policy=policy, policy_meta=policy_meta,
                        tokenizer=loading.load_tokenizer(source, trust_remote_code), overwrite=overwrite,
                        source=resolved)
-    return Exported(path, plan, model)
+    return Exported(path, plan, kept, model)
 
 
 def save_pruned(model: torch.nn.Module, output_dir: str | os.PathLike, plan: Plan,

@@ -404,7 +404,7 @@ def _fake_export(out_dir: Path):
     from tests.tiny import tiny_llama
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    return Exported(out_dir, {}, tiny_llama(seed=1))
+    return Exported(out_dir, {}, [], tiny_llama(seed=1))
 
 
 def test_callback_writes_report_and_caches_dense(tiny_dir, tmp_path):

@@ -27,7 +27,8 @@ from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
 from prunenet.export import export
 from prunenet.plan import ffn_fingerprint, read_plan, same_ffn
-from prunenet.selection import METHODS, SELECTION_MODES, kept_width, select_rows, validate_selection
+from prunenet.selection import (METHODS, SELECTION_MODES, check_protect_fraction, kept_width, protected_rows,
+                                select_rows, validate_selection)
 from prunenet.slicing import check_kept
 from prunenet.states import model_states
 
@@ -51,7 +52,7 @@ def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
 def compress(model: str, output_dir: str, compression_ratio: float | str | Sequence[float] = 0.3,
              policy: str | None = None, method: str = "prunenet", selection: str = "sample", seed: int = 0,
              round_to: int = 1, overwrite: bool = False, dtype: str = "auto",
-             trust_remote_code: bool = False) -> list[dict[str, Any]]:
+             trust_remote_code: bool = False, protect_outliers: float | None = None) -> list[dict[str, Any]]:
     """Prune ``model`` at one or more ratios and save one checkpoint per ratio.
 
     With one ratio the checkpoint is ``output_dir``; with several, ``output_dir/r<ratio>`` each,
@@ -65,6 +66,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         method: ``prunenet`` (the policy), ``random`` (uniform rows, seeded) or ``magnitude``.
         selection: for ``prunenet``: ``sample`` or ``topk``.
         round_to: kept width rounded down to a multiple of this.
+        protect_outliers: share of each layer's neurons always kept (``selection.protected_rows``);
+            None: the policy's own setting for ``prunenet``, 0 for the baselines.
     Returns:
         One plan dict (``prunenet.json`` contents, without kept indices) per ratio.
     Raises:
@@ -74,6 +77,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     if method not in METHODS:
         raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
     validate_selection(selection)
+    if protect_outliers is not None:
+        check_protect_fraction(protect_outliers)
     if method == "prunenet" and policy is None:
         raise ConfigurationError("method 'prunenet' needs --policy (a policy.pt or a fit output folder)")
     config = loading.load_config(model, trust_remote_code=trust_remote_code)
@@ -102,6 +107,10 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     states = [w.clone() for w in model_states(dense, adapter)[0]]
     row_norms = [adapter.row_norms(layer) for layer in adapter.layers(dense)] if method == "magnitude" else None
+    if protect_outliers is None:
+        protect_outliers = float(meta.get("protect_outliers") or 0.0)
+    protected = [protected_rows(adapter.output_peaks(adapter.output_module(layer).weight), protect_outliers)
+                 for layer in adapter.layers(dense)] if protect_outliers > 0 else None
     fingerprint = ffn_fingerprint(states)
     del dense
     extra = {}
@@ -110,13 +119,13 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
                  "policy_learner": meta.get("learner"), "policy_reward": meta.get("reward"),
                  "policy_episodes": meta.get("episodes"), "policy_ffn_sha256": meta.get("ffn_sha256"),
                  "policy_transferred": not same_ffn(meta.get("ffn_sha256"), states, fingerprint)}
-    extra["source_ffn_sha256"] = fingerprint
+    extra.update(source_ffn_sha256=fingerprint, protect_outliers=protect_outliers)
 
     plans = []
     for r, k, target in zip(ratios, widths, targets):
         start = time.perf_counter()
         kept = select_rows(method, k=k, states=states, policy=pol, selection=selection, seed=seed,
-                           row_norms=row_norms)
+                           row_norms=row_norms, protected=protected)
         exported = export(model, kept, target, method=method, compression_ratio=r, round_to=round_to,
                           selection=selection if method == "prunenet" else None, seed=seed, extra=extra,
                           policy=pol, policy_meta=meta or None, overwrite=overwrite, dtype=dtype,
@@ -172,7 +181,8 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
                       f"(FFN SHA-256 {fingerprint[:12]} vs {planned[:12]}): the same neurons are kept, but they "
                       "were chosen for other weights", PruneNetWarning, stacklevel=2)
     replayed_from = {key: plan.get(key) for key in ("source_model", "model_type", "source_ffn_sha256", "versions")}
-    carried = {key: plan[key] for key in ("policy", "reward", "learner", "episodes", "final_reward_mean",
+    carried = {key: plan[key] for key in ("policy", "reward", "learner", "protect_outliers", "episodes",
+                                          "final_reward_mean",
                                           "policy_source_model", "policy_trained_ratio", "policy_learner",
                                           "policy_reward", "policy_episodes", "policy_ffn_sha256") if key in plan}
     if "policy_ffn_sha256" in plan:  # whether the policy was trained on other weights than this model's
@@ -211,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --method prunenet: sample (the paper's seeded multinomial, default) or topk")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and random draws")
     parser.add_argument("--round_to", type=int, default=1, help="round the kept width down to a multiple")
+    parser.add_argument("--protect_outliers", type=float, default=None,
+                        help="share of each layer's neurons always kept: those whose output column has the largest "
+                             "max-|w| (ours; default: the policy's setting, 0 for random and magnitude)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     parser.add_argument("--trust_remote_code", action="store_true")
@@ -222,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{plan['params_pruned']:,} params")
     else:
         plans = compress(args.model, args.output_dir, args.compression_ratio, args.policy, args.method,
-                         args.selection, args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code)
+                         args.selection, args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code,
+                         args.protect_outliers)
         print(summary_table(plans), end="")
     print(f"done in {time.perf_counter() - start:.1f} s")
 

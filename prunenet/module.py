@@ -36,11 +36,12 @@ from prunenet.errors import ConfigurationError
 from prunenet.learner import build_learner
 from prunenet.plan import ffn_fingerprint, package_versions
 from prunenet.policy import DEFAULT_POLICY, build_policy
-from prunenet.resume import RESULT_HPARAMS, canonical_source, checkpoint_settings, settings_mismatch
+from prunenet.resume import RESULT_HPARAMS, canonical_source, load_run_state, save_run_state
 from prunenet.reward import build_reward
-from prunenet.selection import (RANDOM_REFERENCE_EPISODE, kept_width, layer_generator, sample_rows, select_kept_rows,
+from prunenet.selection import (RANDOM_REFERENCE_EPISODE, check_protect_fraction, draw_kept, free_probabilities,
+                                kept_width, layer_generator, protected_rows, select_kept_rows, uniform_kept,
                                 validate_ratio)
-from prunenet.states import StreamedStates, load_ffn_states
+from prunenet.states import StreamedStates, load_ffn_states, load_output_peaks
 
 _SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -66,6 +67,8 @@ class PruneNetModule(L.LightningModule):
         reward: the reward by name: ``ks_gate`` (paper: 1 / KS of the gate spectra).
         learner: how rewards become a loss, by name: ``paper`` (REINFORCE, Section 3) or ``baseline``
             (ours: per-layer baseline, normalised advantages, exact likelihood of the draw).
+        protect_outliers: share of each layer's neurons always kept, those whose output column has the
+            largest max-|w| (ours; 0 = none, the paper); the policy draws the rest.
 
     Raises:
         ConfigurationError: bad ratio / gamma / spectra dtype / plug-point name, or a ratio that keeps no row.
@@ -76,7 +79,8 @@ class PruneNetModule(L.LightningModule):
                  learning_rate: float = 1e-3, weight_decay: float = 0.01, gamma: float = 0.99,
                  use_kld: bool = False, spectra_dtype: str = "float32", dtype: str = "auto",
                  trust_remote_code: bool = False, low_memory: bool | None = None,
-                 policy: str = DEFAULT_POLICY, reward: str = "ks_gate", learner: str = "paper") -> None:
+                 policy: str = DEFAULT_POLICY, reward: str = "ks_gate", learner: str = "paper",
+                 protect_outliers: float = 0.0) -> None:
         super().__init__()
         validate_ratio(compression_ratio)
         if not 0.0 < gamma <= 1.0:
@@ -86,6 +90,7 @@ class PruneNetModule(L.LightningModule):
         if learning_rate <= 0:
             raise ConfigurationError(f"learning_rate must be > 0, got {learning_rate!r}")
         loading.parse_dtype(dtype)
+        check_protect_fraction(protect_outliers)
         self.save_hyperparameters()
         config = loading.load_config(model_name_or_path, trust_remote_code=trust_remote_code)
         self.adapter = get_adapter(config)
@@ -102,6 +107,7 @@ class PruneNetModule(L.LightningModule):
         self._states: list[torch.Tensor] | None = None
         self._state_info: dict[str, Any] = {}
         self._reference: dict[int, torch.Tensor] = {}
+        self._protected: list[torch.Tensor] | None = None
         self.fit_started = time.time()
         self.history: list[dict[str, float]] = []
         self.last_ks: dict[int, float] = {}
@@ -124,12 +130,22 @@ class PruneNetModule(L.LightningModule):
         return self._states
 
     @property
+    def protected(self) -> list[torch.Tensor] | None:
+        """Per layer, the rows always kept (sorted LongTensors; ``protect_outliers``), or None."""
+        if self._protected is None and self.hparams.protect_outliers > 0:
+            peaks = load_output_peaks(self.hparams.model_name_or_path, self.hparams.trust_remote_code)
+            self._protected = [protected_rows(x, self.hparams.protect_outliers) for x in peaks]
+        return self._protected
+
+    def _fixed(self, layer: int) -> torch.Tensor | None:
+        return None if self.protected is None else self.protected[layer].to(self.device)
+    @property
     def seed(self) -> int:
         """The run's seed (``seed_everything``), which also seeds every episode's sampling."""
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def setup(self, stage: str) -> None:
-        self.states  # load before the first episode so the progress bar times episodes only
+        self.states, self.protected  # load before the first episode so the progress bar times episodes only
 
     def on_fit_start(self) -> None:
         self.fit_started = time.time()
@@ -162,14 +178,15 @@ class PruneNetModule(L.LightningModule):
                 z = self.policy.detached_logits(w, prepared).requires_grad_()
                 p = self.policy.keep_probabilities(z, generator=gen)
             with self.timed("sampling"):
-                drawn = sample_rows(p.detach(), self.kept_width, generator=gen, layer=i, ordered=True)
-                kept = drawn.sort().values
+                kept, drawn = draw_kept(p.detach(), self.kept_width, self._fixed(i), generator=gen, layer=i)
             with self.timed("reference spectra (once per layer)"):
                 reference = self.reference_spectrum(i)
             with self.timed("reward (spectra of the kept rows, KS)"):
                 ks, r = self.reward(w, kept, reference)
             with self.timed("learner loss and per-layer backward to the logits"):
-                step_loss = self.learner.loss(z=z, p=p, kept=kept, drawn=drawn, reward=r, layer=i)
+                # The learner is about the drawn rows only: protected ones were kept without a draw.
+                step_loss = self.learner.loss(z=z, p=free_probabilities(p, self._fixed(i)), kept=drawn.sort().values,
+                                              drawn=drawn, reward=r, layer=i)
                 # Backpropagate to z_i now, while W_i is in memory, and let the policy turn dL/dz_i into a
                 # surrogate with the same parameter gradient: the one backward of the episode then gives
                 # the gradient of sum_i L_i (the paper's policy holds no float32 copy of W_i for it).
@@ -205,9 +222,9 @@ class PruneNetModule(L.LightningModule):
         if self.learner.wants_random_reference:
             for i in range(self.num_layers):
                 gen = layer_generator(self.seed, RANDOM_REFERENCE_EPISODE, i, self.device)
-                rows = torch.randperm(self.intermediate_size, generator=gen, device=self.device)[: self.kept_width]
+                rows = uniform_kept(self.intermediate_size, self.kept_width, gen, self._fixed(i))
                 with self.timed("reward of a random draw (once per layer)"):
-                    r = self.reward(self.states[i], rows.sort().values, self.reference_spectrum(i))[1]
+                    r = self.reward(self.states[i], rows, self.reference_spectrum(i))[1]
                 self.learner.set_random_reference(i, r)
 
     def on_train_end(self) -> None:
@@ -239,17 +256,10 @@ class PruneNetModule(L.LightningModule):
                 **{key: self.hparams[key] for key in RESULT_HPARAMS}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["prunenet_history"] = list(self.history)
-        checkpoint["prunenet_learner"] = self.learner.state_dict()  # e.g. a running baseline: exact resume
-        checkpoint["prunenet_run"] = {k: v for k, v in self.run_settings().items() if k in ("source", "seed")}
+        save_run_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # prunenet.fit checks before the Trainer starts; this covers programmatic resumes, not inspection.
-        differ = self._trainer is not None and settings_mismatch(checkpoint_settings(checkpoint), self.run_settings())
-        if differ:
-            raise ConfigurationError(f"cannot resume: the checkpoint was trained with {differ}")
-        self.history = list(checkpoint.get("prunenet_history", []))
-        self.learner.load_state_dict(checkpoint.get("prunenet_learner", {}))
+        load_run_state(self, checkpoint)
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -269,7 +279,7 @@ class PruneNetModule(L.LightningModule):
             selection: ``sample`` (paper: seeded multinomial over the keep probabilities) or ``topk``.
         """
         self.policy.eval()
-        return select_kept_rows(self.policy, self.states, self.kept_width, selection, self.seed)
+        return select_kept_rows(self.policy, self.states, self.kept_width, selection, self.seed, self.protected)
 
     def ffn_sha256(self) -> str:
         """Fingerprint of the source model's FFN input matrices (cached with the states)."""
@@ -285,9 +295,9 @@ class PruneNetModule(L.LightningModule):
                 "seed": self.seed, "ffn_sha256": self.ffn_sha256(), "versions": package_versions(),
                 **self.algorithm()}
 
-    def algorithm(self) -> dict[str, str]:
-        """The plug-point choices that trained this policy: ``{"policy", "reward", "learner"}`` names."""
-        return {key: self.hparams[key] for key in ("policy", "reward", "learner")}
+    def algorithm(self) -> dict[str, Any]:
+        """The choices that trained this policy: ``policy``, ``reward``, ``learner`` names, ``protect_outliers``."""
+        return {key: self.hparams[key] for key in ("policy", "reward", "learner", "protect_outliers")}
 
     def load_dense_model(self):
         """A fresh dense copy of the source model (loaded from disk, never deep-copied)."""

@@ -10,8 +10,8 @@ from typing import Any
 from prunenet.errors import ConfigurationError
 
 #: Hyperparameters that change the result of a fit (the rest, e.g. low_memory, change only how it runs).
-RESULT_HPARAMS = ("compression_ratio", "policy", "reward", "learner", "learning_rate", "weight_decay", "gamma",
-                  "use_kld", "spectra_dtype", "dtype")
+RESULT_HPARAMS = ("compression_ratio", "policy", "reward", "learner", "protect_outliers", "learning_rate",
+                  "weight_decay", "gamma", "use_kld", "spectra_dtype", "dtype")
 
 
 def canonical_source(model_name_or_path: str) -> str:
@@ -111,3 +111,25 @@ def _stored_settings(ckpt: Path) -> dict[str, Any] | None:
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
         return None
     return checkpoint_settings(checkpoint)
+
+
+def save_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """What a ``PruneNetModule`` adds to its Lightning checkpoint: the episode history, the learner's
+    state (e.g. a running baseline: exact resume) and the run's source and seed."""
+    checkpoint["prunenet_history"] = list(module.history)
+    checkpoint["prunenet_learner"] = module.learner.state_dict()
+    checkpoint["prunenet_run"] = {k: v for k, v in module.run_settings().items() if k in ("source", "seed")}
+
+
+def load_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Restore what ``save_run_state`` stored. prunenet.fit checks the settings before the Trainer
+    starts; the check here covers programmatic resumes (a trainer attached), not inspection.
+
+    Raises:
+        ConfigurationError: the checkpoint was trained with other settings (names them).
+    """
+    differ = module._trainer is not None and settings_mismatch(checkpoint_settings(checkpoint), module.run_settings())
+    if differ:
+        raise ConfigurationError(f"cannot resume: the checkpoint was trained with {differ}")
+    module.history = list(checkpoint.get("prunenet_history", []))
+    module.learner.load_state_dict(checkpoint.get("prunenet_learner", {}))

@@ -69,6 +69,51 @@ def kept_width(intermediate_size: int, compression_ratio: float, round_to: int =
     return k
 
 
+def protected_rows(peaks: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The outlier neurons a selection always keeps (ours, not in the paper): the
+    ``round(fraction * n)`` neurons whose FFN output column has the largest max-|w|.
+
+    Why: on SmolLM2 a few such neurons decide whether the pruned model works (dropping them turns
+    perplexity ~500 into ~50,000), and no spectral reward sees them (benchmarks/results/).
+
+    Args:
+        peaks: max |w| of each neuron's output column, shape (n,) (``ArchAdapter.output_peaks``).
+        fraction: share of the layer's neurons to protect, 0 <= fraction < 1 (0: none, the paper).
+    Returns:
+        Sorted LongTensor of shape (round(fraction * n),).
+    Raises:
+        ConfigurationError: fraction outside [0, 1).
+    """
+    check_protect_fraction(fraction)
+    count = int(round(float(fraction) * peaks.numel()))
+    return torch.topk(peaks.float(), count).indices.sort().values
+
+
+def check_protect_fraction(fraction: float) -> float:
+    """Return ``fraction`` if it is a number in [0, 1) (``protect_outliers``).
+
+    Raises:
+        ConfigurationError: naming the bad value.
+    """
+    try:
+        f = float(fraction)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"protect_outliers must be a number in [0, 1), got {fraction!r}") from None
+    if not 0.0 <= f < 1.0:
+        raise ConfigurationError(f"protect_outliers must be in [0, 1), got {fraction!r}")
+    return f
+
+
+def free_probabilities(probs: torch.Tensor, protected: torch.Tensor | None) -> torch.Tensor:
+    """``probs`` with the protected rows' entries set to zero (they are kept without a draw);
+    differentiable, shape (n,)."""
+    if protected is None or protected.numel() == 0:
+        return probs
+    mask = torch.ones_like(probs)
+    mask[protected.to(probs.device)] = 0.0
+    return probs * mask
+
+
 def sample_rows(probs: torch.Tensor, k: int, generator: torch.Generator | None = None,
                 layer: int | str = "?", ordered: bool = False) -> torch.Tensor:
     """Draw ``k`` distinct rows with probability proportional to ``probs`` (no replacement).
@@ -113,7 +158,8 @@ RANDOM_REFERENCE_EPISODE = 1_000_001
 
 @torch.no_grad()
 def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
-                     selection: str = "sample", seed: int = 0) -> list[torch.Tensor]:
+                     selection: str = "sample", seed: int = 0,
+                     protected: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Pick the kept rows of every layer with a trained policy.
 
     Args:
@@ -123,6 +169,8 @@ def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
         selection: ``"sample"`` (paper: multinomial over the relaxed-Bernoulli keep
             probabilities, seeded) or ``"topk"`` (the k largest alpha).
         seed: seed of the ``sample`` draw.
+        protected: per layer, rows kept whatever the policy says (``protected_rows``; ours); the
+            policy chooses the other ``k - len(protected[i])``.
     Returns:
         List of sorted LongTensors of shape (k,), one per layer.
     Raises:
@@ -133,23 +181,60 @@ def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
     for i, w in enumerate(states):
         device = next(policy.parameters()).device
         w = w.to(device)
+        fixed = _protected(protected, i, device)
         if selection == "topk":
-            kept.append(torch.topk(policy.logits(w), k).indices.sort().values.cpu())
+            logits = policy.logits(w).clone()
+            logits[fixed] = float("inf")
+            kept.append(torch.topk(logits, k).indices.sort().values.cpu())
         else:
             gen = layer_generator(seed, FINAL_EPISODE, i, device)  # one stream for eps and the draw, as in training
             p, _ = policy(w, generator=gen)
-            kept.append(sample_rows(p, k, generator=gen, layer=i).cpu())
+            kept.append(draw_kept(p, k, fixed, generator=gen, layer=i)[0].cpu())
     return kept
+
+
+def _protected(protected: Sequence[torch.Tensor] | None, layer: int, device) -> torch.Tensor:
+    if protected is None:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return protected[layer].to(device)
+
+
+def uniform_kept(n: int, k: int, generator: torch.Generator, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """The protected rows plus uniformly random others, ``k`` in all: sorted LongTensor (k,). With no
+    protected rows, the first k of a seeded permutation of range(n)."""
+    position = torch.randperm(n, generator=generator, device=generator.device).argsort()
+    score = -position.float()
+    if protected is not None:
+        score[protected.to(score.device)] = float("inf")
+    return torch.topk(score, k).indices.sort().values
+
+
+def draw_kept(probs: torch.Tensor, k: int, protected: torch.Tensor | None = None,
+              generator: torch.Generator | None = None, layer: int | str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    """The protected rows plus ``k - len(protected)`` rows drawn from ``probs`` among the others.
+
+    Returns:
+        ``(kept, drawn)``: kept, sorted LongTensor (k,); drawn, the drawn rows in draw order
+        (k - len(protected),), what a learner's likelihood is about.
+    Raises:
+        InvalidProbabilitiesError: see ``sample_rows``.
+    """
+    fixed = protected if protected is not None else torch.zeros(0, dtype=torch.long, device=probs.device)
+    drawn = sample_rows(free_probabilities(probs, fixed), k - fixed.numel(), generator=generator, layer=layer,
+                        ordered=True)
+    return torch.cat([fixed.to(drawn.device), drawn]).sort().values, drawn
 
 
 def select_rows(method: str, *, k: int, states: Sequence[torch.Tensor], policy: RowPolicy | None = None,
                 selection: str = "sample", seed: int = 0,
-                row_norms: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                row_norms: Sequence[torch.Tensor] | None = None,
+                protected: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Kept rows per layer for any method, so comparisons differ only in which rows are kept.
 
     Args:
         method: ``prunenet`` (``policy`` + ``selection``), ``random`` (uniform, seeded by
             (seed, layer)) or ``magnitude`` (the k largest ``row_norms[i]``, shape (n,)).
+        protected: per layer, rows every method keeps (``protected_rows``); the method picks the rest.
     Returns:
         One sorted LongTensor of shape (k,) per layer.
     Raises:
@@ -158,12 +243,16 @@ def select_rows(method: str, *, k: int, states: Sequence[torch.Tensor], policy: 
     if method == "prunenet":
         if policy is None:
             raise ConfigurationError("method 'prunenet' needs a policy")
-        return select_kept_rows(policy, states, k, selection, seed)
+        return select_kept_rows(policy, states, k, selection, seed, protected)
     if method == "random":
-        return [torch.randperm(w.shape[0], generator=layer_generator(seed, FINAL_EPISODE, i))[:k].sort().values
+        return [uniform_kept(w.shape[0], k, layer_generator(seed, FINAL_EPISODE, i), _protected(protected, i, "cpu"))
                 for i, w in enumerate(states)]
     if method == "magnitude":
         if row_norms is None:
             raise ConfigurationError("method 'magnitude' needs the row norms of the FFN input matrices")
-        return [torch.topk(norms.float(), k).indices.sort().values for norms in row_norms]
-    raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
+        scores = [norms.float().clone() for norms in row_norms]
+    else:
+        raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
+    for i, score in enumerate(scores):
+        score[_protected(protected, i, score.device)] = float("inf")
+    return [torch.topk(score, k).indices.sort().values for score in scores]

@@ -159,3 +159,37 @@ def model_states(model, adapter: ArchAdapter | None = None) -> tuple[list[torch.
         states.append(w)
         state_names.append(name)
     return states, state_names
+
+
+def load_output_peaks(model_name_or_path: str, trust_remote_code: bool = False) -> list[torch.Tensor]:
+    """Per layer, max |w| of each FFN neuron's output column, shape (n,) float32 (ours: what
+    ``selection.protected_rows`` ranks). Streamed from a local safetensors checkpoint one tensor at a
+    time when it can be; otherwise the model is loaded with transformers.
+
+    Raises:
+        ModelLoadError, UnsupportedModelError: see ``loading`` and ``arch``.
+    """
+    path = loading.resolve(model_name_or_path)
+    files = safetensors_files(path) if Path(path).is_dir() else None
+    if files is not None:
+        config = loading.load_config(path, trust_remote_code)
+        adapter = get_adapter(config)
+        model = meta_model(config)
+        names = {id(p): n for n, p in model.named_parameters()}
+        wanted = [names[id(adapter.output_module(layer).weight)] for layer in adapter.layers(model)]
+        try:
+            mapping = match_keys(wanted, list(files))
+        except KeyError:
+            mapping = None
+        if mapping is not None:
+            from safetensors import safe_open
+
+            peaks = []
+            for name in wanted:
+                key = mapping[name]
+                with safe_open(Path(path) / files[key], framework="pt") as f:
+                    peaks.append(adapter.output_peaks(f.get_tensor(key)))
+            return peaks
+    model = loading.load_model(model_name_or_path, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(model.config)
+    return [adapter.output_peaks(adapter.output_module(layer).weight) for layer in adapter.layers(model)]

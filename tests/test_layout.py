@@ -12,8 +12,12 @@ import pytest
 from tests.conftest import REPO, fit_parse_only
 
 PACKAGES = ("prunenet", "callbacks")
-#: Modules allowed over 300 lines because they are one cohesive thing (none today).
-LONG_OK: set[str] = set()
+#: Modules allowed over 300 lines because they are one cohesive thing, with why.
+LONG_OK: dict[str, str] = {
+    # The LightningModule: one episode's steps, their timings, and the states, protected rows and
+    # checkpoint plumbing they need; split further, an episode would be read across files.
+    "prunenet.module": "one episode in one place",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -67,7 +71,7 @@ def test_module_says_what_it_owns_and_stays_small(name):
     doc = ast.get_docstring(ast.parse(text))
     assert doc and doc.strip().splitlines()[0], f"{path} has no docstring saying what it owns"
     lines = len(text.splitlines())
-    assert lines <= 300 or name in LONG_OK, f"{path}: {lines} lines"
+    assert lines <= (350 if name in LONG_OK else 300), f"{path}: {lines} lines"
 
 
 def test_the_paper_algorithm_is_selectable_by_name():

@@ -159,6 +159,11 @@ class ArchAdapter:
             total = sq if total is None else total + sq
         return total.sqrt()
 
+    def output_peaks(self, weight: torch.Tensor) -> torch.Tensor:
+        """max |w| of each neuron's column in the stored FFN output weight, shape (n,), float32:
+        what ``selection.protected_rows`` ranks (ours). nn.Linear stores (d, n), Conv1D (n, d)."""
+        return weight.detach().abs().amax(dim=1 if self.conv1d else 0).float()
+
     # ----------------------------------------------------------------- slicing
     def state_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Policy state (n, d) from the stored weight of the first FFN input module

@@ -1,0 +1,186 @@
+"""Which selection keeps the pruned model best? Perplexity over seeds, for every method and ratio
+(issue 14's quality table; zero-shot is ``benchmarks.quality``).
+
+    python -m benchmarks.quality_perplexity --model smollm2-135m [--ratios 0.3,0.2,0.1]
+        [--seeds 0,1,2,3,4] [--tokens 16384] [--episodes 20] [--methods ...]
+
+Methods (each seed s, each ratio r):
+- ``paper``: the paper's algorithm (``configs/paper.yaml``: sparsity predictor, 1/KS of the gate
+  spectra, the paper's REINFORCE), trained for ``--episodes`` with seed s; its final seeded draw;
+- ``paper+protect``: the same with ``protect_outliers`` = ``--protect`` (ours);
+- ``baseline+protect``: the same with the ``baseline`` learner too (ours);
+- ``random``: uniformly random rows, seed s; ``random+protect``: the protected outlier neurons
+  always kept, the rest uniformly random;
+- ``magnitude``: the k neurons with the largest input-weight norm (deterministic: one cell).
+
+Policies are trained in-process with the product's own module and data module (the same code as
+``prunenet.fit``), without writing a checkpoint. The pruned model is scored by perplexity on the
+first ``--tokens`` tokens of SQuAD-dev Wikipedia (context 512), with the removed neurons zeroed at
+the FFN output (the same function as the sliced model: see tests/test_slicing.py), and each
+selection by its mean KS over layers of the gate spectra (the paper's objective).
+
+Each finished cell is appended to a JSON-lines file next to the table and skipped when the command
+runs again, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmarks.common import REPO, header, table
+
+METHODS = ("paper", "paper+protect", "baseline+protect", "random", "random+protect", "magnitude")
+CONFIGS = {"smollm2-135m": "configs/smollm2.yaml", "gemma3-270m": "configs/gemma3.yaml"}
+
+
+def model_section(path: str | Path) -> dict:
+    """The ``model:`` keys of a fit config (the module's arguments)."""
+    return dict(yaml.safe_load((REPO / path).read_text()).get("model") or {})
+
+
+def train_policy(settings: dict, ratio: float, seed: int, episodes: int) -> list[torch.Tensor]:
+    """Kept rows (one sorted LongTensor per layer) of a policy trained with ``settings`` (a config's
+    model section) at ``ratio`` with ``seed``: the fit's final seeded draw."""
+    import lightning as L
+
+    from prunenet.data import LayerDataModule
+    from prunenet.module import PruneNetModule
+
+    L.seed_everything(seed, verbose=False)
+    module = PruneNetModule(**{**settings, "compression_ratio": ratio})
+    trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=LayerDataModule())
+    return module.kept_indices("sample")
+
+
+def summarise(cells: list[dict]) -> list[str]:
+    """Table row cells: median, geometric mean, min, max of perplexity, seeds, mean KS."""
+    ppl = [c["perplexity"] for c in cells]
+    geo = math.exp(statistics.fmean(math.log(x) for x in ppl))
+    ks = statistics.fmean(c["ks"] for c in cells)
+    return [f"{statistics.median(ppl):,.0f}", f"{geo:,.0f}", f"{min(ppl):,.0f}", f"{max(ppl):,.0f}", str(len(ppl)),
+            f"{ks:.4f}"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from prunenet import loading
+    from prunenet.arch import get_adapter
+    from prunenet.evaluation.perplexity import PerplexitySettings, perplexity
+    from prunenet.reward import ks_statistic, singular_values
+    from prunenet.selection import kept_width, protected_rows, select_rows
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(CONFIGS))
+    parser.add_argument("--ratios", default="0.3,0.2,0.1")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--protect", type=float, default=0.01, help="protect_outliers of the +protect methods")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    name = args.model.split("-")[0]
+    output = Path(args.output or REPO / f"benchmarks/results/quality-perplexity-{name}.md")
+    records_path = output.with_suffix(".jsonl")
+    done = {}
+    if records_path.is_file():
+        for line in records_path.read_text().splitlines():
+            rec = json.loads(line)
+            done[(rec["model"], rec["ratio"], rec["method"], rec["seed"], rec["tokens"], rec["episodes"],
+                  rec["protect"])] = rec
+    paper = {**model_section("configs/paper.yaml"), "model_name_or_path": args.model}
+    if args.model == "gemma3-270m":  # what the family's config sets beyond the algorithm (none today)
+        paper.update({k: v for k, v in model_section(CONFIGS[args.model]).items()
+                      if k not in ("policy", "reward", "learner", "protect_outliers")})
+    protect = args.protect
+    trained = {"paper": paper, "paper+protect": {**paper, "protect_outliers": protect},
+               "baseline+protect": {**paper, "learner": "baseline", "protect_outliers": protect}}
+
+    model = loading.load_model(args.model)
+    tokenizer = loading.load_tokenizer(args.model)
+    adapter = get_adapter(model.config)
+    layers = adapter.layers(model)
+    gates = [adapter.state(layer).detach().float().clone() for layer in layers]
+    row_norms = [adapter.row_norms(layer) for layer in layers]
+    protected = [protected_rows(adapter.output_peaks(adapter.output_module(layer).weight), protect) for layer in layers]
+    reference = [singular_values(g) for g in gates]
+    n = gates[0].shape[0]
+    masks = [torch.ones(n) for _ in layers]
+    hooks = [adapter.output_module(layer).register_forward_pre_hook(
+        lambda _m, a, mask=mask: (a[0] * mask.to(a[0].dtype),) + tuple(a[1:])) for layer, mask in zip(layers, masks)]
+    settings = PerplexitySettings(context_length=512, max_tokens=args.tokens)
+    start = time.perf_counter()
+    try:
+        for r in ratios:
+            k = kept_width(n, r)
+            for seed in seeds:
+                for method in methods:
+                    s = 0 if method == "magnitude" else seed
+                    key = (args.model, r, method, s, args.tokens, args.episodes, protect)
+                    if key in done:
+                        continue
+                    t0 = time.perf_counter()
+                    if method in trained:
+                        kept = train_policy(trained[method], r, s, args.episodes)
+                    else:
+                        kept = select_rows(method.split("+")[0], k=k, states=gates, seed=s, row_norms=row_norms,
+                                           protected=protected if method.endswith("+protect") else None)
+                    fit_s = time.perf_counter() - t0
+                    for mask, rows in zip(masks, kept):
+                        mask.zero_()
+                        mask[rows] = 1.0
+                    ks = statistics.fmean(float(ks_statistic(ref, singular_values(g[rows])))
+                                          for ref, g, rows in zip(reference, gates, kept))
+                    ppl = perplexity(model, tokenizer, settings, progress=False)["perplexity"]
+                    rec = dict(zip(("model", "ratio", "method", "seed", "tokens", "episodes", "protect"), key),
+                               ks=ks, perplexity=ppl, select_seconds=round(fit_s, 1))
+                    with records_path.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    done[key] = rec
+                    print(f"[{time.perf_counter() - start:6.0f} s] r={r:g} {method} seed {s}: ppl {ppl:,.1f} "
+                          f"KS {ks:.4f} ({fit_s:.0f} s to select)", flush=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    write_table(output, args, argv, done, protect)
+
+
+def write_table(output: Path, args, argv, done: dict, protect: float) -> None:
+    """The markdown table of every finished cell of this model, tokens and episodes."""
+    rows = []
+    for r in sorted({key[1] for key in done if key[0] == args.model}, reverse=True):
+        for method in METHODS:
+            cells = [v for key, v in done.items() if key[0] == args.model and key[1] == r and key[2] == method
+                     and key[4:] == (args.tokens, args.episodes, protect)]
+            if cells:
+                rows.append([f"{r:g}", method, *summarise(cells)])
+    text = f"# Perplexity of the pruned model by selection method, {args.model}\n\n" + header(
+        "python -m benchmarks.quality_perplexity " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
+    text += (f"Perplexity on the first {args.tokens} tokens of squad-wiki (context 512), the removed FFN neurons "
+             f"zeroed; policies trained {args.episodes} episodes. `paper` = configs/paper.yaml; `+protect`: "
+             f"protect_outliers={protect:g}, the neurons with the largest output max-|w| always kept; `baseline`: "
+             "the baseline learner. Over seeds: median, geometric mean, min and max of perplexity (lower is better), and "
+             "the mean KS of the gate spectra (the paper's objective, lower is closer).\n\n")
+    text += table(["r", "method", "median ppl", "geo-mean ppl", "min", "max", "seeds", "mean KS"], rows)
+    output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,9 @@ Candidates (mean over layers; ours except ``ks_gate``):
 - ``energy_kept``: fraction of the FFN's squared Frobenius norm kept (gate and up rows, down columns);
 - ``down_max_kept``: sum over kept neurons of max |down column| / the same over all neurons;
 - ``outliers_kept``: fraction of each layer's top-1% neurons by max |down column| that are kept;
+- ``peak_dropped``: the largest max |down column| among the dropped neurons of any layer, relative
+  to its layer's median (added after the first 24 SmolLM2 selections were scored: exploratory there,
+  a test on Gemma);
 - ``bos_kl`` (a data-free probe, named as such: one forward pass of the lone BOS token, no dataset):
   KL(dense || pruned) of the next-token distribution after BOS.
 """
@@ -38,7 +41,8 @@ import torch
 
 from benchmarks.common import REPO, header, table
 
-CANDIDATES = ("ks_gate", "ks_all", "energy_kept", "down_max_kept", "outliers_kept", "bos_kl")
+CANDIDATES = ("ks_gate", "ks_all", "energy_kept", "down_max_kept", "outliers_kept", "peak_dropped", "bos_kl")
+WEIGHT_CANDIDATES = tuple(c for c in CANDIDATES if c != "bos_kl")
 
 
 def _ffn(adapter, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +55,7 @@ def weight_scores(ffns, kept, reference) -> dict[str, float]:
     """The weight-only candidates of one selection (kept: one LongTensor per layer)."""
     from prunenet.reward import ks_statistic, singular_values
 
-    out = {k: [] for k in CANDIDATES if k != "bos_kl"}
+    out = {k: [] for k in WEIGHT_CANDIDATES}
     for i, ((gate, up, down), rows) in enumerate(zip(ffns, kept)):
         if i not in reference:
             reference[i] = [singular_values(gate), singular_values(up), singular_values(down)]
@@ -65,7 +69,11 @@ def weight_scores(ffns, kept, reference) -> dict[str, float]:
         out["down_max_kept"].append(float(peak[rows].sum() / peak.sum()))
         top = torch.topk(peak, max(1, peak.numel() // 100)).indices
         out["outliers_kept"].append(float(torch.isin(top, rows).float().mean()))
-    return {k: statistics.fmean(v) for k, v in out.items()}
+        dropped = torch.ones_like(peak, dtype=torch.bool).index_fill_(0, rows, False)
+        out["peak_dropped"].append(float(peak[dropped].max() / peak.median()))
+    scores = {k: statistics.fmean(v) for k, v in out.items()}
+    scores["peak_dropped"] = max(out["peak_dropped"])  # the worst layer, not the mean
+    return scores
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     hooks = [adapter.output_module(layer).register_forward_pre_hook(
         lambda _m, a, mask=mask: (a[0] * mask.to(a[0].dtype),) + tuple(a[1:])) for layer, mask in zip(layers, masks)]
     reference: dict = {}
+    stale = [seed for seed, rec in done.items() if any(c not in rec for c in WEIGHT_CANDIDATES)]
+    for seed in stale:  # a candidate added later: weight-only, so score the recorded selections again
+        kept = select_rows("random", k=k, states=[g for g, _, _ in ffns], seed=seed)
+        done[seed].update(weight_scores(ffns, kept, reference))
+    if stale:
+        others = [line for line in records_path.read_text().splitlines()
+                  if (lambda r: (r["model"], r["ratio"], r["tokens"]))(json.loads(line)) != (args.model, args.ratio,
+                                                                                            args.tokens)]
+        tmp = records_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in others + [json.dumps(done[s]) for s in sorted(done)]))
+        tmp.replace(records_path)
     start = time.perf_counter()
     try:
         for seed in range(args.selections):

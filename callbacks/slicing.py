@@ -27,7 +27,8 @@ class StructuralSlicing(L.Callback):
     Args:
         output_dir: where to save; must be absent or empty unless ``overwrite``.
         overwrite: replace an existing non-empty ``output_dir`` (only after the new one is complete).
-        selection: ``sample`` (paper: seeded multinomial over keep probabilities) or ``topk``.
+        selection: ``sample`` (paper: seeded multinomial over keep probabilities), ``topk`` or
+            ``uniform`` (ours: protected rows + uniformly random others; the policy is not used).
         shardwise: rewrite the safetensors shards one at a time instead of loading the model
             (None: automatic when the checkpoint exceeds half the available memory).
 

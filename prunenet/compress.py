@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="prunenet: a trained --policy; random: uniform rows (seeded); magnitude: the neurons "
                              "with the largest input-weight L2 norm (gated FFNs: gate and up rows together)")
     parser.add_argument("--selection", default="sample", choices=SELECTION_MODES,
-                        help="with --method prunenet: sample (the paper's seeded multinomial, default) or topk")
+                        help="with --method prunenet: sample (the paper's seeded multinomial, default), topk, or "
+                             "uniform (protected rows + uniformly random others: the policy is not used)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and random draws")
     parser.add_argument("--round_to", type=int, default=1, help="round the kept width down to a multiple")
     parser.add_argument("--protect_outliers", type=float, default=None,

@@ -15,7 +15,7 @@ import torch
 from prunenet.errors import ConfigurationError, InvalidProbabilitiesError
 from prunenet.policy import RowPolicy
 
-SELECTION_MODES = ("sample", "topk")
+SELECTION_MODES = ("sample", "topk", "uniform")
 
 #: How kept rows are chosen: the trained policy, or the baselines it is compared with.
 METHODS = ("prunenet", "random", "magnitude")
@@ -37,7 +37,7 @@ def validate_ratio(compression_ratio: float) -> float:
 
 
 def validate_selection(selection: str, name: str = "selection") -> str:
-    """Return ``selection`` if it is a final selection mode (``sample`` or ``topk``).
+    """Return ``selection`` if it is a final selection mode (one of ``SELECTION_MODES``).
 
     Raises:
         ConfigurationError: anything else, named by ``name`` (the option the user set).
@@ -167,7 +167,9 @@ def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
         states: per-layer FFN input matrices, each (n, d).
         k: kept width.
         selection: ``"sample"`` (paper: multinomial over the relaxed-Bernoulli keep
-            probabilities, seeded) or ``"topk"`` (the k largest alpha).
+            probabilities, seeded), ``"topk"`` (the k largest alpha) or ``"uniform"`` (ours: the
+            protected rows and uniformly random others, seeded; the policy is not used. The best
+            measured selection so far: benchmarks/results/quality-perplexity-smollm2.md).
         seed: seed of the ``sample`` draw.
         protected: per layer, rows kept whatever the policy says (``protected_rows``; ours); the
             policy chooses the other ``k - len(protected[i])``.
@@ -182,7 +184,9 @@ def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
         device = next(policy.parameters()).device
         w = w.to(device)
         fixed = _protected(protected, i, device)
-        if selection == "topk":
+        if selection == "uniform":  # the same rows as select_rows("random", ...) with the same seed
+            kept.append(uniform_kept(w.shape[0], k, layer_generator(seed, FINAL_EPISODE, i), fixed.cpu()))
+        elif selection == "topk":
             logits = policy.logits(w).clone()
             logits[fixed] = float("inf")
             kept.append(torch.topk(logits, k).indices.sort().values.cpu())

@@ -145,3 +145,21 @@ def test_bad_protect_fraction_is_a_one_line_error(args, entry, tiny_dir, tmp_pat
     res = run_fit(*where, *args, extra=extra_args if entry == "prunenet.fit" else [], module=entry)
     assert "protect_outliers must be in [0, 1)" in one_line_error(res)
     assert not (tmp_path / "o").exists()
+
+
+def test_uniform_selection_is_the_random_method_with_the_same_seed_and_ignores_the_policy():
+    from prunenet.policy import build_policy
+    from prunenet.selection import select_kept_rows
+
+    gen = torch.Generator().manual_seed(0)
+    states = [torch.randn(N, 6, generator=gen) for _ in range(2)]
+    protected = [torch.tensor([3, 30]), torch.tensor([0])]
+    a, b = build_policy("sparsity_predictor", N, 6), build_policy("sparsity_predictor", N, 6)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))  # another policy: same uniform rows
+    rows_a = select_kept_rows(a, states, 20, "uniform", seed=4, protected=protected)
+    rows_b = select_kept_rows(b, states, 20, "uniform", seed=4, protected=protected)
+    expected = select_rows("random", k=20, states=states, seed=4, protected=protected)
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(rows_a, rows_b, expected))
+    assert {3, 30} <= set(rows_a[0].tolist()) and 0 in rows_a[1].tolist()

@@ -33,9 +33,9 @@ a smaller stride scores every token once, each with more context.
 ``max_tokens`` keeps only the first N tokens of the text (a faster, still fixed
 subset). Windows of equal length are batched without padding, so the number
 does not depend on the batch size beyond float rounding and is the same every run.
-Several processes share the batches out (:func:`score_windows` with a rank) and
-their NLLs are summed in window order (:func:`summarize`): the same number as one
-process computes.
+Several processes share the windows out (:func:`score_windows` with a rank:
+contiguous, equal shares) and their NLLs are summed in window order
+(:func:`summarize`): the same number as one process computes, up to float rounding.
 """
 
 from __future__ import annotations
@@ -160,12 +160,19 @@ def windows(num_tokens: int, context_length: int, stride: int) -> list[tuple[int
     return out
 
 
-def batches(wins: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, tuple[int, int, int]]]]:
-    """Consecutive windows of equal length, at most ``batch_size`` per batch: ``[[(window index,
-    window), ...], ...]``. The same batches whatever the number of processes, so a window's NLL does
-    not depend on how the batches are shared out."""
-    out: list[list[tuple[int, tuple[int, int, int]]]] = []
-    for i, w in enumerate(wins):
+def share(count: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s contiguous share of ``count`` items: sizes differ by at most one."""
+    base, extra = divmod(count, world_size)
+    begin = rank * base + min(rank, extra)
+    return range(begin, begin + base + (rank < extra))
+
+
+def batches(wins: list[tuple[int, int, int]], indices: range, batch_size: int) -> list[list[tuple[int, tuple]]]:
+    """Windows ``indices`` of ``wins`` in batches of consecutive windows of equal length, at most
+    ``batch_size`` each: ``[[(window index, window), ...], ...]``."""
+    out: list[list[tuple[int, tuple]]] = []
+    for i in indices:
+        w = wins[i]
         if out and len(out[-1]) < batch_size and (out[-1][0][1][1] - out[-1][0][1][0]) == w[1] - w[0]:
             out[-1].append((i, w))
         else:
@@ -176,7 +183,7 @@ def batches(wins: list[tuple[int, int, int]], batch_size: int) -> list[list[tupl
 @torch.no_grad()
 def score_windows(model, tokenizer, settings: PerplexitySettings, batch_size: int = 4, rank: int = 0,
                   world_size: int = 1, progress: bool = True) -> dict[str, Any]:
-    """This rank's share of a perplexity: the batches ``rank, rank + world_size, ...`` of :func:`batches`.
+    """This rank's share of a perplexity: a contiguous :func:`share` of the windows, batched.
 
     Returns:
         ``{"nll": [(window index, NLL summed over its scored tokens in float64, scored tokens), ...],
@@ -197,7 +204,7 @@ def score_windows(model, tokenizer, settings: PerplexitySettings, batch_size: in
                               f"max_position_embeddings {max_pos}")
     wins = windows(len(ids), settings.context_length, settings.stride)
     # Consecutive windows of equal length are batched: no padding, no attention mask.
-    mine = batches(wins, batch_size)[rank::world_size]
+    mine = batches(wins, share(len(wins), rank, world_size), batch_size)
     device = next(model.parameters()).device
     bar = None
     if progress:
@@ -224,8 +231,9 @@ def score_windows(model, tokenizer, settings: PerplexitySettings, batch_size: in
 def summarize(parts: list[dict[str, Any]], settings: PerplexitySettings, wall_s: float) -> dict[str, Any]:
     """The perplexity record from every rank's :func:`score_windows` part (in rank order).
 
-    The windows' NLLs are summed in window order, as one process sums them, so the result is the
-    same number whatever the number of processes.
+    The windows' NLLs are summed in window order, as one process sums them; a window's NLL can
+    differ from one process's only by float rounding (its batch holds other windows), so the
+    perplexity is the same number up to that rounding whatever the number of processes.
 
     Raises:
         EvaluationError: no token was scored (the text is too short).

@@ -194,15 +194,23 @@ def test_two_process_fit_with_evaluation_writes_one_report(tiny_dir, cache_env, 
 
 @pytest.mark.slow
 @TWO_CORES
-def test_failure_on_one_rank_stops_every_rank_with_one_line(tiny_dir, cache_env, tmp_path):
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_failure_on_one_rank_stops_every_rank_with_one_line(how, tiny_dir, cache_env, tmp_path):
+    """Rank 1's forward pass raises (or the process is killed); rank 0, which finished its share and
+    waits for rank 1's metrics, stops at once too. No launcher here ends rank 0 for us."""
     output = tmp_path / "res" / "eval.json"
     argv = [sys.executable, str(REPO / "tests" / "eval_on_ranks.py"), "--model", str(tiny_dir), "--tasks",
             "piqa,arc_easy", "--limit", "4", "--device", "cpu", "--output", str(output)]
     env = {k: v for k, v in os.environ.items() if k != "PRUNENET_VERBOSE"}
-    ranks = _launch(argv, {**env, **cache_env, "PRUNENET_TEST_FAIL_RANK": "1"}, tmp_path, timeout=300)
-    failing = one_line_error(ranks[1])
+    ranks = _launch(argv, {**env, **cache_env, "PRUNENET_TEST_FAIL_RANK": "1", "PRUNENET_TEST_FAIL_HOW": how},
+                    tmp_path, timeout=300)
     other = one_line_error(ranks[0])
-    assert failing == "error: evaluation failed on rank 1 of 2: RuntimeError: injected failure in the forward pass"
-    assert other.startswith("error: evaluation failed on rank 1 of 2: RuntimeError: injected failure")
-    assert "every rank stops" in other
+    if how == "raise":
+        assert one_line_error(ranks[1]) == ("error: evaluation failed on rank 1 of 2: RuntimeError: injected "
+                                            "failure in the forward pass")
+        assert other == ("error: evaluation failed on rank 1 of 2: RuntimeError: injected failure in the forward "
+                         "pass (every rank stops; nothing was written)")
+    else:
+        assert ranks[1].returncode == -9
+        assert other.startswith("error: evaluation stopped on rank 0 of 2: lost contact with the other ranks")
     assert not output.exists() and not output.with_suffix(".md").exists()

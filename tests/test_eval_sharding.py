@@ -194,6 +194,22 @@ def test_two_process_fit_with_evaluation_writes_one_report(tiny_dir, cache_env, 
 
 @pytest.mark.slow
 @TWO_CORES
+def test_less_work_than_processes(tiny_dir, cache_env, tmp_path):
+    """One document and one perplexity window for two processes: rank 0 does both, rank 1 only takes
+    part in the exchanges (lm-eval's evaluator cannot run a rank without documents)."""
+    output = tmp_path / "res" / "eval.json"
+    argv = [sys.executable, "-m", "prunenet.evaluate", "--model", str(tiny_dir), "--tasks", "piqa", "--limit", "1",
+            "--device", "cpu", "--perplexity", "squad-wiki", "--perplexity_context_length", "32",
+            "--perplexity_max_tokens", "20", "--output", str(output)]
+    ranks = _launch(argv, {**os.environ, **cache_env}, tmp_path, timeout=300)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[1].stderr[-3000:]
+    result = json.loads(output.read_text())["result"]
+    assert result["tasks"]["piqa"]["requests_per_rank"] == [2, 0] and result["tasks"]["piqa"]["n"] == 1
+    assert result["perplexity"]["windows_per_rank"] == [1, 0] and result["perplexity"]["tokens"] == 19
+
+
+@pytest.mark.slow
+@TWO_CORES
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_failure_on_one_rank_stops_every_rank_with_one_line(how, tiny_dir, cache_env, tmp_path):
     """Rank 1's forward pass raises (or the process is killed); rank 0, which finished its share and

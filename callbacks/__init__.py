@@ -1,4 +1,5 @@
-"""Lightning callbacks of PruneNet: each runs its work on rank 0, then waits at a barrier.
+"""Lightning callbacks of PruneNet: slicing and the spectrum figure run on rank 0 while the others
+wait; the evaluation is sharded over every rank (rank 0 writes the report).
 StructuralSlicing exports the pruned checkpoint; PostPruningEvaluation (which requires it) and
 SpectrumMonitor ask it for what it exported, which it produces once per fit whoever asks first,
 so their order does not matter."""

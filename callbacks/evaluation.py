@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -14,18 +15,26 @@ from prunenet.artifacts import EVAL_JSON, EVAL_MD
 from prunenet.errors import AssetMissingError, EvaluationError
 from prunenet.export import Exported
 
+if TYPE_CHECKING:
+    from prunenet.evaluation.sharding import Shards
+
 
 class PostPruningEvaluation(L.Callback):
     """Evaluate the pruned model and the dense one at the end of fit; write ``eval.json``/``eval.md``.
 
-    On rank 0 it asks the StructuralSlicing callback for what it exported (``export()``, which
+    Rank 0 asks the StructuralSlicing callback for what it exported (``export()``, which
     slices and saves once whichever callback asks first: the folder, the plan, the sliced
-    model), loads the dense model from the module's source, runs lm-eval on both (the dense results are cached per model /
-    tasks / limit / versions, so a second fit does not recompute them), prints the table,
-    writes ``eval.json`` and ``eval.md`` into the pruned checkpoint folder and logs
-    ``eval/<task>`` (pruned score), ``eval/dense/<task>``, ``eval/retention`` (% of the dense
-    zero-shot average kept) and the perplexities to the Lightning loggers, as TensorBoard
-    hparams metrics too. Other ranks wait at a barrier.
+    model). Then every rank evaluates: with one process, it loads the dense model from the
+    module's source and runs lm-eval on both; with several (DDP, ``trainer.world_size`` > 1),
+    each rank loads the pruned folder and the dense model on its own device
+    (``trainer.strategy.root_device``) and scores its share of every task's documents and of the
+    perplexity windows, and rank 0 gathers them (:mod:`prunenet.evaluation.sharding`). The dense
+    results are cached per model / tasks / limit / versions (rank 0 reads and writes the cache),
+    so a second fit does not recompute them. Rank 0 prints the table, writes ``eval.json`` and
+    ``eval.md`` into the pruned checkpoint folder and logs ``eval/<task>`` (pruned score),
+    ``eval/dense/<task>``, ``eval/retention`` (% of the dense zero-shot average kept) and the
+    perplexities to the Lightning loggers, as TensorBoard hparams metrics too. A failure on any
+    rank stops every rank with a one-line error, before anything is written.
 
     Args:
         tasks: task names (``piqa``, ``winogrande``, ``hellaswag``, ``arc_easy``, ``arc_challenge``,
@@ -98,38 +107,60 @@ class PostPruningEvaluation(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from callbacks.slicing import find_slicing
 
-        def work() -> None:
-            self.result = self.run(pl_module, find_slicing(trainer).export(pl_module), trainer)
+        if not self.enabled:
+            return
+        slicing = find_slicing(trainer)
+        if trainer.world_size == 1:
+            self.result = self.run(pl_module, slicing.export(pl_module), trainer)
+            return
+        on_rank_zero(trainer, lambda: slicing.export(pl_module))
+        # The other ranks evaluate the folder rank 0 wrote (it must be on a filesystem they all see).
+        path = trainer.strategy.broadcast(str(slicing.exported.path) if trainer.is_global_zero else None, src=0)
+        exported = slicing.exported if trainer.is_global_zero else Exported(Path(path), {}, [])
+        from prunenet.evaluation.sharding import current, rank_device
 
-        if self.enabled:
-            on_rank_zero(trainer, work)
+        device = (rank_device(self.settings.device, trainer.local_rank) if self.settings.device
+                  else str(trainer.strategy.root_device))
+        self.result = self.run(pl_module, exported, trainer, shards=current(device, trainer.local_rank))
 
     # ------------------------------------------------------------------ work
-    def run(self, pl_module: L.LightningModule, exported: Exported, trainer: L.Trainer | None = None) -> dict[str, Any]:
+    def run(self, pl_module: L.LightningModule, exported: Exported, trainer: L.Trainer | None = None,
+            shards: Shards | None = None) -> dict[str, Any]:
         """Evaluate the ``exported`` pruned checkpoint and the module's dense source; write
-        ``eval.json``/``eval.md`` into the checkpoint folder; log. Returns eval.json's dict."""
+        ``eval.json``/``eval.md`` into the checkpoint folder; log. Returns eval.json's dict.
+
+        With ``shards`` of several processes every rank calls this (each scores its share), rank 0
+        writes and logs, and every rank returns the same dict.
+
+        Raises:
+            EvaluationError: an evaluation failed (with several processes, on every rank when any
+                rank failed).
+        """
         from prunenet import loading
         from prunenet.artifacts import atomic_write_text
+        from prunenet.evaluation import Shards
         from prunenet.evaluation import cache as eval_cache
         from prunenet.evaluation import compare, evaluate_model, markdown
         from prunenet.evaluation.report import report
 
+        shards = shards or Shards()
         start = time.perf_counter()
         folder = exported.path
         hp = pl_module.hparams
-        tokenizer = pl_module.load_tokenizer()
+        tokenizer = shards.guarded(pl_module.load_tokenizer)
         identity = None
         if self.cache:
             identity = eval_cache.model_identity(hp.model_name_or_path)
             if str(hp.get("dtype", "auto")) != "auto":  # loaded in another dtype than the checkpoint's own
                 identity["load_dtype"] = str(hp.dtype)
         rank_zero_info(f"PostPruningEvaluation: {', '.join(self.settings.tasks)} "
-                       f"(limit {self.settings.limit}) on the pruned and the dense model")
+                       f"(limit {self.settings.limit}) on the pruned and the dense model"
+                       + (f", {shards.world_size} processes" if shards.world_size > 1 else ""))
         pruned = evaluate_model(lambda: exported.model if exported.model is not None else loading.load_model(folder),
                                 tokenizer, self.settings, identity=None, label="pruned",
-                                log=rank_zero_info)
+                                log=rank_zero_info, shards=shards)
         dense = evaluate_model(pl_module.load_dense_model, tokenizer, self.settings, identity=identity,
-                               label="dense", log=rank_zero_info)
+                               label="dense", log=rank_zero_info, shards=shards)
         comparison = compare(dense, pruned)
         title = (f"PruneNet evaluation: {hp.model_name_or_path}, compression ratio {hp.compression_ratio} "
                  f"(dense vs pruned)")
@@ -137,12 +168,17 @@ class PostPruningEvaluation(L.Callback):
         payload = report(model=str(folder), result=pruned, baseline=str(hp.model_name_or_path), baseline_result=dense,
                          settings=self.settings.to_dict(), comparison=comparison,
                          wall_s=time.perf_counter() - start, compression_ratio=float(hp.compression_ratio))
-        atomic_write_text(folder / EVAL_JSON, json.dumps(payload, indent=1, default=str) + "\n")
-        atomic_write_text(folder / EVAL_MD, table)
-        rank_zero_info("\n" + table + f"(evaluation wall time {payload['wall_s']:.0f} s; written to "
-                       f"{folder / EVAL_JSON} and {folder / EVAL_MD})")
-        if trainer is not None:
-            self.log_metrics(trainer, pl_module, comparison)
+
+        def write() -> None:
+            if shards.is_zero:
+                atomic_write_text(folder / EVAL_JSON, json.dumps(payload, indent=1, default=str) + "\n")
+                atomic_write_text(folder / EVAL_MD, table)
+                rank_zero_info("\n" + table + f"(evaluation wall time {payload['wall_s']:.0f} s; written to "
+                               f"{folder / EVAL_JSON} and {folder / EVAL_MD})")
+                if trainer is not None:
+                    self.log_metrics(trainer, pl_module, comparison)
+
+        shards.step(write)  # a failure to write or log on rank 0 stops every rank
         return payload
 
     def metrics(self, comparison: dict[str, Any]) -> dict[str, float]:

@@ -7,6 +7,12 @@ came from (its ``prunenet.json``) and adds the retention column; ``--baseline X`
 compares with any model X. Results are cached per model/task/limit/versions
 (``--no_cache`` to recompute). ``--output eval.json`` writes the results (and
 ``eval.md`` beside it).
+
+Several processes share the work when launched by ``torchrun`` (``torchrun
+--nproc_per_node=4 -m prunenet.evaluate ...``: one per GPU, each on
+``cuda:<local rank>``; on CPU add ``--device cpu``): each loads the models and
+scores its share of the documents and perplexity windows, rank 0 prints and
+writes the one report (see :mod:`prunenet.evaluation.sharding`).
 """
 
 from __future__ import annotations
@@ -90,9 +96,8 @@ def _recorded_ratio(model: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from prunenet.artifacts import atomic_write_text
-    from prunenet.evaluation import EvalSettings, PerplexitySettings, compare, evaluate_checkpoint, markdown
-    from prunenet.evaluation.report import report
+    from prunenet.evaluation import EvalSettings, PerplexitySettings
+    from prunenet.evaluation.sharding import from_environment
 
     args = parser().parse_args(argv)
     ppl = PerplexitySettings.parse(args.perplexity, context_length=args.perplexity_context_length,
@@ -110,25 +115,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             verb = "exists" if len(existing) == 1 else "exist"
             raise EvaluationError(f"{' and '.join(existing)} already {verb}; pass --overwrite to replace")
         out.parent.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    with from_environment(settings.device) as shards:
+        return _run(args, settings, baseline, out if args.output else None, shards)
+
+
+def _run(args: argparse.Namespace, settings, baseline: str | None, out: Path | None, shards) -> dict[str, Any]:
+    """Evaluate (this rank's share), then on rank 0 print the table and write ``out``."""
+    from prunenet.artifacts import atomic_write_text
+    from prunenet.evaluation import compare, evaluate_checkpoint, markdown
+    from prunenet.evaluation.report import report
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
     base_result = None
     if baseline:
         base_result = evaluate_checkpoint(baseline, settings, use_cache=not args.no_cache, label="baseline",
-                                          log=log, trust_remote_code=args.trust_remote_code)
+                                          log=log, trust_remote_code=args.trust_remote_code, shards=shards)
     result = evaluate_checkpoint(args.model, settings, use_cache=not args.no_cache, label="model", log=log,
-                                 trust_remote_code=args.trust_remote_code)
+                                 trust_remote_code=args.trust_remote_code, shards=shards)
     comparison = compare(base_result, result)
     table = markdown(comparison, title=f"Evaluation of {args.model}" + (f" (baseline {baseline})" if baseline else ""),
                      dense_label="baseline" if baseline else "dense", pruned_label="model")
-    print(table, end="")
     payload = report(model=args.model, result=result, baseline=baseline, baseline_result=base_result,
                      settings=settings.to_dict(), comparison=comparison, wall_s=time.perf_counter() - start,
                      compression_ratio=_recorded_ratio(args.model))
-    if args.output:
-        atomic_write_text(out, json.dumps(payload, indent=1, default=str) + "\n")
-        atomic_write_text(out.with_suffix(".md"), table)
-        print(f"written: {out} and {out.with_suffix('.md')}", file=sys.stderr)
+
+    def write() -> None:
+        if not shards.is_zero:
+            return
+        print(table, end="")
+        if out is not None:
+            atomic_write_text(out, json.dumps(payload, indent=1, default=str) + "\n")
+            atomic_write_text(out.with_suffix(".md"), table)
+            print(f"written: {out} and {out.with_suffix('.md')}", file=sys.stderr)
+
+    shards.step(write)  # a failure to write on rank 0 stops every rank
     return payload
 
 

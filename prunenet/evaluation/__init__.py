@@ -4,6 +4,8 @@
 * :mod:`~prunenet.evaluation.tasks`: lm-eval's built-in task configs with the data swapped to local files.
 * :mod:`~prunenet.evaluation.perplexity`: token-level perplexity, fixed context length and stride.
 * :mod:`~prunenet.evaluation.harness`: ``HFLM`` + ``simple_evaluate`` per task, with a result cache.
+* :mod:`~prunenet.evaluation.sharding`, :mod:`~prunenet.evaluation.lm`: the same, sharded over the
+  processes of a multi-process run (each rank scores its share, rank 0 gets the results).
 * :mod:`~prunenet.evaluation.report`: retention, the zero-shot average and the Markdown table.
 
 Typical use::
@@ -20,6 +22,7 @@ from typing import Any
 from prunenet.evaluation.harness import EvalSettings, check_limit, evaluate_model
 from prunenet.evaluation.perplexity import PerplexitySettings
 from prunenet.evaluation.report import compare, markdown, retention
+from prunenet.evaluation.sharding import Shards
 from prunenet.evaluation.tasks import TASKS, ZERO_SHOT_TASKS, known_tasks, parse_tasks
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "ZERO_SHOT_TASKS",
     "EvalSettings",
     "PerplexitySettings",
+    "Shards",
     "check_limit",
     "compare",
     "evaluate_checkpoint",
@@ -40,18 +44,20 @@ __all__ = [
 
 def evaluate_checkpoint(name_or_path: str, settings: EvalSettings, use_cache: bool = True,
                         label: str = "model", log: Callable[[str], None] = print,
-                        trust_remote_code: bool = False) -> dict[str, Any]:
-    """Evaluate a checkpoint given by asset name, local folder or hub id (see :func:`evaluate_model`).
+                        trust_remote_code: bool = False, shards: Shards | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint given by asset name, local folder or hub id (see :func:`evaluate_model`;
+    with ``shards``, every rank calls this and loads the checkpoint on its own device).
 
     Results are cached per model identity/task/limit/versions unless ``use_cache`` is False.
     """
     from prunenet import loading
     from prunenet.evaluation import cache
 
-    tokenizer = loading.load_tokenizer(name_or_path, trust_remote_code)
+    shards = shards or Shards()
+    tokenizer = shards.guarded(lambda: loading.load_tokenizer(name_or_path, trust_remote_code))
     identity = cache.model_identity(name_or_path) if use_cache else None
     result = evaluate_model(lambda: loading.load_model(name_or_path, dtype=settings.dtype,
                                                       trust_remote_code=trust_remote_code),
-                            tokenizer, settings, identity=identity, label=label, log=log)
+                            tokenizer, settings, identity=identity, label=label, log=log, shards=shards)
     result["model"] = str(name_or_path)
     return result

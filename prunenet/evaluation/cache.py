@@ -10,7 +10,9 @@ atomically). The key hashes:
 * the versions of lm-eval, transformers, torch, datasets and the data package,
   and a format number bumped whenever what is measured changes.
 
-The batch size is not in the key (it does not change what is measured).
+The batch size is not in the key (it does not change what is measured), nor is the number of
+processes: with several, rank 0 alone reads the cache (and tells the others what it found) and
+writes it, and an entry leaves out how that run was sharded (``requests_per_rank``...).
 """
 
 from __future__ import annotations

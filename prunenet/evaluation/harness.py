@@ -3,7 +3,9 @@
 A model is given as a loader (a callable returning the model) so that nothing is
 loaded when every result comes from the dense-result cache; see
 :func:`evaluate_model`. One ``simple_evaluate`` call per task, so each task has
-its own wall time and cache entry.
+its own wall time and cache entry. With :class:`~prunenet.evaluation.sharding.Shards`
+of several processes, every rank runs the same calls on its own share (see
+``sharding.py`` and ``lm.py``) and gets rank 0's result.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 
 from prunenet.errors import EvaluationError
 from prunenet.evaluation import cache as eval_cache
-from prunenet.evaluation.perplexity import PerplexitySettings, perplexity
+from prunenet.evaluation.perplexity import PerplexitySettings, score_windows, summarize
+from prunenet.evaluation.sharding import RANK_KEYS, Shards
 from prunenet.evaluation.tasks import TASKS, build_task, no_map_bars, parse_tasks, task_manager
 
 #: lm-eval's bootstrap is only used for non-mean metrics (perplexities); accuracies get closed-form stderr.
@@ -104,10 +107,10 @@ def _quiet_lm_eval():
         logger.setLevel(old)
 
 
-def _prepare(model, settings: EvalSettings):
+def _prepare(model, settings: EvalSettings, device: str | None = None):
     from prunenet import loading
 
-    device = settings.resolved_device()
+    device = device or settings.resolved_device()
     if settings.dtype is not None:
         model = model.to(loading.parse_dtype(settings.dtype))
     model = model.to(device)
@@ -123,19 +126,28 @@ def _float(x: Any) -> float | None:
     return v
 
 
-def run_task(lm, name: str, limit: float | None) -> dict[str, Any]:
-    """Evaluate one task with lm-eval. Returns the task's result record (see :func:`evaluate_model`)."""
+def run_task(lm, name: str, limit: float | None) -> dict[str, Any] | None:
+    """Evaluate one task with lm-eval on ``lm`` (a :class:`~prunenet.evaluation.lm.RankedHFLM`), this
+    rank's share of its documents. Returns the task's result record (see :func:`evaluate_model`) on
+    rank 0, None on the other ranks."""
     from lm_eval import simple_evaluate
+
+    from prunenet.evaluation.lm import doc_count
 
     s = TASKS[name]
     with _quiet_lm_eval():
         task = build_task(name)
     start, cpu = time.perf_counter(), time.process_time()
-    with _quiet_lm_eval(), no_map_bars():
-        out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=False,
-                              bootstrap_iters=BOOTSTRAP_ITERS, task_manager=task_manager(s.builtin_dir))
+    out = None
+    if lm.begin_task(doc_count(task, limit) if lm.shards.world_size > 1 else None):
+        with _quiet_lm_eval(), no_map_bars():
+            out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=False,
+                                  bootstrap_iters=BOOTSTRAP_ITERS, task_manager=task_manager(s.builtin_dir))
+    lm.end_task()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    if out is None:  # not rank 0 of a distributed lm-eval run (never the case here)
+    if not lm.shards.is_zero:
+        return None
+    if out is None:
         raise EvaluationError(f"lm-eval returned no result for {name!r}")
     raw = out["results"][name]
     metrics: dict[str, float | None] = {}
@@ -149,6 +161,7 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any]:
     subtasks = [t for t in n_samples if t == name or t.startswith("mmlu_")] if s.is_group else [name]
     n_eval = sum(int(n_samples[t]["effective"]) for t in subtasks if t in n_samples)
     n_total = sum(int(n_samples[t]["original"]) for t in subtasks if t in n_samples)
+    sharded = lm.shards.world_size > 1
     record = {
         "task": name,
         "metric": s.metric,
@@ -166,8 +179,13 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any]:
         "lm_eval_task": name,
         "lm_eval_version": out.get("versions", {}).get(name),
         "wall_s": round(wall, 2),
-        "cpu_s": round(cpu, 2),  # process CPU time (all threads): wall time on a loaded machine misleads
+        # process CPU time (all threads; every process's): wall time on a loaded machine misleads
+        "cpu_s": round(sum(lm.cpu_s_per_rank), 2) if sharded else round(cpu, 2),
+        "processes": lm.shards.world_size,
+        "requests_per_rank": lm.requests_per_rank,
     }
+    if sharded:
+        record["cpu_s_per_rank"] = lm.cpu_s_per_rank
     if s.is_group:
         record["subjects"] = {t: _float(out["results"][t].get("acc,none")) for t in sorted(out["results"])
                               if t.startswith("mmlu_")}
@@ -176,71 +194,96 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any]:
 
 def evaluate_model(load_model: Callable[[], Any], tokenizer, settings: EvalSettings,
                    identity: dict[str, Any] | None = None, label: str = "model",
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate one model on ``settings.tasks`` (+ perplexity).
+                   log: Callable[[str], None] = print, shards: Shards | None = None) -> dict[str, Any]:
+    """Evaluate one model on ``settings.tasks`` (+ perplexity), in one process or sharded over several.
 
     Args:
-        load_model: returns the model (called at most once, and only if something is not cached).
+        load_model: returns the model (called at most once per process, and only if something is
+            not cached).
         tokenizer: the model's tokenizer (``HFLM(tokenizer=...)``, perplexity).
         settings: what to run.
         identity: the model's identity for the result cache (:func:`cache.model_identity`);
             None disables the cache (e.g. an in-memory pruned model).
         label: name used in progress lines (``dense``, ``pruned``).
-        log: where progress lines go.
+        log: where progress lines go (rank 0's only).
+        shards: this process's rank among the processes that evaluate together (every one of them
+            calls this with the same arguments; each loads the model on ``shards.device`` and scores
+            its share; rank 0 reads and writes the cache). None: this process alone.
 
     Returns:
         ``{"tasks": {name: record}, "perplexity": record | None, "settings": ..., "versions": ...,
-        "wall_s": ...}``. A task record holds ``score`` (the reported metric), ``metric``,
-        ``stderr``, every lm-eval metric with its stderr under ``metrics``, ``n`` documents
-        evaluated of ``n_total``, ``split``, ``data``, ``wall_s`` and ``cached``.
+        "processes": ..., "wall_s": ...}``, the same on every rank. A task record holds ``score``
+        (the reported metric), ``metric``, ``stderr``, every lm-eval metric with its stderr under
+        ``metrics``, ``n`` documents evaluated of ``n_total``, ``split``, ``data``, ``wall_s``,
+        ``cpu_s``, ``cached``, and for a task computed in this run ``processes`` and
+        ``requests_per_rank`` (lm-eval requests each rank scored); the perplexity record has
+        ``windows_per_rank``.
+
+    Raises:
+        EvaluationError: no tokenizer, a task or the perplexity failed (with several processes, on
+            every rank when any rank failed: :class:`~prunenet.evaluation.sharding.ShardFailed`).
     """
     if tokenizer is None:
         raise EvaluationError(f"the {label} model has no tokenizer; lm-eval needs one")
+    shards = shards or Shards()
+    if not shards.is_zero:
+        log = lambda message: None  # noqa: E731
     start = time.perf_counter()
     state: dict[str, Any] = {}
 
     def lm():
         if "lm" not in state:
-            from lm_eval.models.huggingface import HFLM
+            from prunenet.evaluation.lm import RankedHFLM
 
             with _quiet_lm_eval():
-                model = _prepare(load_model(), settings)
+                model = _prepare(load_model(), settings, shards.device)
                 state["model"] = model
-                state["lm"] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+                state["lm"] = RankedHFLM(model, tokenizer, settings.batch_size, shards)
         return state["lm"]
 
+    keys = {name: eval_cache.task_key(identity, name, settings) for name in settings.tasks} if identity else {}
+    if identity and settings.perplexity is not None:
+        keys[None] = eval_cache.perplexity_key(identity, settings)
+    # Rank 0 reads the cache and every rank follows its answer (a hit on one rank only would desync them).
+    hits = shards.step(lambda: {name: hit for name, key in keys.items() if (hit := eval_cache.load(key))}
+                       if shards.is_zero else None)[0]
     steps = len(settings.tasks) + (settings.perplexity is not None)
     results: dict[str, Any] = {}
     for i, name in enumerate(settings.tasks, 1):
-        key = eval_cache.task_key(identity, name, settings) if identity else None
-        hit = eval_cache.load(key) if key else None
-        if hit is not None:
+        if name in hits:
+            hit = hits[name]
             log(f"[eval {label} {i}/{steps}] {name}: cached {hit['metric']} {hit['score']:.4f}")
             results[name] = dict(hit, cached=True)
             continue
         log(f"[eval {label} {i}/{steps}] {name} (limit {settings.limit}, batch {settings.batch_size})")
-        record = run_task(lm(), name, settings.limit)
+        record = shards.guarded(lambda: run_task(lm(), name, settings.limit))
+        if record is None:  # not rank 0
+            continue
         log(f"[eval {label} {i}/{steps}] {name}: {record['metric']} {record['score']:.4f} "
             f"({record['n']} docs, {record['wall_s']:.0f} s)")
-        if key:
-            eval_cache.store(key, record)
+        if name in keys:
+            eval_cache.store(keys[name], {k: v for k, v in record.items() if k not in RANK_KEYS})
         results[name] = dict(record, cached=False)
     ppl = None
     if settings.perplexity is not None:
-        key = eval_cache.perplexity_key(identity, settings) if identity else None
-        hit = eval_cache.load(key) if key else None
-        if hit is not None:
-            log(f"[eval {label} {steps}/{steps}] perplexity: cached {hit['perplexity']:.3f}")
-            ppl = dict(hit, cached=True)
+        if None in hits:
+            ppl = dict(hits[None], cached=True)
+            log(f"[eval {label} {steps}/{steps}] perplexity: cached {ppl['perplexity']:.3f}")
         else:
             log(f"[eval {label} {steps}/{steps}] perplexity ({settings.perplexity.corpus})")
-            lm()
-            ppl = perplexity(state["model"], tokenizer, settings.perplexity, batch_size=min(settings.batch_size, 8))
+            shards.guarded(lm)
+            began = time.perf_counter()
+            parts = shards.step(lambda: score_windows(
+                state["model"], tokenizer, settings.perplexity, batch_size=min(settings.batch_size, 8),
+                rank=shards.rank, world_size=shards.world_size, progress=shards.is_zero))
+            ppl = shards.guarded(lambda: summarize(parts, settings.perplexity, time.perf_counter() - began))
             log(f"[eval {label} {steps}/{steps}] perplexity: {ppl['perplexity']:.3f} "
                 f"({ppl['tokens']} tokens, {ppl['wall_s']:.0f} s)")
-            if key:
-                eval_cache.store(key, ppl)
+            if None in keys and shards.is_zero:
+                eval_cache.store(keys[None], {k: v for k, v in ppl.items() if k not in RANK_KEYS})
             ppl = dict(ppl, cached=False)
     state.clear()
-    return {"tasks": results, "perplexity": ppl, "settings": settings.to_dict(),
-            "versions": eval_cache.versions(), "wall_s": round(time.perf_counter() - start, 2)}
+    # Every rank gets rank 0's result; this exchange is also where a late failure on rank 0 reaches the others.
+    return shards.step(lambda: {"tasks": results, "perplexity": ppl, "settings": settings.to_dict(),
+                                "versions": eval_cache.versions(), "processes": shards.world_size,
+                                "wall_s": round(time.perf_counter() - start, 2)} if shards.is_zero else None)[0]

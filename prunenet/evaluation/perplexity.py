@@ -33,6 +33,9 @@ a smaller stride scores every token once, each with more context.
 ``max_tokens`` keeps only the first N tokens of the text (a faster, still fixed
 subset). Windows of equal length are batched without padding, so the number
 does not depend on the batch size beyond float rounding and is the same every run.
+Several processes share the windows out (:func:`score_windows` with a rank:
+contiguous, equal shares) and their NLLs are summed in window order
+(:func:`summarize`): the same number as one process computes, up to float rounding.
 """
 
 from __future__ import annotations
@@ -157,18 +160,41 @@ def windows(num_tokens: int, context_length: int, stride: int) -> list[tuple[int
     return out
 
 
+def share(count: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s contiguous share of ``count`` items: sizes differ by at most one."""
+    base, extra = divmod(count, world_size)
+    begin = rank * base + min(rank, extra)
+    return range(begin, begin + base + (rank < extra))
+
+
+def batches(wins: list[tuple[int, int, int]], indices: range, batch_size: int) -> list[list[tuple[int, tuple]]]:
+    """Windows ``indices`` of ``wins`` in batches of consecutive windows of equal length, at most
+    ``batch_size`` each: ``[[(window index, window), ...], ...]``."""
+    out: list[list[tuple[int, tuple]]] = []
+    for i in indices:
+        w = wins[i]
+        if out and len(out[-1]) < batch_size and (out[-1][0][1][1] - out[-1][0][1][0]) == w[1] - w[0]:
+            out[-1].append((i, w))
+        else:
+            out.append([(i, w)])
+    return out
+
+
 @torch.no_grad()
-def perplexity(model, tokenizer, settings: PerplexitySettings, batch_size: int = 4,
-               progress: bool = True) -> dict[str, Any]:
-    """Token-level perplexity of ``model`` on ``settings.corpus`` (see the module docstring).
+def score_windows(model, tokenizer, settings: PerplexitySettings, batch_size: int = 4, rank: int = 0,
+                  world_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    """This rank's share of a perplexity: a contiguous :func:`share` of the windows, batched.
 
     Returns:
-        ``{"perplexity", "nll_mean", "tokens" (predicted), "text_tokens", "windows", "wall_s",
-        "corpus", "description", "context_length", "stride", "max_tokens"}``.
+        ``{"nll": [(window index, NLL summed over its scored tokens in float64, scored tokens), ...],
+        "text_tokens", "windows" (all ranks'), "cpu_s"}``; :func:`summarize` combines the ranks' parts.
+
+    Raises:
+        EvaluationError: no tokenizer, or a context longer than the model's positions.
     """
     if tokenizer is None:
         raise EvaluationError("perplexity needs a tokenizer; the model has none")
-    start, cpu = time.perf_counter(), time.process_time()
+    cpu = time.process_time()
     ids = tokenizer(corpus_text(settings.corpus), return_tensors="pt")["input_ids"][0]
     if settings.max_tokens is not None:
         ids = ids[: int(settings.max_tokens)]
@@ -177,37 +203,63 @@ def perplexity(model, tokenizer, settings: PerplexitySettings, batch_size: int =
         raise EvaluationError(f"perplexity context_length {settings.context_length} exceeds the model's "
                               f"max_position_embeddings {max_pos}")
     wins = windows(len(ids), settings.context_length, settings.stride)
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
     # Consecutive windows of equal length are batched: no padding, no attention mask.
-    batches: list[list[tuple[int, int, int]]] = []
-    for w in wins:
-        if batches and len(batches[-1]) < batch_size and (batches[-1][0][1] - batches[-1][0][0]) == w[1] - w[0]:
-            batches[-1].append(w)
-        else:
-            batches.append([w])
+    mine = batches(wins, share(len(wins), rank, world_size), batch_size)
+    device = next(model.parameters()).device
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(wins), desc=f"perplexity ({settings.corpus}, ctx {settings.context_length})",
+        bar = tqdm(total=sum(map(len, mine)), desc=f"perplexity ({settings.corpus}, ctx {settings.context_length})",
                    leave=False)
-    for batch in batches:
-        x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
+    nll_rows: list[tuple[int, float, int]] = []
+    for batch in mine:
+        x = torch.stack([ids[b:e] for _, (b, e, _) in batch]).to(device)
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-        for row, (_, _, n_target) in zip(nll, batch):
-            total_nll += float(row[-n_target:].double().sum())
-            total_tokens += n_target
+        for row, (i, (_, _, n_target)) in zip(nll, batch):
+            nll_rows.append((i, float(row[-n_target:].double().sum()), n_target))
         del logits, nll
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
         bar.close()
+    return {"nll": nll_rows, "text_tokens": len(ids), "windows": len(wins),
+            "cpu_s": round(time.process_time() - cpu, 2)}
+
+
+def summarize(parts: list[dict[str, Any]], settings: PerplexitySettings, wall_s: float) -> dict[str, Any]:
+    """The perplexity record from every rank's :func:`score_windows` part (in rank order).
+
+    The windows' NLLs are summed in window order, as one process sums them; a window's NLL can
+    differ from one process's only by float rounding (its batch holds other windows), so the
+    perplexity is the same number up to that rounding whatever the number of processes.
+
+    Raises:
+        EvaluationError: no token was scored (the text is too short).
+    """
+    total_nll, total_tokens = 0.0, 0
+    for _, nll, n_target in sorted(row for part in parts for row in part["nll"]):
+        total_nll += nll
+        total_tokens += n_target
     if total_tokens == 0:
         raise EvaluationError("perplexity text is too short: no token to predict")
     mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll_mean": mean, "tokens": total_tokens, "text_tokens": len(ids),
-            "windows": len(wins), "wall_s": round(time.perf_counter() - start, 2),
-            "cpu_s": round(time.process_time() - cpu, 2),
+    return {"perplexity": math.exp(mean), "nll_mean": mean, "tokens": total_tokens,
+            "text_tokens": parts[0]["text_tokens"], "windows": parts[0]["windows"], "wall_s": round(wall_s, 2),
+            "cpu_s": round(sum(p["cpu_s"] for p in parts), 2), "processes": len(parts),
+            "windows_per_rank": [len(p["nll"]) for p in parts],
             "description": corpus_description(settings.corpus), **settings.to_dict()}
+
+
+def perplexity(model, tokenizer, settings: PerplexitySettings, batch_size: int = 4,
+               progress: bool = True) -> dict[str, Any]:
+    """Token-level perplexity of ``model`` on ``settings.corpus`` in this process (see the module docstring).
+
+    Returns:
+        ``{"perplexity", "nll_mean", "tokens" (predicted), "text_tokens", "windows", "wall_s", "cpu_s",
+        "processes", "windows_per_rank", "corpus", "description", "context_length", "stride", "max_tokens"}``.
+    """
+    start = time.perf_counter()
+    part = score_windows(model, tokenizer, settings, batch_size=batch_size, progress=progress)
+    return summarize([part], settings, time.perf_counter() - start)

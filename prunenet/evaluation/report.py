@@ -60,7 +60,8 @@ def compare(dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, A
         ppl = {"corpus": p["corpus"], "description": p.get("description"), "context_length": p["context_length"],
                "stride": p["stride"], "max_tokens": p.get("max_tokens"), "tokens": p["tokens"],
                "pruned": p["perplexity"], "dense": d["perplexity"] if d else None}
-    return {"rows": rows, "average": avg, "perplexity": ppl, "limit": pruned["settings"]["limit"]}
+    return {"rows": rows, "average": avg, "perplexity": ppl, "limit": pruned["settings"]["limit"],
+            "processes": pruned.get("processes", 1)}
 
 
 #: The schema of ``eval.json``; version 2 is the first shared by the fit and ``prunenet.evaluate``.
@@ -77,13 +78,16 @@ def report(*, model: str, result: dict[str, Any], baseline: str | None, baseline
         result: its results (``evaluate_model`` / ``evaluate_checkpoint``).
         baseline, baseline_result: the model it is compared with (the dense source after a fit),
             or None.
-        settings: ``EvalSettings.to_dict()``.
+        settings: ``EvalSettings.to_dict()``; ``processes`` (how many processes evaluated, from
+            ``result``) is added. Each task computed in the run also records ``requests_per_rank``
+            (and the perplexity ``windows_per_rank``) in ``result`` / ``baseline_result``.
         comparison: :func:`compare` of the two.
         wall_s: seconds the evaluation took.
         compression_ratio: of the pruned model, when known.
     """
     return {"format": REPORT_FORMAT, "model": str(model), "baseline": None if baseline is None else str(baseline),
-            "compression_ratio": compression_ratio, "settings": settings, "comparison": comparison,
+            "compression_ratio": compression_ratio,
+            "settings": {**settings, "processes": result.get("processes", 1)}, "comparison": comparison,
             "result": result, "baseline_result": baseline_result, "wall_s": round(float(wall_s), 2)}
 
 
@@ -150,4 +154,7 @@ def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: 
     if limit is not None and any(r["task"] == "mmlu" for r in comparison["rows"]):
         text += " (MMLU: of each subject)"
     lines.append(f"Limit: {text}")
+    if comparison.get("processes", 1) > 1:
+        lines.append(f"Processes: {comparison['processes']} (each scored its share of the documents and "
+                     f"perplexity windows; rank 0 aggregated)")
     return "\n".join(lines) + "\n"

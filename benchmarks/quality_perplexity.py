@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--protect", type=float, default=0.01, help="protect_outliers of the +protect methods")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--table_only", action="store_true", help="write the table of the finished cells, run none")
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         paper.update({k: v for k, v in model_section(CONFIGS[args.model]).items()
                       if k not in ("policy", "reward", "learner", "protect_outliers")})
     protect = args.protect
+    if args.table_only:
+        return write_table(output, args, argv, done, protect)
     trained = {"paper": paper, "paper+protect": {**paper, "protect_outliers": protect},
                "baseline+protect": {**paper, "learner": "baseline", "protect_outliers": protect}}
 

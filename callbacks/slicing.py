@@ -92,7 +92,9 @@ class StructuralSlicing(L.Callback):
             "PruneNet summary",
             f"  model            {plan['source_model']} ({plan['model_type']}, {plan['num_layers']} layers)",
             (f"  FFN width        {plan['intermediate_size']} -> {plan['kept_width']} "
-             f"(compression ratio {plan['compression_ratio']}, selection {plan['selection']})"),
+             f"(compression ratio {plan['compression_ratio']}, selection {plan['selection']}"
+             + (f", {100 * plan['protect_outliers']:g}% outlier neurons protected" if plan.get("protect_outliers")
+                else "") + ")"),
             (f"  parameters       {plan['params_dense']:,} -> {plan['params_pruned']:,} "
              f"({100 * plan['params_removed_fraction']:.1f}% removed)"),
         ]

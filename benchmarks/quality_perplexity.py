@@ -172,15 +172,22 @@ def write_table(output: Path, args, argv, done: dict, protect: float) -> None:
             cells = [v for key, v in done.items() if key[0] == args.model and key[1] == r and key[2] == method
                      and key[4:] == (args.tokens, args.episodes, protect)]
             if cells:
-                rows.append([f"{r:g}", method, *summarise(cells)])
+                random = {v["seed"]: v["perplexity"] for key, v in done.items() if key[0] == args.model
+                          and key[1] == r and key[2] == "random" and key[4:] == (args.tokens, args.episodes, protect)}
+                paired = [c for c in cells if c["seed"] in random]
+                wins = sum(c["perplexity"] < random[c["seed"]] for c in paired)
+                rows.append([f"{r:g}", method, *summarise(cells),
+                             "" if method in ("random", "magnitude") else f"{wins} of {len(paired)}"])
     text = f"# Perplexity of the pruned model by selection method, {args.model}\n\n" + header(
-        "python -m benchmarks.quality_perplexity " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
+        "python -m benchmarks.quality_perplexity " + " ".join(  # the command that produced the cells
+            a for a in (sys.argv[1:] if argv is None else argv) if a != "--table_only")) + "\n"
     text += (f"Perplexity on the first {args.tokens} tokens of squad-wiki (context 512), the removed FFN neurons "
              f"zeroed; policies trained {args.episodes} episodes. `paper` = configs/paper.yaml; `+protect`: "
              f"protect_outliers={protect:g}, the neurons with the largest output max-|w| always kept; `baseline`: "
              "the baseline learner. Over seeds: median, geometric mean, min and max of perplexity (lower is better), and "
              "the mean KS of the gate spectra (the paper's objective, lower is closer).\n\n")
-    text += table(["r", "method", "median ppl", "geo-mean ppl", "min", "max", "seeds", "mean KS"], rows)
+    text += table(["r", "method", "median ppl", "geo-mean ppl", "min", "max", "seeds", "mean KS",
+                   "beats random, same seed"], rows)
     output.write_text(text)
     print(text)
 

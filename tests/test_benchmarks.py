@@ -82,3 +82,25 @@ def test_quality_report_means_stds_retention_and_ks(tmp_path):
     # mean 50, sample std of (60, 40) = 14.1; retention 62.5 ± 17.7; perplexity 30 ± 14.14; KS 0.2 ± 0.1414
     assert "| 50.0 ± 14.1 | 62.5 ± 17.7 | 30.00 ± 14.14 | 0.2000 ± 0.1414 |" in random_row
     assert "2 of 2 pruned runs done" in text and (tmp_path / "q.json").is_file()
+
+
+def test_quality_perplexity_table_medians_geo_means_and_paired_wins(tmp_path):
+    import argparse
+
+    from benchmarks.quality_perplexity import write_table
+
+    def rec(method, seed, ppl):
+        key = ("m", 0.3, method, seed, 16384, 20, 0.01)
+        return key, dict(zip(("model", "ratio", "method", "seed", "tokens", "episodes", "protect"), key),
+                         perplexity=ppl, ks=0.1)
+
+    done = dict([rec("random", 0, 100.0), rec("random", 1, 400.0), rec("random", 2, 10000.0),
+                 rec("random+protect", 0, 50.0), rec("random+protect", 1, 800.0), rec("random+protect", 2, 200.0)])
+    args = argparse.Namespace(model="m", tokens=16384, episodes=20)
+    out = tmp_path / "t.md"
+    write_table(out, args, ["--model", "m", "--table_only"], done, 0.01)
+    text = out.read_text()
+    assert "--table_only" not in text
+    # random: median 400, geometric mean (100 * 400 * 10000)^(1/3) = 737; protect: median 200, geo 200.
+    assert "| 0.3 | random | 400 | 737 | 100 | 10,000 | 3 | 0.1000 |  |" in text
+    assert "| 0.3 | random+protect | 200 | 200 | 50 | 800 | 3 | 0.1000 | 2 of 3 |" in text

@@ -53,12 +53,15 @@ def train_policy(settings: dict, ratio: float, seed: int, episodes: int) -> list
     import lightning as L
 
     from prunenet.data import LayerDataModule
+    from prunenet.fit import TRAINER_DEFAULTS
     from prunenet.module import PruneNetModule
 
     L.seed_everything(seed, verbose=False)
     module = PruneNetModule(**{**settings, "compression_ratio": ratio})
-    trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    # The fit CLI's own trainer defaults (gradient clipping at 1, as the authors), so the policy is the one
+    # `prunenet.fit` would train.
+    trainer = L.Trainer(**{**TRAINER_DEFAULTS, "max_epochs": episodes}, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, datamodule=LayerDataModule())
     return module.kept_indices("sample")
 

@@ -159,8 +159,12 @@ def from_environment(device: str | None = None) -> Iterator[Shards]:
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo")
+    finished = False
     try:
         yield current(device, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+        finished = True
     finally:
         if created:
+            if finished:  # leave together: gloo aborts a rank whose peer closed the connection first
+                dist.barrier()
             dist.destroy_process_group()

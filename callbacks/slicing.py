@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.exporter import CheckpointExporter
 from callbacks.rank_zero import on_rank_zero
 from prunenet import loading
 from prunenet.artifacts import check_output_dir
@@ -15,7 +16,7 @@ from prunenet.export import Exported, export, use_shardwise
 from prunenet.selection import validate_selection
 
 
-class StructuralSlicing(L.Callback):
+class StructuralSlicing(CheckpointExporter):
     """Slice every FFN to the policy's kept rows and save a Hugging Face checkpoint.
 
     The checkpoint (safetensors, config with the new FFN width, tokenizer, generation

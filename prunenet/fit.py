@@ -53,7 +53,7 @@ def main(args: list[str] | None = None) -> PruneNetCLI:
     return cli
 
 
-def check_devices(trainer, module: PruneNetModule) -> None:
+def check_devices(trainer, module) -> None:
     """Refuse more processes than layers (each rank needs at least one layer) or, on CPU,
     than cores, before any process is launched or anything is written.
 
@@ -66,9 +66,10 @@ def check_devices(trainer, module: PruneNetModule) -> None:
     if isinstance(trainer.accelerator, CPUAccelerator) and world > (os.cpu_count() or 1):
         raise ConfigurationError(f"trainer.devices={trainer.num_devices} CPU processes requested but this machine "
                                  f"has {os.cpu_count()} cores; use at most {os.cpu_count()}")
-    if module.num_layers_config is not None and world > module.num_layers_config:
-        raise ConfigurationError(f"{world} processes requested for a model of {module.num_layers_config} layers; "
-                                 f"use at most {module.num_layers_config} devices")
+    layers = getattr(module, "num_layers_config", None)  # a fit shards layers; a recovery shards blocks
+    if layers is not None and world > layers:
+        raise ConfigurationError(f"{world} processes requested for a model of {layers} layers; "
+                                 f"use at most {layers} devices")
 
 
 def check_log_dirs(trainer) -> None:

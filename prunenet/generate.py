@@ -1,7 +1,7 @@
-"""``python -m prunenet.generate --dense <model> --pruned <folder>``: greedy generations side by side.
+"""``python -m prunenet.generate --dense <m> --pruned <dir> [--recovered <dir>]``: greedy generations side by side.
 
-Used by ``make demo`` to show what pruning did to the model's text. Plain
-transformers loading: the pruned folder needs no PruneNet code.
+Used by ``make demo`` to show what pruning did to the model's text, and what recovery fine-tuning
+gave back. Plain transformers loading: the pruned and recovered folders need no PruneNet code.
 """
 
 from __future__ import annotations
@@ -37,12 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", required=True, help="asset name, folder or hub id of the dense model")
     parser.add_argument("--pruned", required=True, help="folder of the pruned checkpoint")
+    parser.add_argument("--recovered", default=None, help="folder of the recovered checkpoint (prunenet.recover)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max_new_tokens", type=int, default=24)
     args = parser.parse_args(argv)
-    for label, name in (("dense ", args.dense), ("pruned", args.pruned)):
+    models = [("dense", args.dense), ("pruned", args.pruned)] + ([("recovered", args.recovered)] if args.recovered else [])
+    width = max(len(label) for label, _ in models)
+    for label, name in models:
         text, tps = generate(name, args.prompt, args.max_new_tokens)
-        print(f"[{label}] {args.prompt}{text!r}  ({tps:.1f} tokens/s)")
+        print(f"[{label:<{width}}] {args.prompt}{text!r}  ({tps:.1f} tokens/s)")
 
 
 if __name__ == "__main__":

@@ -26,20 +26,24 @@ def canonical_source(model_name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def checkpoint_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_settings(checkpoint: dict[str, Any], keys: tuple[str, ...] = RESULT_HPARAMS) -> dict[str, Any]:
     """:meth:`PruneNetModule.run_settings` of the fit that wrote a Lightning checkpoint (its saved
-    hyperparameters and ``prunenet_run`` record). Checkpoints written before the record existed give
-    no seed (None: not compared) and the source resolved from ``model_name_or_path`` now."""
+    hyperparameters ``keys`` and ``prunenet_run`` record; ``RecoveryModule.run_settings`` with the
+    recovery's keys). Checkpoints written before the record existed give no seed (None: not compared),
+    the source resolved from ``model_name_or_path`` now, and the stage ``fit``."""
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     run = dict(checkpoint.get("prunenet_run") or {})
     source = run.get("source")
     if source is None and hparams.get("model_name_or_path") is not None:
         source = canonical_source(hparams["model_name_or_path"])
-    return {"source": source, "seed": run.get("seed"), **{key: hparams.get(key) for key in RESULT_HPARAMS}}
+    return {"source": source, "seed": run.get("seed"), "stage": run.get("stage", "fit"),
+            **{key: hparams.get(key) for key in keys}}
 
 
 def _same(key: str, stored: Any, current: Any) -> bool:
-    """Equal settings; dtypes compared by what they mean (``bf16`` is ``bfloat16``)."""
+    """Equal settings; dtypes compared by what they mean (``bf16`` is ``bfloat16``); no stage is ``fit``."""
+    if key == "stage":
+        return (stored or "fit") == (current or "fit")
     if key == "dtype":
         from prunenet.loading import parse_dtype
         from prunenet.errors import ModelLoadError
@@ -59,11 +63,13 @@ def settings_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, settings: dict[str, Any]) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, settings: dict[str, Any],
+                      keys: tuple[str, ...] = RESULT_HPARAMS) -> str | None:
     """``last`` -> the newest ``last.ckpt`` under ``root_dir`` of an earlier fit with the same
     settings (``PruneNetModule.run_settings``: resolved source, seed, and the hyperparameters that
     change the result); each run logs to a new ``lightning_logs/version_N``, so Lightning's own "last"
     would only look in the new, empty one. A given path must exist and have the same settings.
+    ``keys`` are the hyperparameters compared (a recovery passes its own).
 
     Raises:
         ConfigurationError: no such checkpoint, or one trained with other settings (names them).
@@ -74,7 +80,7 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, settings: dict[str, 
         found = sorted(Path(root_dir).glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
         same_source = []
         for path in found:
-            stored = _stored_settings(path)
+            stored = _stored_settings(path, keys)
             if stored is None or stored["source"] != settings["source"]:
                 continue
             if not settings_mismatch(stored, settings):
@@ -89,9 +95,9 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, settings: dict[str, 
                                  f"{str(Path(root_dir).resolve())!r}; run without --ckpt_path first")
     if not Path(ckpt_path).is_file():
         raise ConfigurationError(f"--ckpt_path {ckpt_path!r} does not exist (pass a .ckpt file or 'last')")
-    stored = _stored_settings(Path(ckpt_path))
+    stored = _stored_settings(Path(ckpt_path), keys)
     if stored is None:
-        raise ConfigurationError(f"--ckpt_path {ckpt_path!r} is not a PruneNet fit checkpoint")
+        raise ConfigurationError(f"--ckpt_path {ckpt_path!r} is not a PruneNet checkpoint")
     differ = settings_mismatch(stored, settings)
     if differ:
         raise ConfigurationError(f"--ckpt_path {ckpt_path!r} was trained with {differ}; resume with its settings, "
@@ -99,7 +105,7 @@ def resolve_ckpt_path(ckpt_path: str | None, root_dir: str, settings: dict[str, 
     return ckpt_path
 
 
-def _stored_settings(ckpt: Path) -> dict[str, Any] | None:
+def _stored_settings(ckpt: Path, keys: tuple[str, ...] = RESULT_HPARAMS) -> dict[str, Any] | None:
     """The run settings stored in a Lightning checkpoint, or None if it is not a readable PruneNet one.
     Memory-mapped: the policy and optimizer tensors are not read."""
     import torch
@@ -110,7 +116,7 @@ def _stored_settings(ckpt: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
         return None
-    return checkpoint_settings(checkpoint)
+    return checkpoint_settings(checkpoint, keys)
 
 
 def save_run_state(module: Any, checkpoint: dict[str, Any]) -> None:

@@ -22,6 +22,10 @@ from prunenet.errors import UnsupportedModelError
 _GATED = {"ffn_inputs": ("mlp.gate_proj", "mlp.up_proj"), "ffn_output": "mlp.down_proj"}
 _DECODER = ("model.layers",)
 _GPT_BLOCKS = ("transformer.h",)
+# Attention projections (LoRA targets of recovery); the LLaMA layout is the adapter's default.
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_FUSED_QKV = ("self_attention.query_key_value", "self_attention.dense")
+_GPT_ATTN = ("attn.c_attn", "attn.c_proj")
 
 
 def _four_d(config: object) -> int:
@@ -42,37 +46,46 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
     ArchAdapter(model_types=("gemma3",), layers_paths=("model.language_model.layers",), **_GATED),
     # Phi-3: one fused gate_up_proj (2n, d) = [gate; up]; both halves keep the same rows.
     ArchAdapter(model_types=("phi3",), layers_paths=_DECODER, ffn_inputs=("mlp.gate_up_proj",),
-                ffn_output="mlp.down_proj", fused_gate_up=True),
+                ffn_output="mlp.down_proj", fused_gate_up=True, attention=("self_attn.qkv_proj", "self_attn.o_proj")),
     # Non-gated FFNs: out(act(in(x))), nn.Linear with biases.
-    ArchAdapter(model_types=("phi",), layers_paths=_DECODER, ffn_inputs=("mlp.fc1",), ffn_output="mlp.fc2"),
+    ArchAdapter(model_types=("phi",), layers_paths=_DECODER, ffn_inputs=("mlp.fc1",), ffn_output="mlp.fc2",
+                attention=(*_QKV, "self_attn.dense")),
     ArchAdapter(model_types=("starcoder2",), layers_paths=_DECODER, ffn_inputs=("mlp.c_fc",),
                 ffn_output="mlp.c_proj"),
     ArchAdapter(model_types=("persimmon",), layers_paths=_DECODER, ffn_inputs=("mlp.dense_h_to_4h",),
-                ffn_output="mlp.dense_4h_to_h"),
+                ffn_output="mlp.dense_4h_to_h", attention=("self_attn.query_key_value", "self_attn.dense")),
     ArchAdapter(model_types=("nemotron",), layers_paths=_DECODER, ffn_inputs=("mlp.up_proj",),
                 ffn_output="mlp.down_proj"),
     ArchAdapter(model_types=("opt",), layers_paths=("model.decoder.layers",), ffn_inputs=("fc1",),
-                ffn_output="fc2", width_key="ffn_dim"),
+                ffn_output="fc2", width_key="ffn_dim", attention=(*_QKV, "self_attn.out_proj")),
     ArchAdapter(model_types=("gpt_neox",), layers_paths=("gpt_neox.layers",),
-                ffn_inputs=("mlp.dense_h_to_4h",), ffn_output="mlp.dense_4h_to_h"),
+                ffn_inputs=("mlp.dense_h_to_4h",), ffn_output="mlp.dense_4h_to_h",
+                attention=("attention.query_key_value", "attention.dense")),
     # Falcon: FalconLinear is an nn.Linear; ffn_hidden_size None means 4 * hidden_size.
     ArchAdapter(model_types=("falcon",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.dense_h_to_4h",),
-                ffn_output="mlp.dense_4h_to_h", width_key="ffn_hidden_size", width_default=_four_d),
+                ffn_output="mlp.dense_4h_to_h", width_key="ffn_hidden_size", width_default=_four_d,
+                attention=_FUSED_QKV),
     # GPT-2: Conv1D stores (in, out) = (d, n); the policy state is its transpose (n, d).
     ArchAdapter(model_types=("gpt2",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.c_fc",),
                 ffn_output="mlp.c_proj", width_key="n_inner", hidden_key="n_embd", conv1d=True,
-                width_default=_four_d),
+                width_default=_four_d, attention=_GPT_ATTN),
     ArchAdapter(model_types=("gpt_bigcode",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.c_fc",),
-                ffn_output="mlp.c_proj", width_key="n_inner", hidden_key="n_embd", width_default=_four_d),
+                ffn_output="mlp.c_proj", width_key="n_inner", hidden_key="n_embd", width_default=_four_d,
+                attention=_GPT_ATTN),
     ArchAdapter(model_types=("gpt_neo",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.c_fc",),
-                ffn_output="mlp.c_proj", width_default=_four_d),
-    ArchAdapter(model_types=("gptj", "codegen"), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.fc_in",),
-                ffn_output="mlp.fc_out", width_key="n_inner", hidden_key="n_embd", width_default=_four_d),
+                ffn_output="mlp.c_proj", width_default=_four_d,
+                attention=tuple(f"attn.attention.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))),
+    ArchAdapter(model_types=("gptj",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.fc_in",),
+                ffn_output="mlp.fc_out", width_key="n_inner", hidden_key="n_embd", width_default=_four_d,
+                attention=("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")),
+    ArchAdapter(model_types=("codegen",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.fc_in",),
+                ffn_output="mlp.fc_out", width_key="n_inner", hidden_key="n_embd", width_default=_four_d,
+                attention=("attn.qkv_proj", "attn.out_proj")),
     # BLOOM builds its FFN as Linear(h, 4 * h) in code: no config key can hold a pruned width.
     # The policy can still be trained on it (states are read), but slicing refuses.
     ArchAdapter(model_types=("bloom",), layers_paths=_GPT_BLOCKS, ffn_inputs=("mlp.dense_h_to_4h",),
                 ffn_output="mlp.dense_4h_to_h", width_key=None, width_default=_four_d, width_settable=False,
-                note="BloomMLP is Linear(hidden_size, 4 * hidden_size)"),
+                note="BloomMLP is Linear(hidden_size, 4 * hidden_size)", attention=_FUSED_QKV),
 )
 
 _REGISTRY: dict[str, ArchAdapter] = {t: a for a in ADAPTERS for t in a.model_types}
@@ -101,8 +114,8 @@ def get_adapter(config: object) -> ArchAdapter:
 def markdown_table() -> str:
     """The table of supported families (``docs/architectures.md`` holds this text)."""
     header = ("| model_type | decoder layers | FFN input (rows kept; first = policy state) | FFN output "
-              "(columns kept) | width key | orientation |")
-    rows = [header, "|---|---|---|---|---|---|"]
+              "(columns kept) | width key | orientation | attention (LoRA targets with the FFN) |")
+    rows = [header, "|---|---|---|---|---|---|---|"]
     for a in ADAPTERS:
         inputs = ", ".join(f"`{p}`" for p in a.ffn_inputs)
         if a.fused_gate_up:
@@ -116,7 +129,7 @@ def markdown_table() -> str:
         orient = "Conv1D (in, out), state = weightᵀ" if a.conv1d else "Linear (out, in)"
         rows.append(f"| {', '.join(f'`{t}`' for t in a.model_types)} | "
                     f"{' or '.join(f'`{p}`' for p in a.layers_paths)} | {inputs} | `{a.ffn_output}` | {key} | "
-                    f"{orient} |")
+                    f"{orient} | {', '.join(f'`{p}`' for p in a.attention)} |")
     return "\n".join(rows) + "\n"
 
 

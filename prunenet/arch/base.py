@@ -35,6 +35,9 @@ class ArchAdapter:
         ffn_inputs: paths (relative to a decoder layer) of the FFN input modules whose
             rows are kept (gate and up for gated FFNs). The first one is the policy state.
         ffn_output: path of the FFN output module whose columns are kept.
+        attention: paths (relative to a decoder layer) of the attention projections (query, key,
+            value, output; fused where the family fuses them). Only recovery fine-tuning uses them,
+            as LoRA targets next to the FFN modules (:meth:`projections`).
         width_key: key in the text config holding the FFN width n; None when the family
             has no such key (the width is then ``width_default`` and cannot be changed).
         hidden_key: key in the text config holding the hidden size d.
@@ -59,6 +62,7 @@ class ArchAdapter:
     width_default: Callable[[object], int] | None = None
     width_settable: bool = True
     note: str = ""
+    attention: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
     def __post_init__(self) -> None:
         if self.width_key is None and self.width_settable:
@@ -128,6 +132,19 @@ class ArchAdapter:
     def input_modules(self, layer: nn.Module) -> list[nn.Module]:
         """The FFN input modules of one decoder layer (rows are sliced)."""
         return [_get_path(layer, p) for p in self.ffn_inputs]
+
+    def projections(self, group: str) -> tuple[str, ...]:
+        """Paths (relative to a decoder layer) of the linear projections of one group: ``ffn`` (the FFN
+        input and output modules), ``attention`` or ``all`` (both): the LoRA targets of recovery.
+
+        Raises:
+            ConfigurationError: an unknown group.
+        """
+        groups = {"ffn": (*self.ffn_inputs, self.ffn_output), "attention": self.attention}
+        groups["all"] = groups["attention"] + groups["ffn"]
+        if group not in groups:
+            raise ConfigurationError(f"unknown projection group {group!r}; known: {', '.join(groups)}")
+        return groups[group]
 
     def output_module(self, layer: nn.Module) -> nn.Module:
         """The FFN output module of one decoder layer (columns are sliced)."""

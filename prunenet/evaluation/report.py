@@ -70,11 +70,11 @@ REPORT_FORMAT = "prunenet-eval/2"
 
 def report(*, model: str, result: dict[str, Any], baseline: str | None, baseline_result: dict[str, Any] | None,
            settings: dict[str, Any], comparison: dict[str, Any], wall_s: float,
-           compression_ratio: float | None = None) -> dict[str, Any]:
+           compression_ratio: float | None = None, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``eval.json`` payload.
 
     Args:
-        model: the evaluated model (a pruned folder after a fit).
+        model: the evaluated model (a pruned folder after a fit, a recovered one after a recovery).
         result: its results (``evaluate_model`` / ``evaluate_checkpoint``).
         baseline, baseline_result: the model it is compared with (the dense source after a fit),
             or None.
@@ -84,11 +84,17 @@ def report(*, model: str, result: dict[str, Any], baseline: str | None, baseline
         comparison: :func:`compare` of the two.
         wall_s: seconds the evaluation took.
         compression_ratio: of the pruned model, when known.
+        before: after a recovery, the pruned model before it, when its results are known:
+            ``{"model", "result", "comparison"}`` (the comparison is dense vs that model); written as
+            the optional ``before_recovery`` field.
     """
-    return {"format": REPORT_FORMAT, "model": str(model), "baseline": None if baseline is None else str(baseline),
-            "compression_ratio": compression_ratio,
-            "settings": {**settings, "processes": result.get("processes", 1)}, "comparison": comparison,
-            "result": result, "baseline_result": baseline_result, "wall_s": round(float(wall_s), 2)}
+    payload = {"format": REPORT_FORMAT, "model": str(model), "baseline": None if baseline is None else str(baseline),
+               "compression_ratio": compression_ratio, "settings": {**settings, "processes": result.get("processes", 1)},
+               "comparison": comparison,
+               "result": result, "baseline_result": baseline_result, "wall_s": round(float(wall_s), 2)}
+    if before is not None:
+        payload["before_recovery"] = before
+    return payload
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -106,22 +112,33 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: str = "dense",
-             pruned_label: str = "pruned") -> str:
-    """The report table as Markdown (also readable printed on a terminal)."""
+             pruned_label: str = "pruned", before: dict[str, Any] | None = None,
+             before_label: str = "before recovery") -> str:
+    """The report table as Markdown (also readable printed on a terminal). ``before`` (a :func:`compare`
+    of the same dense model with another one, e.g. the pruned model before recovery) adds its column."""
     lines = [f"## {title}", ""] if title else []
     single = all(r["dense"] is None for r in comparison["rows"])
+    prior = {r["task"]: r for r in before["rows"]} if before else None
+    mid = f" {before_label} |" if prior is not None else ""
+
+    def prior_cell(task: str) -> str:
+        if prior is None:
+            return ""
+        r = prior.get(task)
+        return f" {_pm(r['pruned'], r['pruned_stderr']) if r else '—'} |"
+
     if single:
         lines += [f"| task | metric | split | docs | {pruned_label} |", "|---|---|---|---:|---:|"]
         for r in comparison["rows"]:
             lines.append(f"| {r['task']} | {r['metric']} | {r['split']} | {r['n']} | "
                          f"{_pm(r['pruned'], r['pruned_stderr'])} |")
     else:
-        lines += [f"| task | metric | split | docs | {dense_label} | {pruned_label} | retention |",
-                  "|---|---|---|---:|---:|---:|---:|"]
+        lines += [f"| task | metric | split | docs | {dense_label} |{mid} {pruned_label} | retention |",
+                  "|---|---|---|---:|---:|" + ("---:|" if mid else "") + "---:|---:|"]
         for r in comparison["rows"]:
             lines.append(f"| {r['task']} | {r['metric']} | {r['split']} | {r['n']} | "
-                         f"{_pm(r['dense'], r['dense_stderr'])} | {_pm(r['pruned'], r['pruned_stderr'])} | "
-                         f"{_pct(r['retention_pct'])} |")
+                         f"{_pm(r['dense'], r['dense_stderr'])} |{prior_cell(r['task'])} "
+                         f"{_pm(r['pruned'], r['pruned_stderr'])} | {_pct(r['retention_pct'])} |")
     avg = comparison.get("average")
     if avg:
         label = ("average (5 zero-shot tasks)" if len(avg["tasks"]) == len(ZERO_SHOT_TASKS)
@@ -129,17 +146,21 @@ def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: 
         if single:
             lines.append(f"| **{label}** | | | | **{_num(avg['pruned'])}** |")
         else:
-            lines.append(f"| **{label}** | | | | **{_num(avg['dense'])}** | **{_num(avg['pruned'])}** | "
+            prior_avg = (before or {}).get("average") or {}
+            cell = f" **{_num(prior_avg.get('pruned'))}** |" if mid else ""
+            lines.append(f"| **{label}** | | | | **{_num(avg['dense'])}** |{cell} **{_num(avg['pruned'])}** | "
                          f"**{_pct(avg['retention_pct'])}** |")
     lines.append("")
     ppl = comparison.get("perplexity")
     if ppl:
         where = (f"{ppl['corpus']}, context {ppl['context_length']}, stride {ppl['stride']}, "
                  f"{ppl['tokens']} tokens")
+        prior_ppl = (before or {}).get("perplexity") or {}
+        middle = f"{before_label} {_num(prior_ppl.get('pruned'), 3)} / " if mid and prior_ppl else ""
         if single:
             lines.append(f"Perplexity ({where}): {pruned_label} {_num(ppl['pruned'], 3)}")
         else:
-            lines.append(f"Perplexity ({where}): {dense_label} {_num(ppl['dense'], 3)} / "
+            lines.append(f"Perplexity ({where}): {dense_label} {_num(ppl['dense'], 3)} / {middle}"
                          f"{pruned_label} {_num(ppl['pruned'], 3)}")
         if ppl.get("description"):
             lines.append(f"  text: {ppl['description']}")

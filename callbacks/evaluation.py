@@ -98,7 +98,7 @@ class PostPruningEvaluation(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Fail before training, not after, when there is nothing to evaluate (no StructuralSlicing
-        callback to export the pruned model) or the model cannot be evaluated (no tokenizer)."""
+        exporting callback, StructuralSlicing or RecoveryExport) or the model cannot be evaluated (no tokenizer)."""
         from callbacks.exporter import find_exporter
 
         if self.enabled:

@@ -101,7 +101,9 @@ class RecoveryExport(CheckpointExporter):
                          lora_targets=hp.lora_targets, lora_target_modules=len(pl_module.target_modules))
         data_hp = dict(data.hparams) if data is not None else {}
         hyper.update(batch_size=data_hp.get("batch_size"), block_size=data_hp.get("block_size"),
-                     devices=trainer.world_size, gradient_clip_val=trainer.gradient_clip_val,
+                     val_fraction=data_hp.get("val_fraction"), check_overlap=data_hp.get("check_overlap"),
+                     devices=trainer.world_size, accumulate_grad_batches=trainer.accumulate_grad_batches,
+                     precision=str(trainer.precision), gradient_clip_val=trainer.gradient_clip_val,
                      max_steps=trainer.max_steps, seed=pl_module.run_settings()["seed"])
         return {"input": str(hp.model_name_or_path), "method": hp.method, "steps": int(trainer.global_step),
                 "tokens": int(pl_module.tokens_seen),

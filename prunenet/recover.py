@@ -25,7 +25,7 @@ from prunenet.resume import resolve_ckpt_path
 #: Steps between checkpoints and between validations (``--trainer.val_check_interval``).
 EVERY_N_STEPS = 25
 TRAINER_DEFAULTS = {
-    "max_steps": 100,
+    "max_steps": 50,
     "max_epochs": None,
     "gradient_clip_val": 1.0,          # as the fit (and Hugging Face Trainer's default max_grad_norm)
     "log_every_n_steps": 5,
@@ -56,7 +56,8 @@ def main(args: list[str] | None = None) -> RecoverCLI:
     check_devices(cli.trainer, cli.model)
     check_log_dirs(cli.trainer)
     cli.datamodule.prepare(cli.model.load_tokenizer())
-    ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir, cli.model.run_settings(),
+    settings = {**cli.model.run_settings(), "data": cli.datamodule.resume_settings()}
+    ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir, settings,
                                   keys=RECOVERY_HPARAMS)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli

@@ -37,6 +37,7 @@ def checkpoint_settings(checkpoint: dict[str, Any], keys: tuple[str, ...] = RESU
     if source is None and hparams.get("model_name_or_path") is not None:
         source = canonical_source(hparams["model_name_or_path"])
     return {"source": source, "seed": run.get("seed"), "stage": run.get("stage", "fit"),
+            **({"data": run["data"]} if "data" in run else {}),  # a recovery's training data
             **{key: hparams.get(key) for key in keys}}
 
 

@@ -179,6 +179,33 @@ def test_resume_restores_the_adapters_and_continues(setup, tmp_path, monkeypatch
     assert cli.trainer.global_step == 4 and cli.model.tokens_seen == 4 * 4 * 16
 
 
+def test_a_resumed_run_equals_the_uninterrupted_one(setup, tmp_path, monkeypatch):
+    """Stopped after 2 of 4 steps (mid-epoch) and resumed: the same batches, the same LoRA dropout
+    draws, hence the same weights as 4 steps in one go (constant learning rate, so that the
+    schedule does not depend on max_steps)."""
+    from safetensors.torch import load_file
+
+    flags = ("--model.lr_scheduler=constant", "--model.lora_dropout=0.1")
+    whole = _recover(_args(setup["pruned"], setup["text"], tmp_path / "whole", *flags, steps=4), monkeypatch)
+    assert whole.trainer.num_training_batches > 2  # the stop below is in the middle of an epoch
+    _recover(_args(setup["pruned"], setup["text"], tmp_path / "parts", *flags, steps=2), monkeypatch)
+    _recover(_args(setup["pruned"], setup["text"], tmp_path / "parts", *flags, "--ckpt_path=last",
+                   "--export.overwrite=true", steps=4), monkeypatch)
+    a = load_file(tmp_path / "whole" / "out" / "model.safetensors")
+    b = load_file(tmp_path / "parts" / "out" / "model.safetensors")
+    # Same operations in the same order on the same CPU: the same bits.
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_data_is_refused(setup, tmp_path, monkeypatch):
+    from prunenet.errors import ConfigurationError
+
+    _recover(_args(setup["pruned"], setup["text"], tmp_path, steps=1), monkeypatch)
+    with pytest.raises(ConfigurationError, match="data="):
+        _recover(_args(setup["pruned"], setup["text"], tmp_path, "--ckpt_path=last", "--data.batch_size=2",
+                       "--export.overwrite=true", steps=2), monkeypatch)
+
+
 def test_resume_with_other_settings_is_refused(setup, tmp_path, monkeypatch):
     from prunenet.errors import ConfigurationError
 
@@ -238,6 +265,24 @@ def test_packaged_text_is_disjoint_from_every_evaluation_text():
         long = next(t for t in texts if len(re.findall(r"\w+", t)) >= 13)
         found = overlaps([lambada.documents[0], "Some words first. " + long], index)
         assert list(found) == [1] and name in found[1], name
+
+
+def test_short_question_and_answer_together_are_caught():
+    """A PIQA goal and its solution, each under 13 words, written one after the other: caught, since
+    each row's fields are also indexed joined."""
+    import datasets
+
+    from prunenet.evaluation.data import dataset_folder
+    from prunenet.evaluation.tasks import TASKS
+    from prunenet.recovery.overlap import overlaps
+
+    words = lambda t: re.findall(r"\w+", t)  # noqa: E731
+    spec = TASKS["piqa"]
+    rows = datasets.load_from_disk(str(dataset_folder(f"{spec.folder}/{spec.split}")))
+    row = next(r for r in rows if max(len(words(r["goal"])), len(words(r["sol1"]))) < 13
+               and len(words(r["goal"] + " " + r["sol1"])) >= 13)
+    found = overlaps(["Some unrelated words first. " + row["goal"] + " " + row["sol1"]])
+    assert list(found) == [0] and "piqa" in found[0]
 
 
 # ----------------------------------------------------------------------------- bad inputs

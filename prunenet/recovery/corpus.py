@@ -178,7 +178,7 @@ def _hub(name: str, config: str | None, split: str, text_field: str) -> list[str
     except Exception as exc:  # network, hub, cache or name problems of many types: one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"cannot load hub dataset {name!r} ({first}); a hub dataset needs network access, "
-                        f"use --data.source={PACKAGED[0]} or a local .txt/.jsonl file offline") from None
+                        "use --data.source=wiki or a local .txt/.jsonl file offline") from None
     if text_field not in ds.column_names:
         raise DataError(f"hub dataset {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}; "
                         "set --data.text_field)")

@@ -6,7 +6,9 @@ one) and cut into blocks of ``block_size`` tokens; the tail shorter than a block
 last ``ceil(val_fraction * blocks)`` blocks are held out (a random sample of documents, since they
 were shuffled first); the rest are trained on, shuffled every epoch from ``(seed, epoch)``. Under
 DDP each rank gets its share of the training blocks (``DistributedSampler``; Lightning keeps it and
-sets its epoch), so the global batch is ``devices * batch_size`` blocks.
+sets its epoch), so the global batch is ``devices * batch_size`` blocks. A run resumed from a
+checkpoint in the middle of an epoch skips the batches that epoch already trained on (derived from
+the restored optimizer step), so it sees exactly the batches the uninterrupted run would have.
 
 Everything that can be wrong with the data (a missing or empty file, fewer tokens than the blocks
 needed, text shared with an evaluation set) is raised by :meth:`RecoveryDataModule.prepare`, which
@@ -15,8 +17,10 @@ needed, text shared with an evaluation set) is raised by :meth:`RecoveryDataModu
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -40,7 +44,7 @@ class RecoveryDataModule(L.LightningDataModule):
         hub_config, split: of a hub dataset.
         check_overlap: refuse text that shares a word 13-gram with an evaluation text
             (:mod:`prunenet.recovery.overlap`); switch off only for text you know is disjoint.
-        seed: the document shuffle before packing (the training order follows ``seed_everything``).
+        seed: the document shuffle before packing and the per-epoch order of the training blocks.
         num_workers: DataLoader workers (the blocks are in memory; 0 is enough).
 
     Raises:
@@ -48,7 +52,7 @@ class RecoveryDataModule(L.LightningDataModule):
     """
 
     def __init__(self, source: str = "wiki", block_size: int = 256, batch_size: int = 4,
-                 val_fraction: float = 0.02, text_field: str = "text", hub_config: str | None = None,
+                 val_fraction: float = 0.01, text_field: str = "text", hub_config: str | None = None,
                  split: str = "train", check_overlap: bool = True, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
         for key, value in (("block_size", block_size), ("batch_size", batch_size)):
@@ -112,13 +116,52 @@ class RecoveryDataModule(L.LightningDataModule):
         dataset = TensorDataset(self.train_blocks)
         if len(dataset) < world:
             raise DataError(f"{len(dataset)} training blocks cannot be shared by {world} processes")
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed,
-                                     drop_last=True)
+        sampler = _ResumingSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed,
+                                   drop_last=True)
+        sampler.position, sampler.batch_size = (lambda: self.position(sampler)), self.hparams.batch_size
         return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
-                          num_workers=self.hparams.num_workers)
+                          num_workers=self.hparams.num_workers, generator=self._generator())
+
+    def position(self, sampler: DistributedSampler) -> tuple[int, int]:
+        """``(epoch, batches of it already trained on)`` of the next batch, from the (restored) optimizer
+        step alone: the data order is a function of the step, whatever Lightning's own epoch count
+        says after a resume (it starts a new epoch after a checkpoint written at the end of a run).
+        Lightning steps the optimizer on an epoch's last, incomplete accumulation too, hence the ceil."""
+        trainer = self.trainer
+        if trainer is None:
+            return sampler.epoch, 0
+        batches = math.ceil(sampler.num_samples / self.hparams.batch_size)
+        accumulate = max(1, int(trainer.accumulate_grad_batches))
+        epoch, steps = divmod(trainer.global_step, math.ceil(batches / accumulate))
+        return epoch, min(batches, steps * accumulate)
+
+    def resume_settings(self) -> dict[str, Any]:
+        """What of the data a resumed run must share with the run that wrote the checkpoint."""
+        hp = self.hparams
+        return {"sha256": self.record.get("sha256"), "block_size": hp.block_size, "batch_size": hp.batch_size,
+                "val_fraction": hp.val_fraction, "seed": hp.seed}
 
     def val_dataloader(self) -> DataLoader | list:
         if not len(self.val_blocks):
             return []
         return DataLoader(TensorDataset(self.val_blocks), batch_size=self.hparams.batch_size,
-                          num_workers=self.hparams.num_workers)
+                          num_workers=self.hparams.num_workers, generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator: starting an iteration draws a worker seed from it, and from torch's
+        global generator without one, which would shift the LoRA dropout draws of a resumed run."""
+        return torch.Generator().manual_seed(self.hparams.seed)
+
+
+class _ResumingSampler(DistributedSampler):
+    """``DistributedSampler`` whose epoch and start come from ``position()`` (``(epoch, batches done)``:
+    :meth:`RecoveryDataModule.position`), evaluated when an epoch's iteration starts, after
+    Lightning has restored the checkpoint's step. The batch size is the loader's."""
+
+    position: Callable[[], tuple[int, int]]
+    batch_size: int = 1
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, batches = self.position()
+        self.set_epoch(epoch)
+        return itertools.islice(super().__iter__(), batches * self.batch_size, None)

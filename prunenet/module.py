@@ -1,7 +1,7 @@
 """PruneNetModule: the frozen LLM's FFN states, the trainable policy, and ``training_step``.
 
-Source: PruneNet Section 3 (policy learning with the spectral reward). Per episode
-(= one Lightning epoch) and layer i:
+Source: PruneNet Section 3 (policy learning with the spectral reward). Per episode (= one Lightning
+epoch) and layer i (ours: steps 1-2 for all layers first, then the spectra of step 3 in one batch):
 
 1. row logits ``z_i = policy(W_i)`` and keep probabilities ``p`` (relaxed Bernoulli, ``policy.py``);
 2. action: ``k = floor((1 - r) n)`` rows drawn without replacement from p (``selection.py``);
@@ -37,10 +37,11 @@ from prunenet.learner import build_learner
 from prunenet.plan import ffn_fingerprint, package_versions
 from prunenet.policy import DEFAULT_POLICY, build_policy
 from prunenet.resume import RESULT_HPARAMS, canonical_source, load_run_state, save_run_state
-from prunenet.reward import SPECTRA_METHOD, SPECTRA_METHODS, build_reward
+from prunenet.reward import build_reward
 from prunenet.selection import (RANDOM_REFERENCE_EPISODE, check_protect_fraction, draw_kept, free_probabilities,
                                 kept_width, layer_generator, protected_rows, select_kept_rows, uniform_kept,
                                 validate_ratio)
+from prunenet.spectra import SPECTRA_METHOD, SPECTRA_METHODS
 from prunenet.states import StreamedStates, load_ffn_states, load_output_peaks
 
 _SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -61,7 +62,7 @@ class PruneNetModule(L.LightningModule):
         spectra_dtype: ``float32`` or ``float64`` for singular values.
         spectra_method: how singular values are computed: ``gram`` (ours, default: eigenvalues of the
             Gram matrix, batched over layers; ``svdvals`` where that would be inaccurate) or ``svdvals``
-            (``torch.linalg.svdvals`` of every matrix). The same numbers up to rounding (``reward.py``).
+            (``torch.linalg.svdvals`` of every matrix). The same numbers up to rounding (``spectra.py``).
         dtype: dtype to load the LLM weights in (``auto`` keeps the checkpoint's).
         trust_remote_code: passed to transformers; off by default.
         low_memory: read each layer's FFN matrix from the safetensors files when it is used
@@ -165,10 +166,6 @@ class PruneNetModule(L.LightningModule):
         """True when the states are read one layer at a time (``low_memory``): nothing per layer is held."""
         return isinstance(self.states, StreamedStates) and not self.states.cache
 
-    def reference_spectrum(self, layer: int) -> torch.Tensor:
-        """Singular values of the dense W_i, shape (min(n, d),); computed once per layer."""
-        return self.reference_spectra([layer])[0]
-
     def reference_spectra(self, layers: list[int], weights: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Reference spectra of ``layers`` (W_i given as ``weights`` when the caller holds them): computed
         once per layer and model, then read from the on-disk cache (``reference_cache``, keyed by the FFN
@@ -185,14 +182,12 @@ class PruneNetModule(L.LightningModule):
         return [self._reference[i] for i in layers]
 
     def reward_contexts(self, layers: list[int], weights: list[torch.Tensor]) -> list[Any]:
-        """Per layer the reward's context (the full Gram of the downdate), kept while the states are held
-        in memory; with streamed layers it is not kept (it would cost d² per layer for all of them)."""
-        if self.streams_layers:
-            return [None] * len(layers)
+        """Per layer the reward's context (the downdate's full Gram), held only with the states in memory
+        (with streamed layers it would be d² per layer for all of them)."""
         for i, w in zip(layers, weights):
-            if i not in self._context:
+            if i not in self._context and not self.streams_layers:
                 self._context[i] = self.reward.context(w, self._reference[i])
-        return [self._context[i] for i in layers]
+        return [self._context.get(i) for i in layers]
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -269,7 +264,7 @@ class PruneNetModule(L.LightningModule):
                 gen = layer_generator(self.seed, RANDOM_REFERENCE_EPISODE, i, self.device)
                 rows = uniform_kept(self.intermediate_size, self.kept_width, gen, self._fixed(i))
                 with self.timed("reward of a random draw (once per layer)"):
-                    r = self.reward(self.states[i], rows, self.reference_spectrum(i))[1]
+                    r = self.reward(self.states[i], rows, self.reference_spectra([i])[0])[1]
                 self.learner.set_random_reference(i, r)
 
     def on_train_end(self) -> None:

@@ -1,4 +1,4 @@
-"""The Gram spectra back end (prunenet/reward.py, ours) against float64 ``svdvals``: singular values
+"""The Gram spectra back end (prunenet/spectra.py, ours) against float64 ``svdvals``: singular values
 within their stated error bound, KS statistics and rewards equal up to the tolerance that bound
 implies, the seeded fit unchanged, and the reference spectra read back from the on-disk cache.
 
@@ -7,7 +7,7 @@ The tolerance, derived once here and used by every assert below:
 * Each eigenvalue of a Gram matrix computed in dtype with unit roundoff u is off by at most
   ``δλ = p(s) u λ_max`` (s the Gram's size, λ_max the largest eigenvalue of the Gram whose rounding
   it carries: for the kept rows, that of the full ``WᵀW``, because the downdate subtracts from it).
-  ``reward.gram_error`` takes the worst-case ``p(s) = s`` for its fallback rule, which must hold for
+  ``spectra.gram_error`` takes the worst-case ``p(s) = s`` for its fallback rule, which must hold for
   any matrix; that bound is 12x above the errors measured on SmolLM2 and makes a vacuous KS
   tolerance (above 1). Here ``p(s) = 4 sqrt(s)``: rounding errors that add like a random walk, with
   a factor 2 over the largest measured (about 2 sqrt(s) u λ_max, SmolLM2 float32). It is not
@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from prunenet import reward as R
-from prunenet.reward import (full_gram, gram_singular_values, kept_singular_values, ks_statistic,
-                             singular_values, spectral_reward)
+from prunenet.reward import ks_statistic, spectral_reward
+from prunenet.spectra import full_gram, gram_singular_values, kept_singular_values, singular_values
 
 
 def _value_bounds(sv64: torch.Tensor, top: float, size: int, dtype: torch.dtype) -> torch.Tensor:

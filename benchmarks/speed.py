@@ -83,7 +83,7 @@ def fit_breakdown(episodes: int, workdir: Path) -> tuple[list[list[object]], Pat
 def floor_seconds(k: int, repeats: int = 5) -> float:
     """Median seconds of the floor of one episode: Gram matrices of all layers' kept rows (stacked
     beforehand, random rows) and one batched ``eigvalsh``, float32."""
-    from prunenet.reward import gram
+    from prunenet.spectra import gram
     from prunenet.states import load_ffn_states
 
     states = [w.float() for w in load_ffn_states("smollm2-135m")[0]]

@@ -12,8 +12,8 @@ The tolerance, derived once here and used by every assert below:
   tolerance (above 1). Here ``p(s) = 4 sqrt(s)``: rounding errors that add like a random walk, with
   a factor 2 over the largest measured (about 2 sqrt(s) u λ_max, SmolLM2 float32). It is not
   assumed: every computed singular value is asserted within it, so a matrix where it failed would
-  fail the test rather than widen nothing. Since ``|√a - √b| <= min(|a - b| / √b, √|a - b|)``, the singular value
-  ``σ_i`` is off by at most ``δσ_i = min(δλ / σ_i, √δλ)`` (σ_i the float64 value).
+  fail the test. Since ``|√a - √b| <= min(|a - b| / √b, √|a - b|)``, the singular value ``σ_i`` is
+  off by at most ``δσ_i = min(δλ / σ_i, √δλ)`` (σ_i the float64 value).
 * A matrix sent to the ``svdvals`` fallback is off by at most ``s u σ_max`` per value (backward
   stable SVD, Weyl); the bound used is the larger of the two, so it holds whichever route ran.
 * KS = sup_t |F_x(t) - F_y(t)|, and |sup|D'| - sup|D|| <= sup_t |D'(t) - D(t)|. A computed value

@@ -152,7 +152,8 @@ class PruneNetModule(L.LightningModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def setup(self, stage: str) -> None:
-        self.states, self.protected  # load before the first episode so the progress bar times episodes only
+        # Load (and fingerprint: the reference cache's key) before the first episode, so episodes time episodes only.
+        self.states, self.protected, self.ffn_sha256()
 
     def on_fit_start(self) -> None:
         self.fit_started = time.time()
@@ -166,28 +167,27 @@ class PruneNetModule(L.LightningModule):
         """True when the states are read one layer at a time (``low_memory``): nothing per layer is held."""
         return isinstance(self.states, StreamedStates) and not self.states.cache
 
-    def reference_spectra(self, layers: list[int], weights: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Reference spectra of ``layers`` (W_i given as ``weights`` when the caller holds them): computed
-        once per layer and model, then read from the on-disk cache (``reference_cache``, keyed by the FFN
-        fingerprint), so a second or resumed fit does not compute them again."""
-        for j, i in enumerate(layers):
-            if i in self._reference:
-                continue
-            cached = reference_cache.load(self.ffn_sha256(), self.reward.cache_key, i)
-            if cached is not None:
-                self._reference[i] = cached.to(self.device)
-                continue
-            self._reference[i] = self.reward.reference(self.states[i] if weights is None else weights[j])
-            reference_cache.save(self.ffn_sha256(), self.reward.cache_key, i, self._reference[i])
-        return [self._reference[i] for i in layers]
-
-    def reward_contexts(self, layers: list[int], weights: list[torch.Tensor]) -> list[Any]:
-        """Per layer the reward's context (the downdate's full Gram), held only with the states in memory
-        (with streamed layers it would be d² per layer for all of them)."""
+    def references(self, layers: list[int], weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
+        """Per layer of ``layers`` (states ``weights``), the reference spectrum and the reward's context (the
+        downdate's full Gram). Spectra are computed once per layer and model, then read from the on-disk
+        cache (``reference_cache``, keyed by the FFN fingerprint): a second or resumed fit does not compute
+        them again. Contexts are held across episodes only with the states in memory (streamed, they would
+        be d² per layer for all layers); a context formed with its spectrum serves at least that step."""
+        contexts = []
         for i, w in zip(layers, weights):
-            if i not in self._context and not self.streams_layers:
-                self._context[i] = self.reward.context(w, self._reference[i])
-        return [self._context.get(i) for i in layers]
+            context = self._context.get(i)
+            if i not in self._reference:
+                cached = reference_cache.load(self.ffn_sha256(), self.reward.cache_key, i)
+                if cached is None:
+                    cached, context = self.reward.reference_and_context(w)
+                    reference_cache.save(self.ffn_sha256(), self.reward.cache_key, i, cached)
+                self._reference[i] = cached.to(self.device)
+            if context is None and not self.streams_layers:
+                context = self.reward.context(w, self._reference[i])
+            if not self.streams_layers:
+                self._context[i] = context
+            contexts.append(context)
+        return [self._reference[i] for i in layers], contexts
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -217,8 +217,7 @@ class PruneNetModule(L.LightningModule):
                     kept, drawn = draw_kept(p.detach(), self.kept_width, self._fixed(i), generator=gen, layer=i)
                 draws.append((z, p, kept, drawn))
             with self.timed("reference spectra (once per layer)"):
-                references = self.reference_spectra(chunk, weights)
-                contexts = self.reward_contexts(chunk, weights)
+                references, contexts = self.references(chunk, weights)
             with self.timed("reward (spectra of the kept rows, KS)"):
                 results = self.reward.rewards(weights, [d[2] for d in draws], references, contexts)
             for i, w, (z, p, kept, drawn), (ks, r) in zip(chunk, weights, draws, results):
@@ -264,7 +263,8 @@ class PruneNetModule(L.LightningModule):
                 gen = layer_generator(self.seed, RANDOM_REFERENCE_EPISODE, i, self.device)
                 rows = uniform_kept(self.intermediate_size, self.kept_width, gen, self._fixed(i))
                 with self.timed("reward of a random draw (once per layer)"):
-                    r = self.reward(self.states[i], rows, self.reference_spectra([i])[0])[1]
+                    w = self.states[i]
+                    r = self.reward(w, rows, self.references([i], [w])[0][0])[1]
                 self.learner.set_random_reference(i, r)
 
     def on_train_end(self) -> None:

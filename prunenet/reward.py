@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from prunenet.errors import ConfigurationError
-from prunenet.spectra import (SPECTRA_METHOD, FullGram, check_spectra_args, full_gram,
+from prunenet.spectra import (SPECTRA_METHOD, FullGram, check_spectra_args, dense_singular_values, full_gram,
                               kept_singular_values, singular_values)
 
 #: Reward used when the KS statistic is exactly 0 (identical spectra); the
@@ -105,6 +105,10 @@ class KSGateReward:
     def reference(self, weight: torch.Tensor) -> torch.Tensor:
         """Singular values of the dense W_i, shape (min(n, d),)."""
         return singular_values(weight, self.dtype, self.method)
+
+    def reference_and_context(self, weight: torch.Tensor) -> tuple[torch.Tensor, FullGram | None]:
+        """:meth:`reference` and :meth:`context` together: the Gram route forms ``WᵀW`` once for both."""
+        return dense_singular_values(weight, self.dtype, self.method)
 
     def context(self, weight: torch.Tensor, reference: torch.Tensor) -> FullGram | None:
         """The full Gram of W_i for the downdate, or None where it does not pay (``svdvals``, or a

@@ -218,6 +218,24 @@ def full_gram(weight: torch.Tensor, dtype: torch.dtype, spectrum: torch.Tensor) 
     return FullGram(w.mT @ w, spectrum[0].to(dtype) ** 2)
 
 
+def dense_singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.float32,
+                          method: str = SPECTRA_METHOD) -> tuple[torch.Tensor, FullGram | None]:
+    """Singular values of a dense (n, d) state, as :func:`singular_values`, and on the Gram route
+    (n >= d) its :class:`FullGram`: the ``WᵀW`` just formed for them, kept for the downdate rather than
+    formed a second time (ours). ``(spectrum, None)`` for ``svdvals`` or a wide matrix.
+
+    Raises:
+        ValueError: as :func:`singular_values`.
+    """
+    check_spectra_args(dtype, method)
+    if method == "svdvals" or weight.dim() != 2 or weight.shape[0] < weight.shape[1]:
+        return singular_values(weight, dtype, method), None
+    w = weight.to(dtype)
+    g = w.mT @ w
+    sv = _from_gram(g[None], None, lambda b: w)[0]
+    return sv, FullGram(g, sv[0] ** 2)
+
+
 def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
     """The rows of 0..n-1 not in ``kept``, ascending."""
     mask = torch.ones(n, dtype=torch.bool, device=kept.device)

@@ -182,6 +182,20 @@ def test_batched_equals_one_layer_at_a_time(smollm2_states):
         torch.testing.assert_close(b, c, rtol=0, atol=float(c[0]) * 1e-5)
 
 
+def test_dense_spectrum_and_its_gram_come_from_one_gram(smollm2_states):
+    """``dense_singular_values`` returns the reference spectrum and the full Gram it was computed from."""
+    from prunenet.spectra import dense_singular_values
+
+    w = smollm2_states[0]
+    sv, context = dense_singular_values(w)
+    torch.testing.assert_close(sv, singular_values(w), rtol=0, atol=1e-5 * float(sv[0]))
+    torch.testing.assert_close(context.matrix, w.mT @ w, rtol=1e-5, atol=1e-5 * float(sv[0]) ** 2)
+    assert float(context.top) == pytest.approx(float(sv[0]) ** 2, rel=1e-6)
+    wide, none = dense_singular_values(w.mT)
+    assert none is None and wide.shape == sv.shape
+    assert dense_singular_values(w, method="svdvals")[1] is None
+
+
 def test_gram_singular_values_matches_svdvals_shape_and_order():
     rows = torch.randn(3, 9, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     sv = gram_singular_values(rows)
@@ -213,7 +227,7 @@ def test_module_rejects_unknown_spectra_method(tiny_dir):
 
 
 # ----------------------------------------------------------------------------- the fit
-def _fit(model: str, root, spectra_method: str, episodes: int, monkeypatch):
+def _fit(model: str, root, spectra_method: str, episodes: int, monkeypatch, **kwargs):
     import lightning as L
 
     from prunenet.data import LayerDataModule
@@ -221,7 +235,7 @@ def _fit(model: str, root, spectra_method: str, episodes: int, monkeypatch):
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
     L.seed_everything(0, verbose=False)
-    module = PruneNetModule(model, compression_ratio=0.3, spectra_method=spectra_method)
+    module = PruneNetModule(model, compression_ratio=0.3, spectra_method=spectra_method, **kwargs)
     trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                         default_root_dir=str(root))
@@ -251,8 +265,8 @@ def test_second_fit_reads_the_reference_spectra_from_the_cache(tiny_dir, tmp_pat
 
     monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
     computed = []
-    original = KSGateReward.reference
-    monkeypatch.setattr(KSGateReward, "reference", lambda self, w: computed.append(1) or original(self, w))
+    original = KSGateReward.reference_and_context
+    monkeypatch.setattr(KSGateReward, "reference_and_context", lambda self, w: computed.append(1) or original(self, w))
     first = _fit(str(tiny_dir), tmp_path / "a", "gram", 1, monkeypatch)
     assert len(computed) == first.num_layers
     files = list(reference_cache.cache_folder(first.ffn_sha256(), first.reward.cache_key).glob("*.pt"))
@@ -269,3 +283,21 @@ def test_second_fit_reads_the_reference_spectra_from_the_cache(tiny_dir, tmp_pat
     computed.clear()
     _fit(str(tiny_dir), tmp_path / "d", "gram", 1, monkeypatch)
     assert len(computed) == 1
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_tiny_fit_same_as_svdvals_held_or_streamed(tmp_path, monkeypatch, low_memory):
+    """Held states (batched spectra, full Grams kept) and streamed ones (one layer at a time, the full
+    Gram only for the step that formed it) give the KS statistics and kept rows of the svdvals path."""
+    from tests.tiny import save_tiny, tiny_llama
+
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    # n = 64, d = 16: a tall, well-conditioned gate matrix, so the Gram route (not its fallback) runs.
+    model = save_tiny(tiny_llama(seed=1, intermediate_size=64, hidden_size=16), tmp_path / "m")
+    runs = {method: _fit(str(model), tmp_path / method, method, 2, monkeypatch, low_memory=low_memory)
+            for method in ("gram", "svdvals")}
+    assert runs["gram"].streams_layers is low_memory
+    assert runs["gram"].history[1]["ks_mean"] == runs["svdvals"].history[1]["ks_mean"]
+    assert runs["gram"].last_ks == runs["svdvals"].last_ks
+    for a, b in zip(runs["gram"].kept_indices(), runs["svdvals"].kept_indices()):
+        assert torch.equal(a, b)

@@ -31,6 +31,7 @@ SPECTRA_BATCH_BYTES = 64 << 20
 
 
 def check_spectra_args(dtype: torch.dtype, method: str) -> None:
+    """Raises ValueError (one line) unless ``dtype`` is float32/float64 and ``method`` is known."""
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"spectra dtype must be torch.float32 or torch.float64, got {dtype}")
     if method not in SPECTRA_METHODS:

@@ -8,7 +8,8 @@ temporary folder, then measures in fresh processes:
 
 1. the streaming fit (``low_memory``: FFN input tensors read by name from safetensors, one
    layer at a time): peak RSS and wall time of one episode. On a CPU-only machine a full
-   episode of 32 layers is dominated by 64 SVDs of 7705 x 4096 / 11008 x 4096 matrices, so
+   episode of 32 layers is dominated by the spectra of 7705 x 4096 / 11008 x 4096 matrices
+   (their (4096, 4096) Gram + eigvalsh), so
    ``--layers-timed N`` trains on N layers (``--data.layers``) and the per-layer time is
    reported with the 32-layer extrapolation (labelled as such);
 2. shard-wise slicing of the whole checkpoint: peak RSS and wall time.
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
              f"(largest {shard_gib:.2f} GiB)"), "", ""],
             [f"fit, 1 episode on {len(layers)} of 32 layers (process incl. load + shard-wise slicing)",
              f"{wall:.0f} s", f"{rss:.2f} GiB", "streaming, low_memory"],
-            ["episode time per layer (policy + 2 SVDs + KS + backward)", f"{per_layer:.1f} s", "", ""],
+            ["episode time per layer (policy, dense and kept spectra, KS, backward; first episode)",
+             f"{per_layer:.1f} s", "", ""],
             ["episode time, 32 layers (extrapolated = 32 x per layer)" if len(layers) < 32 else "episode, 32 layers",
              f"{32 * per_layer / 60:.1f} min", "", ""],
             ["shard-wise slicing of all 32 layers (alone)", f"{slice_wall:.0f} s", f"{slice_rss:.2f} GiB",
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         "python -m benchmarks.synthetic7b " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n" + table(
         ["what", "wall time", "peak RSS", "notes"], rows)
     text += ("\nTargets (issue 7): fit peak RSS < 4 GiB; slicing peak < one shard + 2 GiB.\n"
-             "Singular values run on the CPU here (2 cores); on a GPU they take about a second per matrix.\n")
+             "Singular values run on the CPU here (threads: OMP_NUM_THREADS of the run); no GPU was available.\n")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print(text)

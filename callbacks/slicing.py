@@ -31,7 +31,7 @@ class StructuralSlicing(CheckpointExporter):
         selection: ``sample`` (paper: seeded multinomial over keep probabilities), ``topk`` or
             ``uniform`` (ours: protected rows + uniformly random others; the policy is not used).
         shardwise: rewrite the safetensors shards one at a time instead of loading the model
-            (None: automatic when the checkpoint exceeds half the available memory).
+            (None: whenever the source is a local safetensors checkpoint loaded in its own dtype).
 
     Raises:
         OutputExistsError: at construction, before any training, if ``output_dir`` is a file,

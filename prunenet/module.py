@@ -1,7 +1,7 @@
 """PruneNetModule: the frozen LLM's FFN states, the trainable policy, and ``training_step``.
 
-Source: PruneNet Section 3 (policy learning with the spectral reward). Per episode
-(= one Lightning epoch) and layer i:
+Source: PruneNet Section 3 (policy learning with the spectral reward). Per episode (= one Lightning
+epoch) and layer i (ours: steps 1-2 for all layers first, then the spectra of step 3 in one batch):
 
 1. row logits ``z_i = policy(W_i)`` and keep probabilities ``p`` (relaxed Bernoulli, ``policy.py``);
 2. action: ``k = floor((1 - r) n)`` rows drawn without replacement from p (``selection.py``);
@@ -30,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from prunenet import loading
+from prunenet import loading, reference_cache
 from prunenet.arch import get_adapter
 from prunenet.errors import ConfigurationError
 from prunenet.learner import build_learner
@@ -41,6 +41,7 @@ from prunenet.reward import build_reward
 from prunenet.selection import (RANDOM_REFERENCE_EPISODE, check_protect_fraction, draw_kept, free_probabilities,
                                 kept_width, layer_generator, protected_rows, select_kept_rows, uniform_kept,
                                 validate_ratio)
+from prunenet.spectra import SPECTRA_METHOD, SPECTRA_METHODS
 from prunenet.states import StreamedStates, load_ffn_states, load_output_peaks
 
 _SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -59,6 +60,9 @@ class PruneNetModule(L.LightningModule):
         gamma: layer discount, R_i = gamma^i r_i (authors: 0.99).
         use_kld: add the authors' KL-style regulariser on alpha.
         spectra_dtype: ``float32`` or ``float64`` for singular values.
+        spectra_method: how singular values are computed: ``gram`` (ours, default: eigenvalues of the
+            Gram matrix, batched over layers; ``svdvals`` where that would be inaccurate) or ``svdvals``
+            (``torch.linalg.svdvals`` of every matrix). The same numbers up to rounding (``spectra.py``).
         dtype: dtype to load the LLM weights in (``auto`` keeps the checkpoint's).
         trust_remote_code: passed to transformers; off by default.
         low_memory: read each layer's FFN matrix from the safetensors files when it is used
@@ -80,13 +84,15 @@ class PruneNetModule(L.LightningModule):
                  use_kld: bool = False, spectra_dtype: str = "float32", dtype: str = "auto",
                  trust_remote_code: bool = False, low_memory: bool | None = None,
                  policy: str = DEFAULT_POLICY, reward: str = "ks_gate", learner: str = "paper",
-                 protect_outliers: float = 0.0) -> None:
+                 protect_outliers: float = 0.0, spectra_method: str = SPECTRA_METHOD) -> None:
         super().__init__()
         validate_ratio(compression_ratio)
         if not 0.0 < gamma <= 1.0:
             raise ConfigurationError(f"gamma must be in (0, 1], got {gamma!r}")
         if spectra_dtype not in _SPECTRA_DTYPES:
             raise ConfigurationError(f"spectra_dtype must be one of {list(_SPECTRA_DTYPES)}, got {spectra_dtype!r}")
+        if spectra_method not in SPECTRA_METHODS:
+            raise ConfigurationError(f"spectra_method must be one of {list(SPECTRA_METHODS)}, got {spectra_method!r}")
         if learning_rate <= 0:
             raise ConfigurationError(f"learning_rate must be > 0, got {learning_rate!r}")
         loading.parse_dtype(dtype)
@@ -102,11 +108,12 @@ class PruneNetModule(L.LightningModule):
         self.adapter.check_sliceable(config, self.kept_width)  # fail before training, not at the end
         self.num_layers_config = getattr(self.adapter.text_config(config), "num_hidden_layers", None)
         self.policy = build_policy(policy, self.intermediate_size, self.hidden_size)
-        self.reward = build_reward(reward, _SPECTRA_DTYPES[spectra_dtype])
+        self.reward = build_reward(reward, _SPECTRA_DTYPES[spectra_dtype], spectra_method)
         self.learner = build_learner(learner, gamma=gamma, use_kld=use_kld)
         self._states: list[torch.Tensor] | None = None
         self._state_info: dict[str, Any] = {}
         self._reference: dict[int, torch.Tensor] = {}
+        self._context: dict[int, Any] = {}  # per layer, the reward's context (the full Gram for the downdate)
         self._protected: list[torch.Tensor] | None = None
         self.fit_started = time.time()
         self.history: list[dict[str, float]] = []
@@ -145,7 +152,8 @@ class PruneNetModule(L.LightningModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def setup(self, stage: str) -> None:
-        self.states, self.protected  # load before the first episode so the progress bar times episodes only
+        # Load (and fingerprint: the reference cache's key) before the first episode, so episodes time episodes only.
+        self.states, self.protected, self.ffn_sha256()
 
     def on_fit_start(self) -> None:
         self.fit_started = time.time()
@@ -154,11 +162,32 @@ class PruneNetModule(L.LightningModule):
         self._states = states.to(self.device) if isinstance(states, StreamedStates) else [
             w.to(self.device) for w in states]
 
-    def reference_spectrum(self, layer: int) -> torch.Tensor:
-        """Singular values of the dense W_i, shape (min(n, d),); computed once per layer."""
-        if layer not in self._reference:
-            self._reference[layer] = self.reward.reference(self.states[layer])
-        return self._reference[layer]
+    @property
+    def streams_layers(self) -> bool:
+        """True when the states are read one layer at a time (``low_memory``): nothing per layer is held."""
+        return isinstance(self.states, StreamedStates) and not self.states.cache
+
+    def references(self, layers: list[int], weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
+        """Per layer of ``layers`` (states ``weights``), the reference spectrum and the reward's context (the
+        downdate's full Gram). Spectra are computed once per layer and model, then read from the on-disk
+        cache (``reference_cache``, keyed by the FFN fingerprint): a second or resumed fit does not compute
+        them again. Contexts are held across episodes only with the states in memory (streamed, they would
+        be d² per layer for all layers); a context formed with its spectrum serves at least that step."""
+        contexts = []
+        for i, w in zip(layers, weights):
+            context = self._context.get(i)
+            if i not in self._reference:
+                cached = reference_cache.load(self.ffn_sha256(), self.reward.cache_key, i)
+                if cached is None:
+                    cached, context = self.reward.reference_and_context(w)
+                    reference_cache.save(self.ffn_sha256(), self.reward.cache_key, i, cached)
+                self._reference[i] = cached.to(self.device)
+            if context is None and not self.streams_layers:
+                context = self.reward.context(w, self._reference[i])
+            if not self.streams_layers:
+                self._context[i] = context
+            contexts.append(context)
+        return [self._reference[i] for i in layers], contexts
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -171,29 +200,39 @@ class PruneNetModule(L.LightningModule):
         surrogate = sum(p.sum() * 0.0 for p in self.policy.parameters())
         loss = torch.zeros((), device=self.device)
         prepared = self.policy.prepare()  # e.g. the paper policy's (u, c), through which it reaches every layer
-        for i in batch.tolist():
-            w = self.states[i]
-            gen = layer_generator(self.seed, self.current_epoch, i, self.device)
-            with self.timed("policy forward"):
-                z = self.policy.detached_logits(w, prepared).requires_grad_()
-                p = self.policy.keep_probabilities(z, generator=gen)
-            with self.timed("sampling"):
-                kept, drawn = draw_kept(p.detach(), self.kept_width, self._fixed(i), generator=gen, layer=i)
+        layers = batch.tolist()
+        # The draws of all layers do not depend on each other's rewards (the policy changes once per
+        # episode), so their spectra are computed together, batched; streamed states go one layer at a time.
+        group = 1 if self.streams_layers else max(len(layers), 1)
+        for start in range(0, len(layers), group):
+            chunk = layers[start:start + group]
+            weights = [self.states[i] for i in chunk]  # read once (a streamed layer is read from disk here)
+            draws = []
+            for i, w in zip(chunk, weights):
+                gen = layer_generator(self.seed, self.current_epoch, i, self.device)
+                with self.timed("policy forward"):
+                    z = self.policy.detached_logits(w, prepared).requires_grad_()
+                    p = self.policy.keep_probabilities(z, generator=gen)
+                with self.timed("sampling"):
+                    kept, drawn = draw_kept(p.detach(), self.kept_width, self._fixed(i), generator=gen, layer=i)
+                draws.append((z, p, kept, drawn))
             with self.timed("reference spectra (once per layer)"):
-                reference = self.reference_spectrum(i)
+                references, contexts = self.references(chunk, weights)
             with self.timed("reward (spectra of the kept rows, KS)"):
-                ks, r = self.reward(w, kept, reference)
-            with self.timed("learner loss and per-layer backward to the logits"):
-                # The learner is about the drawn rows only: protected ones were kept without a draw.
-                step_loss = self.learner.loss(z=z, p=free_probabilities(p, self._fixed(i)), kept=drawn.sort().values,
-                                              drawn=drawn, reward=r, layer=i)
-                # Backpropagate to z_i now, while W_i is in memory, and let the policy turn dL/dz_i into a
-                # surrogate with the same parameter gradient: the one backward of the episode then gives
-                # the gradient of sum_i L_i (the paper's policy holds no float32 copy of W_i for it).
-                (dz,) = torch.autograd.grad(step_loss, z)
-                surrogate = surrogate + self.policy.surrogate(w, dz, prepared)
-            loss = loss + step_loss.detach()
-            ks_all[i], reward_all[i], trained[i] = ks, r, 1.0
+                results = self.reward.rewards(weights, [d[2] for d in draws], references, contexts)
+            for i, w, (z, p, kept, drawn), (ks, r) in zip(chunk, weights, draws, results):
+                with self.timed("learner loss and per-layer backward to the logits"):
+                    # The learner is about the drawn rows only: protected ones were kept without a draw.
+                    step_loss = self.learner.loss(z=z, p=free_probabilities(p, self._fixed(i)),
+                                                  kept=drawn.sort().values, drawn=drawn, reward=r, layer=i)
+                    # Backpropagate to z_i now, while W_i is in memory, and let the policy turn dL/dz_i into
+                    # a surrogate with the same parameter gradient: the one backward of the episode then
+                    # gives the gradient of sum_i L_i (the paper's policy holds no float32 copy of W_i).
+                    (dz,) = torch.autograd.grad(step_loss, z)
+                    surrogate = surrogate + self.policy.surrogate(w, dz, prepared)
+                loss = loss + step_loss.detach()
+                ks_all[i], reward_all[i], trained[i] = ks, r, 1.0
+            del weights, draws
         # Sum over ranks: every rank then holds every layer's metrics.
         reduce = self.trainer.strategy.reduce
         ks_all, reward_all = reduce(ks_all, reduce_op="sum"), reduce(reward_all, reduce_op="sum")
@@ -224,7 +263,8 @@ class PruneNetModule(L.LightningModule):
                 gen = layer_generator(self.seed, RANDOM_REFERENCE_EPISODE, i, self.device)
                 rows = uniform_kept(self.intermediate_size, self.kept_width, gen, self._fixed(i))
                 with self.timed("reward of a random draw (once per layer)"):
-                    r = self.reward(self.states[i], rows, self.reference_spectrum(i))[1]
+                    w = self.states[i]
+                    r = self.reward(w, rows, self.references([i], [w])[0][0])[1]
                 self.learner.set_random_reference(i, r)
 
     def on_train_end(self) -> None:
@@ -233,6 +273,7 @@ class PruneNetModule(L.LightningModule):
         states = self.states
         self._states = states.to("cpu") if isinstance(states, StreamedStates) else [w.cpu() for w in states]
         self._reference = {i: sv.cpu() for i, sv in self._reference.items()}
+        self._context = {}  # only the episodes use it
 
     def on_train_epoch_start(self) -> None:
         self._episode_start = time.perf_counter()

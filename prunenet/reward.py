@@ -7,34 +7,17 @@ discounted by gamma^i over the layer index i).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from prunenet.errors import ConfigurationError
+from prunenet.spectra import (SPECTRA_METHOD, FullGram, check_spectra_args, dense_singular_values, full_gram,
+                              kept_singular_values, singular_values)
 
 #: Reward used when the KS statistic is exactly 0 (identical spectra); the
 #: authors' code returns 99999 in that case.
 REWARD_CAP = 99999.0
-
-
-def singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Singular values of a matrix, computed in float32 (or float64) whatever its dtype.
-
-    Half-precision SVD does not exist on CPU and is imprecise elsewhere, so the
-    matrix is upcast first.
-
-    Args:
-        weight: shape (rows, cols), any float dtype.
-        dtype: ``torch.float32`` or ``torch.float64``.
-    Returns:
-        Tensor of shape (min(rows, cols),), descending, in ``dtype``.
-    Raises:
-        ValueError: if ``dtype`` is not float32/float64 or ``weight`` is not 2-D.
-    """
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"spectra dtype must be torch.float32 or torch.float64, got {dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"singular_values expects a 2-D matrix, got shape {tuple(weight.shape)}")
-    return torch.linalg.svdvals(weight.to(dtype))
 
 
 def ks_statistic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,38 +78,73 @@ class KSGateReward:
     """The paper's reward on the policy state (the first FFN input matrix, "gate"):
     ``r_i = 1 / KS(sv(W_i), sv(W_i[kept]))``. Source: PruneNet Section 3.
 
-    The plug point ``--model.reward`` (ours): a reward has ``name``, :meth:`reference` (computed
-    once per layer and cached by the caller) and ``__call__``.
+    The plug point ``--model.reward`` (ours): a reward has ``name``, ``cache_key`` (what its
+    references depend on besides the weights), :meth:`reference` (computed once per layer and
+    cached by the caller), :meth:`context` (optional per-layer data kept next to the reference),
+    :meth:`rewards` (many layers at once) and ``__call__`` (one layer).
 
     Args:
         dtype: ``torch.float32`` or ``torch.float64`` for the singular values.
+        method: how they are computed, one of :data:`SPECTRA_METHODS` (ours; default
+            :data:`SPECTRA_METHOD`, the Gram route, same numbers as ``svdvals`` up to rounding).
+    Raises:
+        ValueError: bad ``dtype`` or ``method``.
     """
 
     name = "ks_gate"
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype = torch.float32, method: str = SPECTRA_METHOD) -> None:
+        check_spectra_args(dtype, method)
+        self.dtype, self.method = dtype, method
+
+    @property
+    def cache_key(self) -> str:
+        """Names what the reference spectra depend on besides the weights (an on-disk cache key part)."""
+        return f"{self.name}-{self.method}-{str(self.dtype).removeprefix('torch.')}"
 
     def reference(self, weight: torch.Tensor) -> torch.Tensor:
         """Singular values of the dense W_i, shape (min(n, d),)."""
-        return singular_values(weight, self.dtype)
+        return singular_values(weight, self.dtype, self.method)
 
-    def __call__(self, weight: torch.Tensor, kept: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def reference_and_context(self, weight: torch.Tensor) -> tuple[torch.Tensor, FullGram | None]:
+        """:meth:`reference` and :meth:`context` together: the Gram route forms ``WᵀW`` once for both."""
+        return dense_singular_values(weight, self.dtype, self.method)
+
+    def context(self, weight: torch.Tensor, reference: torch.Tensor) -> FullGram | None:
+        """The full Gram of W_i for the downdate, or None where it does not pay (``svdvals``, or a
+        ratio that removes at least half the rows: decided per call in :func:`kept_singular_values`)."""
+        if self.method != "gram" or weight.shape[0] < weight.shape[1]:
+            return None
+        return full_gram(weight, self.dtype, reference)
+
+    def rewards(self, weights: Sequence[torch.Tensor], kept: Sequence[torch.Tensor],
+                references: Sequence[torch.Tensor], contexts: Sequence[FullGram | None] | None = None
+                ) -> list[tuple[torch.Tensor, float]]:
+        """Per layer ``(KS statistic, reward)`` of keeping rows ``kept[i]`` (k,) of ``weights[i]`` (n, d),
+        the spectra of all layers computed together (:func:`kept_singular_values`)."""
+        spectra = kept_singular_values(weights, kept, self.dtype, self.method, contexts)
+        out = []
+        for reference, sv in zip(references, spectra):
+            ks = ks_statistic(reference, sv)
+            out.append((ks, spectral_reward(ks)))
+        return out
+
+    def __call__(self, weight: torch.Tensor, kept: torch.Tensor, reference: torch.Tensor,
+                 context: FullGram | None = None) -> tuple[torch.Tensor, float]:
         """``(KS statistic, reward)`` of keeping rows ``kept`` (shape (k,)) of ``weight`` (n, d)."""
-        ks = ks_statistic(reference, singular_values(weight.index_select(0, kept), self.dtype))
-        return ks, spectral_reward(ks)
+        return self.rewards([weight], [kept], [reference], [context])[0]
 
 
 #: Rewards by name (``--model.reward``).
 REWARDS = {cls.name: cls for cls in (KSGateReward,)}
 
 
-def build_reward(name: str, dtype: torch.dtype) -> KSGateReward:
-    """The reward of registry name ``name``.
+def build_reward(name: str, dtype: torch.dtype, method: str = SPECTRA_METHOD) -> KSGateReward:
+    """The reward of registry name ``name``, its spectra computed in ``dtype`` by ``method``.
 
     Raises:
         ConfigurationError: an unknown name (lists the known ones).
     """
     if name not in REWARDS:
         raise ConfigurationError(f"reward must be one of {sorted(REWARDS)}, got {name!r}")
-    return REWARDS[name](dtype)
+    return REWARDS[name](dtype, method)

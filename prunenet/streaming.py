@@ -11,8 +11,10 @@ the fit holds one layer at a time; otherwise all states are read once and kept.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,9 +99,6 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
         ModelLoadError: not a safetensors checkpoint, or FFN tensors missing from it.
         ConfigurationError: the family's config cannot express the new width.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     files = safetensors_files(folder)
     if files is None:
@@ -115,20 +114,44 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
     adapter.set_intermediate_size(new_config, int(kept[0].numel()))  # raises before writing
     total_params, total_bytes = 0, 0
     for shard in sorted(set(files.values())):
-        tensors = {}
-        with safe_open(folder / shard, framework="pt") as f:
-            metadata = f.metadata()
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if key in key_roles:
-                    check_finite(t, key)  # an error leaves no output: the caller writes into a temp folder
-                    layer, role, kind = key_roles[key]
-                    t = adapter.slice_tensor(t, kept[layer], role, kind)
-                tensors[key] = t
-                total_params += t.numel()
-                total_bytes += t.numel() * t.element_size()
-        save_file(tensors, out / shard, metadata=metadata or {"format": "pt"})
-        del tensors
+        entries, data_start = read_header(folder / shard)
+        metadata = entries.pop("__metadata__", None) or {"format": "pt"}
+
+        def sliced(key: str, t: torch.Tensor) -> torch.Tensor:
+            if key not in key_roles:
+                return t
+            if not t.is_meta:
+                check_finite(t, key)  # an error leaves no output: the caller writes into a temp folder
+            layer, role, kind = key_roles[key]
+            return adapter.slice_tensor(t, kept[layer], role, kind)
+
+        # The output header needs every output shape first: slice tensors on the meta device (no data).
+        order = sorted(entries, key=lambda key: entries[key]["data_offsets"][0])
+        shapes = {key: sliced(key, _meta_tensor(entries[key])) if key in key_roles else None for key in order}
+        out_entries, offset = {}, 0
+        for key in order:
+            info = entries[key]
+            shape = list(shapes[key].shape) if shapes[key] is not None else info["shape"]
+            nbytes = math.prod(shape) * _DTYPES[info["dtype"]].itemsize
+            out_entries[key] = {"dtype": info["dtype"], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            total_params += math.prod(shape)
+        total_bytes += offset
+        # Plain reads (no mmap, whose touched pages would stay in the process's resident memory): an FFN
+        # tensor is read, sliced and written; any other is copied as bytes in chunks. Peak: one FFN tensor.
+        with open(folder / shard, "rb") as src, open(out / shard, "wb") as dst:
+            _write_header(dst, out_entries, metadata)
+            for key in order:
+                if key not in key_roles:
+                    _copy_bytes(src, dst, data_start + entries[key]["data_offsets"][0],
+                                out_entries[key]["data_offsets"][1] - out_entries[key]["data_offsets"][0])
+                    continue
+                t = sliced(key, _read_tensor(src, entries[key], data_start))
+                if list(t.shape) != out_entries[key]["shape"]:
+                    raise ModelLoadError(f"{key}: sliced to {tuple(t.shape)}, expected {out_entries[key]['shape']}")
+                if t.numel():
+                    dst.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
+                del t
     if (folder / INDEX_FILE).is_file():
         index = json.loads((folder / INDEX_FILE).read_text())
         index.setdefault("metadata", {})["total_size"] = total_bytes
@@ -142,17 +165,62 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
     return total_params
 
 
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (``MemAvailable``), or physical memory."""
+#: safetensors dtype names -> torch dtypes (the format's own table).
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """``(header, data_start)`` of a safetensors file: the JSON header (tensor name -> dtype, shape,
+    data_offsets; ``__metadata__``) and the byte offset where the data begins.
+
+    Raises:
+        ModelLoadError: a truncated or corrupted header, or a dtype this reader does not know.
+    """
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError) as exc:
+        raise ModelLoadError(f"{path} is truncated or corrupted: {exc}") from None
+    for key, info in header.items():
+        if key != "__metadata__" and info.get("dtype") not in _DTYPES:
+            raise ModelLoadError(f"{path}: tensor {key} has dtype {info.get('dtype')!r}, not supported here")
+    return header, 8 + size
 
 
-def checkpoint_bytes(folder: str | os.PathLike) -> int:
-    """Size on disk of a checkpoint's safetensors files (0 if none)."""
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+def _meta_tensor(info: dict[str, Any]) -> torch.Tensor:
+    return torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device="meta")
+
+
+def _read_tensor(f, info: dict[str, Any], data_start: int) -> torch.Tensor:
+    """One tensor of an open safetensors file, read into a fresh buffer."""
+    begin, end = info["data_offsets"]
+    dtype = _DTYPES[info["dtype"]]
+    if end == begin:
+        return torch.empty(info["shape"], dtype=dtype)
+    f.seek(data_start + begin)
+    buf = bytearray(end - begin)
+    if f.readinto(buf) != len(buf):
+        raise ModelLoadError(f"{f.name} is truncated (tensor data ends early)")
+    return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
+def _copy_bytes(src, dst, start: int, size: int, chunk: int = 16 << 20) -> None:
+    """Copy ``size`` bytes of ``src`` from ``start`` to the end of ``dst``, ``chunk`` bytes at a time."""
+    src.seek(start)
+    while size > 0:
+        data = src.read(min(chunk, size))
+        if not data:
+            raise ModelLoadError(f"{src.name} is truncated (tensor data ends early)")
+        dst.write(data)
+        size -= len(data)
+
+
+def _write_header(f, entries: dict[str, Any], metadata: dict[str, str]) -> None:
+    """The safetensors header: its length, then the JSON padded with spaces to a multiple of 8 bytes."""
+    header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)

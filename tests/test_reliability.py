@@ -127,6 +127,7 @@ def test_inf_in_ffn_matrix_is_named_before_any_svd(tmp_path, extra_args, monkeyp
         raise AssertionError("singular values computed before the NaN/Inf check")
 
     monkeypatch.setattr("prunenet.reward.singular_values", no_svd)
+    monkeypatch.setattr("prunenet.reward.dense_singular_values", no_svd)  # the reference spectra's route
     with pytest.raises(InvalidWeightsError, match=r"model\.layers\.2\.mlp\.gate_proj\.weight has 1 NaN/Inf"):
         fit_in_process(_fit_args(model, tmp_path, "--model.dtype=float32"), extra_args, monkeypatch)
     assert not (tmp_path / "out").exists()

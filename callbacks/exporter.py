@@ -3,9 +3,13 @@ of a fit, the recovered model of a recovery); evaluation asks it for what it wro
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import lightning as L
 
 from prunenet.export import Exported
+
+C = TypeVar("C", bound=L.Callback)
 
 
 class CheckpointExporter(L.Callback):
@@ -19,16 +23,25 @@ class CheckpointExporter(L.Callback):
         raise NotImplementedError
 
 
+def find_callback(trainer: L.Trainer, cls: type[C], needed: str) -> C:
+    """The trainer's first callback of type ``cls``.
+
+    Raises:
+        ConfigurationError: none is configured (``needed`` says which one and why).
+    """
+    from prunenet.errors import ConfigurationError
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, cls):
+            return callback
+    raise ConfigurationError(f"this callback needs {needed}")
+
+
 def find_exporter(trainer: L.Trainer) -> CheckpointExporter:
     """The trainer's exporting callback.
 
     Raises:
         ConfigurationError: none is configured.
     """
-    from prunenet.errors import ConfigurationError
-
-    for callback in trainer.callbacks:
-        if isinstance(callback, CheckpointExporter):
-            return callback
-    raise ConfigurationError("this callback needs the StructuralSlicing callback (fit) or the RecoveryExport "
-                             "callback (recover), which export the model")
+    return find_callback(trainer, CheckpointExporter, "the StructuralSlicing callback (fit) or the RecoveryExport "
+                                                      "callback (recover), which export the model")

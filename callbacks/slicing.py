@@ -113,9 +113,6 @@ def find_slicing(trainer: L.Trainer) -> StructuralSlicing:
     Raises:
         ConfigurationError: none is configured.
     """
-    from prunenet.errors import ConfigurationError
+    from callbacks.exporter import find_callback
 
-    for callback in trainer.callbacks:
-        if isinstance(callback, StructuralSlicing):
-            return callback
-    raise ConfigurationError("this callback needs the StructuralSlicing callback, which exports the pruned model")
+    return find_callback(trainer, StructuralSlicing, "the StructuralSlicing callback, which exports the pruned model")

@@ -68,20 +68,24 @@ def _result(scores: list[float], ppl: float) -> dict:
 
 def test_quality_report_means_stds_retention_and_ks(tmp_path):
     out = tmp_path / "q.md"
-    records = [
-        {"method": "dense", "ratio": 0.0, "seed": None, "result": _result([0.8] * 5, 10.0)},
-        {"method": "random", "ratio": 0.3, "seed": 0, "result": _result([0.6] * 5, 20.0), "ks": 0.1},
-        {"method": "random", "ratio": 0.3, "seed": 1, "result": _result([0.4] * 5, 40.0), "ks": 0.3},
-    ]
-    args = argparse.Namespace(episodes=20, output=str(out))
-    write_report(records, args, ["--limit", "10"], [0.3], [0, 1], ["random"], 10, 60.0)
+    dense = _result([0.8] * 5, 10.0)
+    common = {"model": "smollm2-135m", "method": "random", "ratio": 0.3, "limit": 10, "episodes": 20,
+              "ppl_tokens": 100}
+    records = {}
+    for seed, score, ppl, ks in ((0, 0.6, 20.0, 0.1), (1, 0.4, 40.0, 0.3)):
+        records[seed] = {**common, "seed": seed, "result": _result([score] * 5, ppl), "ks": ks, "average": score}
+    # another limit: not in this table
+    records[9] = {**common, "limit": 200, "seed": 0, "result": _result([0.1] * 5, 1.0), "ks": 0.9, "average": 0.1}
+    args = argparse.Namespace(model="smollm2-135m", limit=10, episodes=20, ppl_tokens=100)
+    write_report(out, records, dense, args, ["--limit", "10"])
     text = out.read_text()
     dense_row = next(line for line in text.splitlines() if line.startswith("| **dense**"))
     random_row = next(line for line in text.splitlines() if line.startswith("| random"))
-    assert "| 80.0 | 100.0 | 10.00 | - |" in dense_row
-    # mean 50, sample std of (60, 40) = 14.1; retention 62.5 ± 17.7; perplexity 30 ± 14.14; KS 0.2 ± 0.1414
-    assert "| 50.0 ± 14.1 | 62.5 ± 17.7 | 30.00 ± 14.14 | 0.2000 ± 0.1414 |" in random_row
-    assert "2 of 2 pruned runs done" in text and (tmp_path / "q.json").is_file()
+    assert "| 80.0 | 100 | 10.00 | 0 |" in dense_row
+    # 2 runs; mean 50, sample std of (60, 40) = 14.1; retention 62.5 ± 17.7; perplexity 30 ± 14.1; KS 0.2 ± 0.1414
+    assert random_row.startswith("| random | 0.3 | 2 | 50.0 ± 14.1 |")
+    assert "| 50.0 ± 14.1 | 62.5 ± 17.7 | 30.0 ± 14.1 | 0.2000 ± 0.1414 |" in random_row
+    assert "first 10 documents" in text
 
 
 def test_quality_perplexity_table_medians_geo_means_and_paired_wins(tmp_path):

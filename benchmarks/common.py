@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: The fit config of each embedded model the quality benchmarks run (the shipped defaults).
+CONFIGS = {"smollm2-135m": "configs/smollm2.yaml", "gemma3-270m": "configs/gemma3.yaml"}
 
 
 def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, subprocess.CompletedProcess]:

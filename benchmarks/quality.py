@@ -30,10 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, header, mean_std, run_measured, table
+from benchmarks.common import CONFIGS, REPO, header, mean_std, run_measured, table
 
 METHODS = ("default", "paper", "random", "magnitude")
-CONFIGS = {"smollm2-135m": "configs/smollm2.yaml", "gemma3-270m": "configs/gemma3.yaml"}
 
 
 def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Path) -> Path:

@@ -36,10 +36,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import REPO, header, table
+from benchmarks.common import CONFIGS, REPO, header, table
 
 METHODS = ("paper", "paper+protect", "baseline+protect", "random", "random+protect", "magnitude")
-CONFIGS = {"smollm2-135m": "configs/smollm2.yaml", "gemma3-270m": "configs/gemma3.yaml"}
 
 
 def model_section(path: str | Path) -> dict:

@@ -1,7 +1,9 @@
-"""Shared helpers of the benchmark scripts: child-process peak RSS, headers, markdown tables."""
+"""Shared helpers of the benchmark scripts: child-process peak RSS, headers, markdown tables, the
+finished-cell records that make long benchmarks resumable."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -13,6 +15,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 #: The fit config of each embedded model the quality benchmarks run (the shipped defaults).
 CONFIGS = {"smollm2-135m": "configs/smollm2.yaml", "gemma3-270m": "configs/gemma3.yaml"}
+
+
+def load_records(path: Path, key_names: tuple[str, ...]) -> dict[tuple, dict]:
+    """The finished cells of a resumable benchmark: every JSON line of ``path`` keyed by the tuple of
+    its ``key_names`` values (a later line with the same key wins). Empty when ``path`` does not exist.
+
+    Raises:
+        ValueError: a line that is not JSON or lacks one of ``key_names`` (names the file and line).
+    """
+    records: dict[tuple, dict] = {}
+    if not path.is_file():
+        return records
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            records[tuple(rec[k] for k in key_names)] = rec
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a record with fields {list(key_names)} ({exc})") from None
+    return records
 
 
 def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, subprocess.CompletedProcess]:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import CONFIGS, REPO, header, mean_std, run_measured, table
+from benchmarks.common import CONFIGS, REPO, header, load_records, mean_std, run_measured, table
 
 METHODS = ("default", "paper", "random", "magnitude")
 
@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from prunenet.states import load_ffn_states
 
     key_names = ("model", "method", "ratio", "seed", "limit", "episodes", "ppl_tokens")
-    records = {}
-    if records_path.is_file():
-        for line in records_path.read_text().splitlines():
-            rec = json.loads(line)
-            records[tuple(rec[k] for k in key_names)] = rec
+    records = load_records(records_path, key_names)
     states, _ = load_ffn_states(args.model)
     reference: dict = {}
     start = time.perf_counter()

@@ -36,8 +36,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import CONFIGS, REPO, header, table
+from benchmarks.common import CONFIGS, REPO, header, load_records, table
 
+#: The fields that name one cell of the table (its record's key in the JSON-lines file).
+KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
 METHODS = ("paper", "paper+protect", "baseline+protect", "random", "random+protect", "magnitude")
 
 
@@ -101,12 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     name = args.model.split("-")[0]
     output = Path(args.output or REPO / f"benchmarks/results/quality-perplexity-{name}.md")
     records_path = output.with_suffix(".jsonl")
-    done = {}
-    if records_path.is_file():
-        for line in records_path.read_text().splitlines():
-            rec = json.loads(line)
-            done[(rec["model"], rec["ratio"], rec["method"], rec["seed"], rec["tokens"], rec["episodes"],
-                  rec["protect"])] = rec
+    done = load_records(records_path, KEY_NAMES)
     paper = {**model_section("configs/paper.yaml"), "model_name_or_path": args.model}
     if args.model == "gemma3-270m":  # what the family's config sets beyond the algorithm (none today)
         paper.update({k: v for k, v in model_section(CONFIGS[args.model]).items()
@@ -153,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                     ks = statistics.fmean(float(ks_statistic(ref, singular_values(g[rows])))
                                           for ref, g, rows in zip(reference, gates, kept))
                     ppl = perplexity(model, tokenizer, settings, progress=False)["perplexity"]
-                    rec = dict(zip(("model", "ratio", "method", "seed", "tokens", "episodes", "protect"), key),
+                    rec = dict(zip(KEY_NAMES, key),
                                ks=ks, perplexity=ppl, select_seconds=round(fit_s, 1))
                     with records_path.open("a") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -12,7 +12,9 @@ the Spearman rank correlation with perplexity over the selections (a good reward
 negative correlation if higher is better, positive if lower is better) and its p-value.
 
 Each finished selection is appended to a JSON-lines file next to the table and skipped when the
-command runs again, so an interrupted run continues where it stopped.
+command runs again, so an interrupted run continues where it stopped. A selection whose perplexity
+``benchmarks.quality_perplexity`` already measured (method ``random``, same model, ratio, tokens and
+seed: the same rows and the same evaluation) takes that value instead of evaluating it again.
 
 Candidates (mean over layers; ours except ``ks_gate``):
 - ``ks_gate``: KS of the gate spectra, the paper's objective (lower is closer);
@@ -39,8 +41,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, header, table
+from benchmarks.common import REPO, header, load_records, table
 
+#: The fields that name one selection's record; and those of a quality_perplexity cell, in the order
+#: (model, ratio, tokens, seed, method) that lets its random cells stand for selections here.
+KEY_NAMES = ("model", "ratio", "tokens", "seed")
+QP_KEY_NAMES = ("model", "ratio", "tokens", "seed", "method", "episodes", "protect")
 CANDIDATES = ("ks_gate", "ks_all", "energy_kept", "down_max_kept", "outliers_kept", "peak_dropped", "bos_kl")
 WEIGHT_CANDIDATES = tuple(c for c in CANDIDATES if c != "bos_kl")
 
@@ -94,12 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     name = args.model.split("-")[0]
     output = Path(args.output or REPO / f"benchmarks/results/reward-correlation-{name}.md")
     records_path = output.with_suffix(".jsonl")
-    done = {}
-    if records_path.is_file():
-        for line in records_path.read_text().splitlines():
-            rec = json.loads(line)
-            if (rec["model"], rec["ratio"], rec["tokens"]) == (args.model, args.ratio, args.tokens):
-                done[rec["seed"]] = rec
+    this_run = (args.model, args.ratio, args.tokens)
+    done = {key[3]: rec for key, rec in load_records(records_path, KEY_NAMES).items() if key[:3] == this_run}
+    # The same random selections, already evaluated by the same perplexity in the quality benchmark.
+    measured = {key[3]: rec["perplexity"] for key, rec in load_records(
+        REPO / f"benchmarks/results/quality-perplexity-{name}.jsonl", QP_KEY_NAMES).items()
+        if key[4] == "random" and key[:3] == this_run}
     model = loading.load_model(args.model)
     tokenizer = loading.load_tokenizer(args.model)
     adapter = get_adapter(model.config)
@@ -120,9 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         kept = select_rows("random", k=k, states=[g for g, _, _ in ffns], seed=seed)
         done[seed].update(weight_scores(ffns, kept, reference))
     if stale:
-        others = [line for line in records_path.read_text().splitlines()
-                  if (lambda r: (r["model"], r["ratio"], r["tokens"]))(json.loads(line)) != (args.model, args.ratio,
-                                                                                            args.tokens)]
+        others = [json.dumps(rec) for key, rec in load_records(records_path, KEY_NAMES).items() if key[:3] != this_run]
         tmp = records_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in others + [json.dumps(done[s]) for s in sorted(done)]))
         tmp.replace(records_path)
@@ -140,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=bos).logits[0, -1].double(), -1)
             rec["bos_kl"] = float((dense_logp.exp() * (dense_logp - logp)).sum())
-            rec["perplexity"] = perplexity(model, tokenizer, settings, progress=False)["perplexity"]
+            if seed in measured:
+                rec["perplexity"] = measured[seed]
+            else:
+                rec["perplexity"] = perplexity(model, tokenizer, settings, progress=False)["perplexity"]
             with records_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             done[seed] = rec

@@ -108,3 +108,22 @@ def test_quality_perplexity_table_medians_geo_means_and_paired_wins(tmp_path):
     # random: median 400, geometric mean (100 * 400 * 10000)^(1/3) = 737; protect: median 200, geo 200.
     assert "| 0.3 | random | 400 | 737 | 100 | 10,000 | 3 | 0.1000 |  |" in text
     assert "| 0.3 | random+protect | 200 | 200 | 50 | 800 | 3 | 0.1000 | 2 of 3 |" in text
+
+
+def test_load_records_keys_cells_later_line_wins_and_names_a_bad_line(tmp_path):
+    """The resumable benchmarks' record reader: a missing file is no records, a cell recorded twice
+    keeps its later line, and a broken line is reported with its file and line number."""
+    from benchmarks.common import load_records
+
+    path = tmp_path / "cells.jsonl"
+    assert load_records(path, ("seed",)) == {}
+    path.write_text('{"seed": 0, "method": "random", "perplexity": 5.0}\n'
+                    '{"seed": 1, "method": "random", "perplexity": 7.0}\n'
+                    '{"seed": 0, "method": "random", "perplexity": 6.0}\n')
+    records = load_records(path, ("method", "seed"))
+    assert sorted(records) == [("random", 0), ("random", 1)]
+    assert records[("random", 0)]["perplexity"] == 6.0
+    with path.open("a") as f:
+        f.write('{"method": "random"}\n')
+    with pytest.raises(ValueError, match=r"cells\.jsonl:4: .*seed"):
+        load_records(path, ("method", "seed"))

@@ -11,7 +11,10 @@ Methods (each seed s, each ratio r):
 - ``baseline+protect``: the same with the ``baseline`` learner too (ours);
 - ``random``: uniformly random rows, seed s; ``random+protect``: the protected outlier neurons
   always kept, the rest uniformly random;
-- ``magnitude``: the k neurons with the largest input-weight norm (deterministic: one cell).
+- ``magnitude``: the k neurons with the largest input-weight norm (deterministic: one cell);
+- ``peak``: the k neurons with the largest output max-|w| (deterministic): the selection with the
+  lowest ``peak_dropped`` score of ``benchmarks.reward_correlation``, i.e. what a policy trained to
+  optimum on that candidate reward would keep (ours).
 
 Policies are trained in-process with the product's own module and data module (the same code as
 ``prunenet.fit``), without writing a checkpoint. The pruned model is scored by perplexity on the
@@ -40,7 +43,9 @@ from benchmarks.common import CONFIGS, REPO, header, load_records, table
 
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
-METHODS = ("paper", "paper+protect", "baseline+protect", "random", "random+protect", "magnitude")
+METHODS = ("paper", "paper+protect", "baseline+protect", "random", "random+protect", "magnitude", "peak")
+#: The methods that draw nothing: one cell per ratio, recorded under seed 0.
+DETERMINISTIC = ("magnitude", "peak")
 
 
 def model_section(path: str | Path) -> dict:
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     layers = adapter.layers(model)
     gates = [adapter.state(layer).detach().float().clone() for layer in layers]
     row_norms = [adapter.row_norms(layer) for layer in layers]
-    protected = [protected_rows(adapter.output_peaks(adapter.output_module(layer).weight), protect) for layer in layers]
+    peaks = [adapter.output_peaks(adapter.output_module(layer).weight) for layer in layers]
+    protected = [protected_rows(p, protect) for p in peaks]
     reference = [singular_values(g) for g in gates]
     n = gates[0].shape[0]
     masks = [torch.ones(n) for _ in layers]
@@ -133,13 +139,15 @@ def main(argv: list[str] | None = None) -> None:
             k = kept_width(n, r)
             for seed in seeds:
                 for method in methods:
-                    s = 0 if method == "magnitude" else seed
+                    s = 0 if method in DETERMINISTIC else seed
                     key = (args.model, r, method, s, args.tokens, args.episodes, protect)
                     if key in done:
                         continue
                     t0 = time.perf_counter()
                     if method in trained:
                         kept = train_policy(trained[method], r, s, args.episodes)
+                    elif method == "peak":
+                        kept = [torch.topk(p.float(), k).indices.sort().values for p in peaks]
                     else:
                         kept = select_rows(method.split("+")[0], k=k, states=gates, seed=s, row_norms=row_norms,
                                            protected=protected if method.endswith("+protect") else None)
@@ -176,7 +184,7 @@ def write_table(output: Path, args, argv, done: dict, protect: float) -> None:
                 paired = [c for c in cells if c["seed"] in random]
                 wins = sum(c["perplexity"] < random[c["seed"]] for c in paired)
                 rows.append([f"{r:g}", method, *summarise(cells),
-                             "" if method in ("random", "magnitude") else f"{wins} of {len(paired)}"])
+                             "" if method == "random" or method in DETERMINISTIC else f"{wins} of {len(paired)}"])
     text = f"# Perplexity of the pruned model by selection method, {args.model}\n\n" + header(
         "python -m benchmarks.quality_perplexity " + " ".join(  # the command that produced the cells
             a for a in (sys.argv[1:] if argv is None else argv) if a != "--table_only")) + "\n"

@@ -28,8 +28,9 @@ class StructuralSlicing(CheckpointExporter):
     Args:
         output_dir: where to save; must be absent or empty unless ``overwrite``.
         overwrite: replace an existing non-empty ``output_dir`` (only after the new one is complete).
-        selection: ``sample`` (paper: seeded multinomial over keep probabilities), ``topk`` or
-            ``uniform`` (ours: protected rows + uniformly random others; the policy is not used).
+        selection: ``sample`` (paper: seeded multinomial over keep probabilities), ``topk``,
+            ``uniform`` (ours: protected rows + uniformly random others) or ``peak`` (ours: the
+            neurons with the largest output max-|w|); the last two do not use the policy.
         shardwise: rewrite the safetensors shards one at a time instead of loading the model
             (None: whenever the source is a local safetensors checkpoint loaded in its own dtype).
 

@@ -63,8 +63,9 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         output_dir: where to write.
         compression_ratio: r, or several.
         policy: ``policy.pt`` or a folder holding one (needed for method ``prunenet``).
-        method: ``prunenet`` (the policy), ``random`` (uniform rows, seeded) or ``magnitude``.
-        selection: for ``prunenet``: ``sample`` or ``topk``.
+        method: ``prunenet`` (the policy), ``random`` (uniform rows, seeded), ``magnitude`` or ``peak``
+            (the neurons with the largest output max-|w|, ``selection.peak_kept``; ours).
+        selection: for ``prunenet``: one of ``SELECTION_MODES``.
         round_to: kept width rounded down to a multiple of this.
         protect_outliers: share of each layer's neurons always kept (``selection.protected_rows``);
             None: the policy's own setting for ``prunenet``, 0 for the baselines.
@@ -109,8 +110,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     row_norms = [adapter.row_norms(layer) for layer in adapter.layers(dense)] if method == "magnitude" else None
     if protect_outliers is None:
         protect_outliers = float(meta.get("protect_outliers") or 0.0)
-    protected = [protected_rows(adapter.output_peaks(adapter.output_module(layer).weight), protect_outliers)
-                 for layer in adapter.layers(dense)] if protect_outliers > 0 else None
+    peaks = [adapter.output_peaks(adapter.output_module(layer).weight) for layer in adapter.layers(dense)]
+    protected = [protected_rows(p, protect_outliers) for p in peaks] if protect_outliers > 0 else None
     fingerprint = ffn_fingerprint(states)
     del dense
     extra = {}
@@ -125,7 +126,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     for r, k, target in zip(ratios, widths, targets):
         start = time.perf_counter()
         kept = select_rows(method, k=k, states=states, policy=pol, selection=selection, seed=seed,
-                           row_norms=row_norms, protected=protected)
+                           row_norms=row_norms, protected=protected, peaks=peaks)
         exported = export(model, kept, target, method=method, compression_ratio=r, round_to=round_to,
                           selection=selection if method == "prunenet" else None, seed=seed, extra=extra,
                           policy=pol, policy_meta=meta or None, overwrite=overwrite, dtype=dtype,
@@ -216,10 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compression_ratio", default="0.3", help="r in [0, 1), or comma-separated for a sweep")
     parser.add_argument("--method", default="prunenet", choices=METHODS,
                         help="prunenet: a trained --policy; random: uniform rows (seeded); magnitude: the neurons "
-                             "with the largest input-weight L2 norm (gated FFNs: gate and up rows together)")
+                             "with the largest input-weight L2 norm (gated FFNs: gate and up rows together); peak: "
+                             "the neurons whose output column has the largest max-|w| (deterministic)")
     parser.add_argument("--selection", default="sample", choices=SELECTION_MODES,
-                        help="with --method prunenet: sample (the paper's seeded multinomial, default), topk, or "
-                             "uniform (protected rows + uniformly random others: the policy is not used)")
+                        help="with --method prunenet: sample (the paper's seeded multinomial, default), topk, "
+                             "uniform (protected rows + uniformly random others) or peak (as --method peak); the "
+                             "last two do not use the policy")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and random draws")
     parser.add_argument("--round_to", type=int, default=1, help="round the kept width down to a multiple")
     parser.add_argument("--protect_outliers", type=float, default=None,

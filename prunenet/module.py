@@ -115,6 +115,7 @@ class PruneNetModule(L.LightningModule):
         self._reference: dict[int, torch.Tensor] = {}
         self._context: dict[int, Any] = {}  # per layer, the reward's context (the full Gram for the downdate)
         self._protected: list[torch.Tensor] | None = None
+        self._output_peaks: list[torch.Tensor] | None = None
         self.fit_started = time.time()
         self.history: list[dict[str, float]] = []
         self.last_ks: dict[int, float] = {}
@@ -137,11 +138,18 @@ class PruneNetModule(L.LightningModule):
         return self._states
 
     @property
+    def output_peaks(self) -> list[torch.Tensor]:
+        """Per layer, max |w| of each neuron's FFN output column, shape (n,), float32; read on first use
+        (what ``protect_outliers`` and the ``peak`` selection rank)."""
+        if self._output_peaks is None:
+            self._output_peaks = load_output_peaks(self.hparams.model_name_or_path, self.hparams.trust_remote_code)
+        return self._output_peaks
+
+    @property
     def protected(self) -> list[torch.Tensor] | None:
         """Per layer, the rows always kept (sorted LongTensors; ``protect_outliers``), or None."""
         if self._protected is None and self.hparams.protect_outliers > 0:
-            peaks = load_output_peaks(self.hparams.model_name_or_path, self.hparams.trust_remote_code)
-            self._protected = [protected_rows(x, self.hparams.protect_outliers) for x in peaks]
+            self._protected = [protected_rows(x, self.hparams.protect_outliers) for x in self.output_peaks]
         return self._protected
 
     def _fixed(self, layer: int) -> torch.Tensor | None:
@@ -317,10 +325,12 @@ class PruneNetModule(L.LightningModule):
         """Kept rows per layer chosen by the policy as it is now: list of sorted (k,) LongTensors.
 
         Args:
-            selection: ``sample`` (paper: seeded multinomial over the keep probabilities) or ``topk``.
+            selection: one of ``SELECTION_MODES``: ``sample`` (paper: seeded multinomial over the keep
+                probabilities), ``topk``, ``uniform`` or ``peak`` (the last two do not use the policy).
         """
         self.policy.eval()
-        return select_kept_rows(self.policy, self.states, self.kept_width, selection, self.seed, self.protected)
+        return select_kept_rows(self.policy, self.states, self.kept_width, selection, self.seed, self.protected,
+                                self.output_peaks if selection == "peak" else None)
 
     def ffn_sha256(self) -> str:
         """Fingerprint of the source model's FFN input matrices (cached with the states)."""

@@ -2,7 +2,8 @@
 during training, and the final selection by the trained policy or a baseline (random, magnitude).
 
 Source: PruneNet Section 3 (action: k = floor((1 - r) n) rows drawn without replacement from the
-keep probabilities); ``topk``, ``random`` and ``magnitude`` are ours (baselines and a deterministic mode).
+keep probabilities); ``topk``, ``uniform``, ``peak``, ``random`` and ``magnitude`` are ours (baselines
+and data-free rules the policy is measured against).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import torch
 from prunenet.errors import ConfigurationError, InvalidProbabilitiesError
 from prunenet.policy import RowPolicy
 
-SELECTION_MODES = ("sample", "topk", "uniform")
+SELECTION_MODES = ("sample", "topk", "uniform", "peak")
 
 #: How kept rows are chosen: the trained policy, or the baselines it is compared with.
-METHODS = ("prunenet", "random", "magnitude")
+METHODS = ("prunenet", "random", "magnitude", "peak")
 
 
 def validate_ratio(compression_ratio: float) -> float:
@@ -85,8 +86,24 @@ def protected_rows(peaks: torch.Tensor, fraction: float) -> torch.Tensor:
         ConfigurationError: fraction outside [0, 1).
     """
     check_protect_fraction(fraction)
-    count = int(round(float(fraction) * peaks.numel()))
-    return torch.topk(peaks.float(), count).indices.sort().values
+    return peak_kept(peaks, int(round(float(fraction) * peaks.numel())))
+
+
+def peak_kept(peaks: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` neurons whose FFN output column has the largest max-|w| (ours): the ``peak`` selection,
+    and the rows :func:`protected_rows` keeps. It drops the neurons with the smallest peaks, so it is
+    the selection with the lowest ``peak_dropped`` score (``benchmarks/reward_correlation.py``), the
+    one data-free score that correlated with perplexity in the right direction.
+
+    Args:
+        peaks: max |w| of each neuron's output column, shape (n,) (``ArchAdapter.output_peaks``).
+        k: kept width, 0 <= k <= n.
+    Returns:
+        Sorted LongTensor of shape (k,). Equal peaks are common (bf16 weights); which of them is kept
+        is ``torch.topk``'s choice, fixed for a given torch build, and the rows every measured result
+        in ``benchmarks/results/`` used (a stable sort would keep other, equally peaked rows).
+    """
+    return torch.topk(peaks.float(), k).indices.sort().values
 
 
 def check_protect_fraction(fraction: float) -> float:
@@ -159,7 +176,8 @@ RANDOM_REFERENCE_EPISODE = 1_000_001
 @torch.no_grad()
 def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
                      selection: str = "sample", seed: int = 0,
-                     protected: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                     protected: Sequence[torch.Tensor] | None = None,
+                     peaks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Pick the kept rows of every layer with a trained policy.
 
     Args:
@@ -167,18 +185,24 @@ def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
         states: per-layer FFN input matrices, each (n, d).
         k: kept width.
         selection: ``"sample"`` (paper: multinomial over the relaxed-Bernoulli keep
-            probabilities, seeded), ``"topk"`` (the k largest alpha) or ``"uniform"`` (ours: the
-            protected rows and uniformly random others, seeded; the policy is not used. The best
-            measured selection so far: benchmarks/results/quality-perplexity-smollm2.md).
+            probabilities, seeded), ``"topk"`` (the k largest alpha), ``"uniform"`` (ours: the
+            protected rows and uniformly random others, seeded) or ``"peak"`` (ours: the k neurons
+            with the largest output max-|w|, :func:`peak_kept`). ``uniform`` and ``peak`` do not use
+            the policy (benchmarks/results/quality-perplexity-*.md compares them).
         seed: seed of the ``sample`` draw.
         protected: per layer, rows kept whatever the policy says (``protected_rows``; ours); the
             policy chooses the other ``k - len(protected[i])``.
+        peaks: per layer, max |w| of each neuron's output column, shape (n,); needed by ``peak``.
     Returns:
         List of sorted LongTensors of shape (k,), one per layer.
     Raises:
-        ConfigurationError: unknown selection mode.
+        ConfigurationError: unknown selection mode, or ``peak`` without ``peaks``.
     """
     validate_selection(selection)
+    if selection == "peak":
+        if peaks is None:
+            raise ConfigurationError("selection 'peak' needs the output peaks of every layer")
+        return [peak_kept(x, k) for x in peaks]
     kept = []
     for i, w in enumerate(states):
         device = next(policy.parameters()).device
@@ -232,12 +256,14 @@ def draw_kept(probs: torch.Tensor, k: int, protected: torch.Tensor | None = None
 def select_rows(method: str, *, k: int, states: Sequence[torch.Tensor], policy: RowPolicy | None = None,
                 selection: str = "sample", seed: int = 0,
                 row_norms: Sequence[torch.Tensor] | None = None,
-                protected: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                protected: Sequence[torch.Tensor] | None = None,
+                peaks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Kept rows per layer for any method, so comparisons differ only in which rows are kept.
 
     Args:
         method: ``prunenet`` (``policy`` + ``selection``), ``random`` (uniform, seeded by
-            (seed, layer)) or ``magnitude`` (the k largest ``row_norms[i]``, shape (n,)).
+            (seed, layer)), ``magnitude`` (the k largest ``row_norms[i]``, shape (n,)) or ``peak``
+            (the k largest ``peaks[i]``, shape (n,): :func:`peak_kept`; protected rows are among them).
         protected: per layer, rows every method keeps (``protected_rows``); the method picks the rest.
     Returns:
         One sorted LongTensor of shape (k,) per layer.
@@ -247,7 +273,9 @@ def select_rows(method: str, *, k: int, states: Sequence[torch.Tensor], policy: 
     if method == "prunenet":
         if policy is None:
             raise ConfigurationError("method 'prunenet' needs a policy")
-        return select_kept_rows(policy, states, k, selection, seed, protected)
+        return select_kept_rows(policy, states, k, selection, seed, protected, peaks)
+    if method == "peak":
+        return select_kept_rows(policy, states, k, "peak", seed, protected, peaks)
     if method == "random":
         return [uniform_kept(w.shape[0], k, layer_generator(seed, FINAL_EPISODE, i), _protected(protected, i, "cpu"))
                 for i, w in enumerate(states)]

@@ -163,3 +163,35 @@ def test_uniform_selection_is_the_random_method_with_the_same_seed_and_ignores_t
     expected = select_rows("random", k=20, states=states, seed=4, protected=protected)
     assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(rows_a, rows_b, expected))
     assert {3, 30} <= set(rows_a[0].tolist()) and 0 in rows_a[1].tolist()
+
+
+def test_peak_selection_keeps_the_largest_output_peaks_and_contains_the_protected_rows():
+    from prunenet.selection import peak_kept, select_kept_rows
+
+    gen = torch.Generator().manual_seed(2)
+    peaks = [torch.rand(N, generator=gen) for _ in range(2)]  # continuous: no ties
+    states = [torch.zeros(N, 6) for _ in peaks]
+    for k in (1, 20, N):
+        oracle = [sorted(torch.argsort(p, descending=True)[:k].tolist()) for p in peaks]
+        assert [rows.tolist() for rows in select_rows("peak", k=k, states=states, peaks=peaks)] == oracle
+        assert [peak_kept(p, k).tolist() for p in peaks] == oracle
+    # protect_outliers ranks by the same peaks, so its rows are always among the peak selection's.
+    assert set(protected_rows(peaks[0], 0.2).tolist()) <= set(peak_kept(peaks[0], 20).tolist())
+    with pytest.raises(ConfigurationError, match="selection 'peak' needs the output peaks"):
+        select_kept_rows(None, states, 20, "peak")
+
+
+def test_fit_and_compress_with_peak_keep_the_largest_output_peaks(tiny_dir, tmp_path, extra_args, monkeypatch):
+    """The data-free ``peak`` rule through both entry points: no training needed (max_epochs 0),
+    the same rows as the oracle (the tiny model's float32 peaks have no ties)."""
+    weights = load_file(tiny_dir / "model.safetensors")
+    k = kept_width(N, 0.3)
+    oracle = {str(i): sorted(torch.argsort(_peaks(weights, i), descending=True)[:k].tolist()) for i in range(3)}
+    compress_main(["--method", "peak", "--model", str(tiny_dir), "--compression_ratio", "0.3",
+                   "--output_dir", str(tmp_path / "c")])
+    assert json.loads((tmp_path / "c" / PLAN_FILE).read_text())["kept_indices"] == oracle
+    fit_in_process(["--model.model_name_or_path", str(tiny_dir), "--model.compression_ratio=0.3",
+                    "--trainer.max_epochs=0", "--slicing.selection=peak", f"--trainer.default_root_dir={tmp_path}",
+                    f"--slicing.output_dir={tmp_path / 'f'}"], extra_args, monkeypatch)
+    plan = json.loads((tmp_path / "f" / PLAN_FILE).read_text())
+    assert plan["kept_indices"] == oracle and plan["selection"] == "peak"

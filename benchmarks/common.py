@@ -15,6 +15,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 #: The fit config of each embedded model the quality benchmarks run (the shipped defaults).
 CONFIGS = {"smollm2-135m": "configs/smollm2.yaml", "gemma3-270m": "configs/gemma3.yaml"}
+#: Benchmark methods that draw nothing: one run per ratio, recorded under seed 0.
+DETERMINISTIC = ("magnitude", "peak")
+
+
+def default_method(model: str) -> str:
+    """The quality benchmarks' name of the selection the shipped config of ``model`` makes: ``peak``,
+    ``random+protect`` (uniform draws with protected outliers), ``random`` or ``paper`` (a trained policy)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / CONFIGS[model]).read_text())
+    selection = (config.get("slicing") or {}).get("selection", "sample")
+    protect = (config.get("model") or {}).get("protect_outliers", 0)
+    if selection in ("peak", "uniform"):
+        return "peak" if selection == "peak" else ("random+protect" if protect else "random")
+    return "paper"
 
 
 def load_records(path: Path, key_names: tuple[str, ...]) -> dict[tuple, dict]:

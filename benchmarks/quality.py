@@ -2,17 +2,23 @@
 perplexity over more seeds is ``benchmarks.quality_perplexity``).
 
     python -m benchmarks.quality [--model smollm2-135m] [--limit 200] [--ratios 0.3,0.2]
-        [--seeds 0,1,2] [--methods default,paper,random,magnitude] [--episodes 20]
+        [--seeds 0,1,2] [--methods peak,random+protect,paper,random,magnitude] [--episodes 20]
 
 For every ratio r, seed s and method, prunes through the product's own commands, so methods
 differ only in which rows are kept, then evaluates the paper's five zero-shot tasks (first
 ``--limit`` documents of each) and perplexity with ``prunenet.evaluation``:
 
-- ``default``: ``prunenet.fit --config configs/<model>.yaml`` with seed s (the shipped defaults);
+- ``peak``: ``prunenet.compress --method peak`` (the neurons with the largest output max-|w|;
+  deterministic: one run per ratio);
+- ``random+protect``: ``prunenet.compress --method random --protect_outliers 0.01 --seed s`` (the 1%
+  of neurons with the largest output max-|w| kept, the rest uniform: the same rows as a fit with
+  ``--slicing.selection=uniform --model.protect_outliers=0.01`` and seed s);
 - ``paper``: ``prunenet.fit --config configs/paper.yaml`` (the paper's algorithm, ``--episodes``
   episodes) with seed s;
 - ``random``: ``prunenet.compress --method random --seed s`` (uniform rows);
 - ``magnitude``: ``prunenet.compress --method magnitude`` (deterministic: one run per ratio).
+
+The report marks the method the shipped config (configs/<model>.yaml) selects as the default.
 
 Cells are mean ± std over seeds; each selection is also scored by the paper's objective, the mean
 KS over layers (``benchmarks.selection_ks``). Each finished run is appended to a JSON-lines file
@@ -30,25 +36,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import CONFIGS, REPO, header, load_records, mean_std, run_measured, table
+from benchmarks.common import CONFIGS, DETERMINISTIC, REPO, default_method, header, load_records, mean_std, \
+    run_measured, table
 
-METHODS = ("default", "paper", "random", "magnitude")
+METHODS = ("peak", "random+protect", "paper", "random", "magnitude")
 
 
 def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Path) -> Path:
     """Prune ``model`` at ratio ``r`` by ``method`` with ``seed`` into a folder under ``work``; return it."""
     out = work / f"{method}-r{r:g}-s{seed}"
-    if method in ("default", "paper"):
-        config = CONFIGS[model] if method == "default" else "configs/paper.yaml"
-        extra = [] if method == "default" else [f"--trainer.max_epochs={episodes}"]
-        run_measured(["-m", "prunenet.fit", "--config", config, f"--model.model_name_or_path={model}",
-                      f"--model.compression_ratio={r}", f"--seed_everything={seed}", *extra,
+    if method == "paper":
+        run_measured(["-m", "prunenet.fit", "--config", "configs/paper.yaml", f"--model.model_name_or_path={model}",
+                      f"--model.compression_ratio={r}", f"--seed_everything={seed}", f"--trainer.max_epochs={episodes}",
                       f"--trainer.default_root_dir={work / 'runs'}", f"--slicing.output_dir={out}",
                       "--slicing.overwrite=true", "--evaluation.enabled=false", "--spectrum.enabled=false",
                       "--trainer.enable_progress_bar=false"])
     else:
+        base, _, protect = method.partition("+")
         run_measured(["-m", "prunenet.compress", "--model", model, "--compression_ratio", str(r), "--output_dir",
-                      str(out), "--seed", str(seed), "--overwrite", "--method", method])
+                      str(out), "--seed", str(seed), "--overwrite", "--method", base,
+                      *(["--protect_outliers", "0.01"] if protect else [])])
     return out
 
 
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=200, help="documents per task (0 = the full sets)")
     parser.add_argument("--ratios", default="0.3,0.2")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="default,paper,random")
+    parser.add_argument("--methods", default="peak,random+protect,paper,random")
     parser.add_argument("--episodes", type=int, default=20, help="episodes of the paper's policy")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--ppl_tokens", type=int, default=8192, help="perplexity on the first N tokens")
@@ -99,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         for r in ratios:
             for seed in seeds:
                 for method in methods:
-                    if method == "magnitude" and seed != seeds[0]:
+                    if method in DETERMINISTIC and seed != seeds[0]:
                         continue
-                    key = (args.model, method, r, seed if method != "magnitude" else 0, limit, args.episodes,
+                    key = (args.model, method, r, seed if method not in DETERMINISTIC else 0, limit, args.episodes,
                            args.ppl_tokens)
                     if key in records:
                         continue
@@ -136,6 +143,7 @@ def write_report(output: Path, records: dict, dense: dict, args, argv) -> None:
     mine = [v for v in records.values() if v["model"] == args.model and v["limit"] == limit
             and v["episodes"] == args.episodes and v["ppl_tokens"] == args.ppl_tokens]
     dense_avg = average(dense)["score"]
+    default = default_method(args.model)
     rows = [["**dense**", "0", 1, *(f"{100 * dense['tasks'][t]['score']:.1f}" for t in ZERO_SHOT_TASKS),
              f"{100 * dense_avg:.1f}", "100", f"{dense['perplexity']['perplexity']:.2f}", "0"]]
     for r in sorted({v["ratio"] for v in mine}, reverse=True):
@@ -145,7 +153,7 @@ def write_report(output: Path, records: dict, dense: dict, args, argv) -> None:
                 continue
             res = [g["result"] for g in group]
             avgs = [g["average"] for g in group]
-            rows.append([method, f"{r:g}", len(group),
+            rows.append([f"{method} (default)" if method == default else method, f"{r:g}", len(group),
                          *(mean_std([x["tasks"][t]["score"] for x in res], 100.0) for t in ZERO_SHOT_TASKS),
                          mean_std(avgs, 100.0), mean_std([a / dense_avg for a in avgs], 100.0),
                          mean_std([x["perplexity"]["perplexity"] for x in res], digits=1),
@@ -155,12 +163,12 @@ def write_report(output: Path, records: dict, dense: dict, args, argv) -> None:
     text = f"# Zero-shot accuracy of the pruned model by selection method, {args.model}\n\n" + header(
         "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
     text += (f"Zero-shot accuracy in % (first {limit or 'all'} documents of each task; {metrics}); mean ± std "
-             "over seeds (magnitude is deterministic). One task's standard error at 200 documents is about 3.5 "
+             "over seeds (peak and magnitude are deterministic). One task's standard error at 200 documents is about 3.5 "
              "points, the five-task average's about 1.5. Retention = pruned average / dense average. Perplexity: "
              f"{ppl['corpus']} ({ppl['tokens']} tokens, context {ppl['context_length']}). KS: mean over layers of "
-             "KS(sv(W_gate), sv(W_gate[kept])), the paper's objective. `default` = configs/"
-             f"{Path(CONFIGS[args.model]).name} as shipped; `paper` = configs/paper.yaml, {args.episodes} "
-             "episodes. No fine-tuning after pruning.\n\n")
+             "KS(sv(W_gate), sv(W_gate[kept])), the paper's objective. `(default)`: what configs/"
+             f"{Path(CONFIGS[args.model]).name} selects; `+protect`: protect_outliers 0.01; `paper` = "
+             f"configs/paper.yaml, {args.episodes} episodes. No fine-tuning after pruning.\n\n")
     text += table(["method", "r", "runs", *ZERO_SHOT_TASKS, "avg", "retention %", "perplexity", "KS"], rows)
     output.write_text(text)
 

@@ -39,13 +39,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import CONFIGS, REPO, header, load_records, table
+from benchmarks.common import CONFIGS, DETERMINISTIC, REPO, header, load_records, table
 
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
 METHODS = ("paper", "paper+protect", "baseline+protect", "random", "random+protect", "magnitude", "peak")
-#: The methods that draw nothing: one cell per ratio, recorded under seed 0.
-DETERMINISTIC = ("magnitude", "peak")
 
 
 def model_section(path: str | Path) -> dict:

@@ -127,3 +127,11 @@ def test_load_records_keys_cells_later_line_wins_and_names_a_bad_line(tmp_path):
         f.write('{"method": "random"}\n')
     with pytest.raises(ValueError, match=r"cells\.jsonl:4: .*seed"):
         load_records(path, ("method", "seed"))
+
+
+def test_each_shipped_config_selects_a_method_the_zero_shot_benchmark_runs():
+    """The zero-shot table marks the shipped default; a config change must not leave it unmarked."""
+    from benchmarks.common import CONFIGS, default_method
+    from benchmarks.quality import METHODS
+
+    assert all(default_method(model) in METHODS for model in CONFIGS)

@@ -12,10 +12,9 @@ epoch) and layer i (ours: steps 1-2 for all layers first, then the spectra of st
    layers' weights; any other policy gets autograd).
 
 Policy, reward and learner are plug points chosen by name (``--model.policy``, ``--model.reward``,
-``--model.learner``); the defaults are the paper's. Slicing and saving are the ``StructuralSlicing``
-callback's work; this module only answers which rows its policy keeps.
-The LLM itself is never held: only the FFN input matrices W_i (not registered as buffers, so
-Lightning checkpoints and DDP broadcasts hold the policy alone).
+``--model.learner``; the defaults are the paper's). Slicing and saving are ``StructuralSlicing``'s
+work; this module answers which rows are kept. It never holds the LLM, only the FFN input matrices
+W_i (not buffers: Lightning checkpoints and DDP broadcasts hold the policy alone).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import lightning as L
@@ -115,7 +115,6 @@ class PruneNetModule(L.LightningModule):
         self._reference: dict[int, torch.Tensor] = {}
         self._context: dict[int, Any] = {}  # per layer, the reward's context (the full Gram for the downdate)
         self._protected: list[torch.Tensor] | None = None
-        self._output_peaks: list[torch.Tensor] | None = None
         self.fit_started = time.time()
         self.history: list[dict[str, float]] = []
         self.last_ks: dict[int, float] = {}
@@ -137,13 +136,11 @@ class PruneNetModule(L.LightningModule):
                 self.hparams.low_memory)
         return self._states
 
-    @property
+    @cached_property
     def output_peaks(self) -> list[torch.Tensor]:
-        """Per layer, max |w| of each neuron's FFN output column, shape (n,), float32; read on first use
-        (what ``protect_outliers`` and the ``peak`` selection rank)."""
-        if self._output_peaks is None:
-            self._output_peaks = load_output_peaks(self.hparams.model_name_or_path, self.hparams.trust_remote_code)
-        return self._output_peaks
+        """Per layer, max |w| of each neuron's FFN output column, (n,) float32, read once: what
+        ``protect_outliers`` and the ``peak`` selection rank."""
+        return load_output_peaks(self.hparams.model_name_or_path, self.hparams.trust_remote_code)
 
     @property
     def protected(self) -> list[torch.Tensor] | None:
@@ -176,11 +173,9 @@ class PruneNetModule(L.LightningModule):
         return isinstance(self.states, StreamedStates) and not self.states.cache
 
     def references(self, layers: list[int], weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
-        """Per layer of ``layers`` (states ``weights``), the reference spectrum and the reward's context (the
-        downdate's full Gram). Spectra are computed once per layer and model, then read from the on-disk
-        cache (``reference_cache``, keyed by the FFN fingerprint): a second or resumed fit does not compute
-        them again. Contexts are held across episodes only with the states in memory (streamed, they would
-        be d² per layer for all layers); a context formed with its spectrum serves at least that step."""
+        """Per layer of ``layers`` (states ``weights``), the reference spectrum (computed once per model, then
+        read from the on-disk ``reference_cache``) and the reward's context (the downdate's full Gram; held
+        across episodes only with the states in memory: streamed, it would be d² per layer for all layers)."""
         contexts = []
         for i, w in zip(layers, weights):
             context = self._context.get(i)
@@ -319,15 +314,10 @@ class PruneNetModule(L.LightningModule):
         finally:
             self.timings[phase] += time.perf_counter() - start
 
-    # ------------------------------------------------------------------ what the policy chooses
     @torch.no_grad()
     def kept_indices(self, selection: str = "sample") -> list[torch.Tensor]:
-        """Kept rows per layer chosen by the policy as it is now: list of sorted (k,) LongTensors.
-
-        Args:
-            selection: one of ``SELECTION_MODES``: ``sample`` (paper: seeded multinomial over the keep
-                probabilities), ``topk``, ``uniform`` or ``peak`` (the last two do not use the policy).
-        """
+        """Kept rows per layer, sorted (k,) LongTensors, by ``selection`` (``SELECTION_MODES``: ``sample``,
+        the paper's seeded multinomial; ``topk``; ``uniform`` and ``peak``, which do not use the policy)."""
         self.policy.eval()
         return select_kept_rows(self.policy, self.states, self.kept_width, selection, self.seed, self.protected,
                                 self.output_peaks if selection == "peak" else None)

@@ -17,19 +17,28 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"smollm2-135m": "configs/smollm2.yaml", "gemma3-270m": "configs/gemma3.yaml"}
 #: Benchmark methods that draw nothing: one run per ratio, recorded under seed 0.
 DETERMINISTIC = ("magnitude", "peak")
+#: protect_outliers of the quality benchmarks' ``+protect`` methods.
+PROTECT = 0.01
 
 
-def default_method(model: str) -> str:
-    """The quality benchmarks' name of the selection the shipped config of ``model`` makes: ``peak``,
-    ``random+protect`` (uniform draws with protected outliers), ``random`` or ``paper`` (a trained policy)."""
-    import yaml
-
-    config = yaml.safe_load((REPO / CONFIGS[model]).read_text())
+def config_method(config: dict) -> str | None:
+    """The quality benchmarks' name of what a fit config (parsed YAML) selects: ``peak``, ``random`` or
+    ``random+protect`` (uniform draws, protect_outliers 0 or :data:`PROTECT`); None for anything else
+    (a trained policy, another protected share), which no benchmark method reproduces exactly."""
     selection = (config.get("slicing") or {}).get("selection", "sample")
     protect = (config.get("model") or {}).get("protect_outliers", 0)
-    if selection in ("peak", "uniform"):
-        return "peak" if selection == "peak" else ("random+protect" if protect else "random")
-    return "paper"
+    if selection == "peak":
+        return "peak"
+    if selection == "uniform" and protect in (0, PROTECT):
+        return "random+protect" if protect else "random"
+    return None
+
+
+def default_method(model: str) -> str | None:
+    """:func:`config_method` of the shipped config of ``model`` (:data:`CONFIGS`)."""
+    import yaml
+
+    return config_method(yaml.safe_load((REPO / CONFIGS[model]).read_text()))
 
 
 def load_records(path: Path, key_names: tuple[str, ...]) -> dict[tuple, dict]:

@@ -36,8 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import CONFIGS, DETERMINISTIC, REPO, default_method, header, load_records, mean_std, \
-    run_measured, table
+from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, default_method, header, load_records, \
+    mean_std, run_measured, table
 
 METHODS = ("peak", "random+protect", "paper", "random", "magnitude")
 
@@ -55,7 +55,7 @@ def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Pa
         base, _, protect = method.partition("+")
         run_measured(["-m", "prunenet.compress", "--model", model, "--compression_ratio", str(r), "--output_dir",
                       str(out), "--seed", str(seed), "--overwrite", "--method", base,
-                      *(["--protect_outliers", "0.01"] if protect else [])])
+                      *(["--protect_outliers", str(PROTECT)] if protect else [])])
     return out
 
 
@@ -167,7 +167,7 @@ def write_report(output: Path, records: dict, dense: dict, args, argv) -> None:
              "points, the five-task average's about 1.5. Retention = pruned average / dense average. Perplexity: "
              f"{ppl['corpus']} ({ppl['tokens']} tokens, context {ppl['context_length']}). KS: mean over layers of "
              "KS(sv(W_gate), sv(W_gate[kept])), the paper's objective. `(default)`: what configs/"
-             f"{Path(CONFIGS[args.model]).name} selects; `+protect`: protect_outliers 0.01; `paper` = "
+             f"{Path(CONFIGS[args.model]).name} selects; `+protect`: protect_outliers {PROTECT:g}; `paper` = "
              f"configs/paper.yaml, {args.episodes} episodes. No fine-tuning after pruning.\n\n")
     text += table(["method", "r", "runs", *ZERO_SHOT_TASKS, "avg", "retention %", "perplexity", "KS"], rows)
     output.write_text(text)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import CONFIGS, DETERMINISTIC, REPO, header, load_records, table
+from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, header, load_records, table
 
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--protect", type=float, default=0.01, help="protect_outliers of the +protect methods")
+    parser.add_argument("--protect", type=float, default=PROTECT, help="protect_outliers of the +protect methods")
     parser.add_argument("--output", default=None)
     parser.add_argument("--table_only", action="store_true", help="write the table of the finished cells, run none")
     args = parser.parse_args(argv)
@@ -144,11 +144,9 @@ def main(argv: list[str] | None = None) -> None:
                     t0 = time.perf_counter()
                     if method in trained:
                         kept = train_policy(trained[method], r, s, args.episodes)
-                    elif method == "peak":
-                        kept = [torch.topk(p.float(), k).indices.sort().values for p in peaks]
                     else:
                         kept = select_rows(method.split("+")[0], k=k, states=gates, seed=s, row_norms=row_norms,
-                                           protected=protected if method.endswith("+protect") else None)
+                                           protected=protected if method.endswith("+protect") else None, peaks=peaks)
                     fit_s = time.perf_counter() - t0
                     for mask, rows in zip(masks, kept):
                         mask.zero_()

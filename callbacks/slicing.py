@@ -1,4 +1,5 @@
-"""StructuralSlicing: at the end of fit, select the kept rows with the trained policy, slice, and save."""
+"""StructuralSlicing: at the end of fit, select the kept rows (with the trained policy, or by a data-free
+rule: ``uniform``, ``peak``), slice, and save."""
 
 from __future__ import annotations
 

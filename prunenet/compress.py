@@ -30,7 +30,7 @@ from prunenet.plan import ffn_fingerprint, read_plan, same_ffn
 from prunenet.selection import (METHODS, SELECTION_MODES, check_protect_fraction, kept_width, protected_rows,
                                 select_rows, validate_selection)
 from prunenet.slicing import check_kept
-from prunenet.states import model_states
+from prunenet.states import load_output_peaks, model_states
 
 
 def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
@@ -101,6 +101,10 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     pol, meta = (None, {})
     if method == "prunenet":
         pol, meta = load_policy(policy)
+        if meta.get("episodes") == 0 and selection in ("sample", "topk"):
+            warnings.warn(f"the policy in {policy} was never trained (0 episodes): --selection {selection} keeps "
+                          "what its random initialisation scores; train it (--trainer.max_epochs) or use --method "
+                          "peak, the shipped default", PruneNetWarning, stacklevel=2)
         if tuple(pol.shape) != (n, d):
             raise PolicyError(f"policy was trained on FFN matrices of shape (n, d)={tuple(pol.shape)} "
                               f"({meta.get('source_model')}), but {model!r} has {(n, d)}")
@@ -110,7 +114,9 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     row_norms = [adapter.row_norms(layer) for layer in adapter.layers(dense)] if method == "magnitude" else None
     if protect_outliers is None:
         protect_outliers = float(meta.get("protect_outliers") or 0.0)
-    peaks = [adapter.output_peaks(adapter.output_module(layer).weight) for layer in adapter.layers(dense)]
+    # Read by the fit's own loader (the stored dtype, whatever --dtype is), so both rank the same peaks.
+    peaks = (load_output_peaks(model, trust_remote_code)
+             if "peak" in (method, selection) or protect_outliers > 0 else None)
     protected = [protected_rows(p, protect_outliers) for p in peaks] if protect_outliers > 0 else None
     fingerprint = ffn_fingerprint(states)
     del dense

@@ -1,5 +1,6 @@
 """Selection: which FFN rows (intermediate neurons) each layer keeps: the kept width, seeded sampling
-during training, and the final selection by the trained policy or a baseline (random, magnitude).
+during training, and the final selection by the trained policy, a data-free rule (uniform, peak) or
+a baseline (random, magnitude).
 
 Source: PruneNet Section 3 (action: k = floor((1 - r) n) rows drawn without replacement from the
 keep probabilities); ``topk``, ``uniform``, ``peak``, ``random`` and ``magnitude`` are ours (baselines
@@ -178,7 +179,7 @@ def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
                      selection: str = "sample", seed: int = 0,
                      protected: Sequence[torch.Tensor] | None = None,
                      peaks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Pick the kept rows of every layer with a trained policy.
+    """Pick the kept rows of every layer: with the policy (``sample``, ``topk``) or without it.
 
     Args:
         policy: trained SparsityPredictor of shape (n, d).

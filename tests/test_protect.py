@@ -195,3 +195,9 @@ def test_fit_and_compress_with_peak_keep_the_largest_output_peaks(tiny_dir, tmp_
                     f"--slicing.output_dir={tmp_path / 'f'}"], extra_args, monkeypatch)
     plan = json.loads((tmp_path / "f" / PLAN_FILE).read_text())
     assert plan["kept_indices"] == oracle and plan["selection"] == "peak"
+    # That fit trained nothing: reusing its policy for a policy selection says so.
+    from prunenet.errors import PruneNetWarning
+
+    with pytest.warns(PruneNetWarning, match=r"never trained \(0 episodes\)"):
+        compress_main(["--policy", str(tmp_path / "f"), "--model", str(tiny_dir), "--compression_ratio", "0.3",
+                       "--output_dir", str(tmp_path / "p")])

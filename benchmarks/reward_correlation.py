@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output or REPO / f"benchmarks/results/reward-correlation-{name}.md")
     records_path = output.with_suffix(".jsonl")
     this_run = (args.model, args.ratio, args.tokens)
-    done = {key[3]: rec for key, rec in load_records(records_path, KEY_NAMES).items() if key[:3] == this_run}
+    recorded = load_records(records_path, KEY_NAMES)  # every run's selections (the file may hold other ratios)
+    done = {key[3]: rec for key, rec in recorded.items() if key[:3] == this_run}
     # The same random selections, already evaluated by the same perplexity in the quality benchmark.
     measured = {key[3]: rec["perplexity"] for key, rec in load_records(
         REPO / f"benchmarks/results/quality-perplexity-{name}.jsonl", QP_KEY_NAMES).items()
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         kept = select_rows("random", k=k, states=[g for g, _, _ in ffns], seed=seed)
         done[seed].update(weight_scores(ffns, kept, reference))
     if stale:
-        others = [json.dumps(rec) for key, rec in load_records(records_path, KEY_NAMES).items() if key[:3] != this_run]
+        others = [json.dumps(rec) for key, rec in recorded.items() if key[:3] != this_run]
         tmp = records_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in others + [json.dumps(done[s]) for s in sorted(done)]))
         tmp.replace(records_path)

@@ -27,8 +27,8 @@ from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
 from prunenet.export import export
 from prunenet.plan import ffn_fingerprint, read_plan, same_ffn
-from prunenet.selection import (METHODS, SELECTION_MODES, check_protect_fraction, kept_width, protected_rows,
-                                select_rows, validate_selection)
+from prunenet.selection import (METHODS, POLICY_SELECTIONS, SELECTION_MODES, check_protect_fraction, kept_width,
+                                protected_rows, select_rows, validate_selection)
 from prunenet.slicing import check_kept
 from prunenet.states import load_output_peaks, model_states
 
@@ -101,7 +101,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     pol, meta = (None, {})
     if method == "prunenet":
         pol, meta = load_policy(policy)
-        if meta.get("episodes") == 0 and selection in ("sample", "topk"):
+        if meta.get("episodes") == 0 and selection in POLICY_SELECTIONS:
             warnings.warn(f"the policy in {policy} was never trained (0 episodes): --selection {selection} keeps "
                           "what its random initialisation scores; train it (--trainer.max_epochs) or use --method "
                           "peak, the shipped default", PruneNetWarning, stacklevel=2)

@@ -114,7 +114,6 @@ class PruneNetModule(L.LightningModule):
         self._state_info: dict[str, Any] = {}
         self._reference: dict[int, torch.Tensor] = {}
         self._context: dict[int, Any] = {}  # per layer, the reward's context (the full Gram for the downdate)
-        self._protected: list[torch.Tensor] | None = None
         self.fit_started = time.time()
         self.history: list[dict[str, float]] = []
         self.last_ks: dict[int, float] = {}
@@ -142,12 +141,12 @@ class PruneNetModule(L.LightningModule):
         ``protect_outliers`` and the ``peak`` selection rank."""
         return load_output_peaks(self.hparams.model_name_or_path, self.hparams.trust_remote_code)
 
-    @property
+    @cached_property
     def protected(self) -> list[torch.Tensor] | None:
         """Per layer, the rows always kept (sorted LongTensors; ``protect_outliers``), or None."""
-        if self._protected is None and self.hparams.protect_outliers > 0:
-            self._protected = [protected_rows(x, self.hparams.protect_outliers) for x in self.output_peaks]
-        return self._protected
+        if self.hparams.protect_outliers <= 0:
+            return None
+        return [protected_rows(x, self.hparams.protect_outliers) for x in self.output_peaks]
 
     def _fixed(self, layer: int) -> torch.Tensor | None:
         return None if self.protected is None else self.protected[layer].to(self.device)

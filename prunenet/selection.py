@@ -18,6 +18,8 @@ from prunenet.errors import ConfigurationError, InvalidProbabilitiesError
 from prunenet.policy import RowPolicy
 
 SELECTION_MODES = ("sample", "topk", "uniform", "peak")
+#: The selection modes that use the policy (the others are data-free rules that ignore it).
+POLICY_SELECTIONS = ("sample", "topk")
 
 #: How kept rows are chosen: the trained policy, or the baselines it is compared with.
 METHODS = ("prunenet", "random", "magnitude", "peak")

@@ -21,10 +21,18 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except Exception as exc:
-        if not is_user_error(exc) or os.environ.get("PRUNENET_VERBOSE"):
+        if not report_user_error(exc):
             raise
-        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def report_user_error(exc: BaseException) -> bool:
+    """Print ``error: <message>`` to stderr if ``exc`` is a user error (:func:`is_user_error`) and
+    ``PRUNENET_VERBOSE`` does not ask for the traceback; returns whether it printed."""
+    if not isinstance(exc, Exception) or not is_user_error(exc) or os.environ.get("PRUNENET_VERBOSE"):
+        return False
+    print(f"error: {exc}", file=sys.stderr)
+    return True
 
 
 _default_showwarning = warnings.showwarning

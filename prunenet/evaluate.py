@@ -97,7 +97,7 @@ def _recorded_ratio(model: str) -> float | None:
 
 def main(argv: list[str] | None = None, exit_when_sharded: bool = False) -> dict[str, Any]:
     """``python -m prunenet.evaluate``; returns eval.json's dict. ``exit_when_sharded``: launched by
-    torchrun as a command, each rank ends its process right after the report (see
+    torchrun as a command, each rank ends its process right after the report, or after its one-line error (see
     :func:`~prunenet.evaluation.sharding.from_environment`)."""
     from prunenet.evaluation import EvalSettings, PerplexitySettings
     from prunenet.evaluation.sharding import from_environment
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None, exit_when_sharded: bool = False) -> dict
             verb = "exists" if len(existing) == 1 else "exist"
             raise EvaluationError(f"{' and '.join(existing)} already {verb}; pass --overwrite to replace")
         out.parent.mkdir(parents=True, exist_ok=True)
-    with from_environment(settings.device, exit_on_success=exit_when_sharded) as shards:
+    with from_environment(settings.device, exit_at_end=exit_when_sharded) as shards:
         return _run(args, settings, baseline, out if args.output else None, shards)
 
 

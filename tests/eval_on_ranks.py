@@ -23,4 +23,4 @@ if os.environ.get("RANK") == os.environ.get("PRUNENET_TEST_FAIL_RANK"):
     RankedHFLM.loglikelihood = _fail
 
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    run_main(lambda: main(sys.argv[1:], exit_when_sharded=True))  # as prunenet.evaluate's own main

@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from prunenet.errors import EvaluationError
 
@@ -139,14 +139,16 @@ def current(device: str | None = None, local_rank: int | None = None) -> Shards:
 
 
 @contextlib.contextmanager
-def from_environment(device: str | None = None, exit_on_success: bool = False) -> Iterator[Shards]:
+def from_environment(device: str | None = None, exit_at_end: bool = False) -> Iterator[Shards]:
     """The shards of a launch by ``torchrun`` (or anything that sets ``WORLD_SIZE``, ``RANK``,
     ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``); a single process without them.
 
     Joins a gloo process group for the exchanges (they carry only Python objects: scores, counts,
     errors; the models run on each rank's own device) and leaves it at the end. With
-    ``exit_on_success`` (a command line's main, nothing after it), a rank that finished its work ends
-    its process with exit code 0 once every rank has passed the final barrier.
+    ``exit_at_end`` (a command line's main, nothing after it), a rank that finished its work ends
+    its process with exit code 0 once every rank has passed the final barrier, and a rank that met a
+    user error (its own, another rank's, or lost contact) prints the one-line error and exits 2, in
+    both cases without gloo's teardown.
 
     Raises:
         EvaluationError: ``WORLD_SIZE`` > 1 without ``RANK``.
@@ -166,16 +168,30 @@ def from_environment(device: str | None = None, exit_on_success: bool = False) -
     try:
         yield current(device, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
         finished = True
+    except BaseException as exc:
+        from prunenet.cli import report_user_error
+
+        # After a peer died or failed, gloo's teardown (destroy_process_group, or its destructors at
+        # interpreter exit) can abort this rank with SIGABRT ("terminate called without an active
+        # exception", seen in CI) instead of the exit code 2 the error deserves: leave without it.
+        if created and exit_at_end and report_user_error(exc):
+            _exit_now(2)
+        raise
     finally:
         if created:
             if finished:  # leave together: gloo aborts a rank whose peer closed the connection first
                 dist.barrier()
-                if exit_on_success:
+                if exit_at_end:
                     # Even after the barrier, gloo's teardown (in destroy_process_group or at interpreter
                     # exit) sometimes aborted one rank ("terminate called without an active exception",
                     # seen in CI after a successful run). Every rank is past its last exchange and rank 0
                     # has written the report, so there is nothing left to release: exit without teardown.
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(0)
+                    _exit_now(0)
             dist.destroy_process_group()
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` after flushing stdout and stderr, skipping interpreter teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -143,3 +143,36 @@ def test_config_method_names_what_a_fit_config_keeps():
     assert config_method({"slicing": {"selection": "sample"}}) is None
     assert config_method({}) is None  # the fit's own default: the policy's sample
     assert all(default_method(model) in METHODS for model in CONFIGS)
+
+
+def test_quality_summary_checks_the_issues_conditions_cell_by_cell(tmp_path):
+    """Records of two models in, the verdict out: medians against random and magnitude per cell, the
+    seed spreads at r = 0.2/0.3, and a geometric mean only for a method measured in all six cells."""
+    import json
+
+    from benchmarks.quality_perplexity import KEY_NAMES
+    from benchmarks.quality_summary import MODELS, main
+
+    # Per (model, ratio): random seeds 0..4 at 100..500, magnitude 10,000; "peak" 50 except 300 (equal to
+    # random's median) on Gemma r = 0.1; "random+protect" seeds at 90..130 on SmolLM2 only.
+    records = {name: [] for _, _, name in MODELS}
+    for model, label, name in MODELS:
+        for ratio in (0.3, 0.2, 0.1):
+            cell = [("random", s, 100.0 * (s + 1)) for s in range(5)] + [("magnitude", 0, 1e4)]
+            cell.append(("peak", 0, 300.0 if (label, ratio) == ("Gemma", 0.1) else 50.0))
+            if label == "SmolLM2":
+                cell += [("random+protect", s, 90.0 + 10 * s) for s in range(5)]
+            for method, seed, ppl in cell:
+                key = (model, ratio, method, seed, 16384, 20, 0.01)
+                records[name].append(dict(zip(KEY_NAMES, key), perplexity=ppl, ks=0.1))
+    for name, lines in records.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    text = main(["--results", str(tmp_path)])
+    assert (tmp_path / "quality-summary.md").read_text() == text
+    # random's median 300 (100 – 500); protect wins every paired seed (90 < 100, ..., 130 < 500).
+    assert "| random+protect | 110 (90 – 130), 5 of 5 |" in text
+    # peak: geo-mean (50^5 * 300)^(1/6) = 67.3; equal to random's median (300) is not below it.
+    assert "| peak | 67 | 5 of 6 | 6 of 6 | 4 of 4 |" in text
+    # random+protect: only 3 cells measured, so no geo-mean; worst 130 is above random's best 100.
+    assert "| random+protect |  | 3 of 3 | 3 of 3 | 0 of 2 |" in text
+    assert "| magnitude | 10,000 | 0 of 6 |  | 0 of 4 |" in text

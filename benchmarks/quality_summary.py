@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> str:
     for _, _, name in MODELS:
         found.update(cells(load_records(results / name, KEY_NAMES), args.tokens, args.episodes))
     text = "# Issue 14's quality table: every model and ratio\n\n" + header(
-        "python -m benchmarks.quality_summary " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
+        " ".join(["python -m benchmarks.quality_summary", *(sys.argv[1:] if argv is None else argv)])) + "\n"
     text += (f"Perplexity on {args.tokens} tokens of squad-wiki (context 512), no fine-tuning, from the records of "
              "`benchmarks.quality_perplexity`. Each cell: median (min – max) over seeds, then how many seeds beat "
              "random rows drawn with the same seed; `[n seeds]` where fewer than 5 were measured. "

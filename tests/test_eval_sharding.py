@@ -101,6 +101,66 @@ def test_one_process_shards_run_work_as_is():
         shards.guarded(lambda: 1 / 0)
 
 
+
+class _PeerGoneAtTheEnd:
+    """Stands in for ``torch.distributed`` as rank 0 of 2 whose peer died after the last exchange:
+    only the final barrier fails, as gloo's does when the connection is closed."""
+
+    def __init__(self):
+        self.initialized = False
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return self.initialized
+
+    def init_process_group(self, backend):
+        self.initialized = True
+
+    def get_rank(self):
+        return 0
+
+    def get_world_size(self):
+        return 2
+
+    def barrier(self):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+
+    def destroy_process_group(self):
+        self.initialized = False
+
+
+@pytest.mark.parametrize("exit_at_end", [False, True])
+def test_a_peer_lost_at_the_final_barrier_is_a_one_line_error(exit_at_end, monkeypatch, capsys):
+    import torch.distributed
+
+    from prunenet.evaluation import sharding
+
+    fake = _PeerGoneAtTheEnd()
+    for name in ("is_available", "is_initialized", "init_process_group", "get_rank", "get_world_size", "barrier",
+                 "destroy_process_group"):
+        monkeypatch.setattr(torch.distributed, name, getattr(fake, name))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("PRUNENET_VERBOSE", raising=False)
+
+    def exit_now(code):  # the real one ends the process: pytest's with it
+        raise SystemExit(code)
+
+    monkeypatch.setattr(sharding, "_exit_now", exit_now)
+    expected = pytest.raises(SystemExit) if exit_at_end else pytest.raises(sharding.ShardFailed)
+    with expected as caught:
+        with sharding.from_environment(exit_at_end=exit_at_end):
+            pass
+    err = capsys.readouterr().err.strip().splitlines()
+    if exit_at_end:  # one line, then the exit without teardown
+        assert caught.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith("error: evaluation stopped on rank 0 of 2: lost contact with the other ranks at the end")
+    else:  # a library caller gets the exception, and the group is left
+        assert "lost contact with the other ranks at the end" in str(caught.value) and err == []
+        assert not fake.initialized
+
 # ---------------------------------------------------------------------- slow: several processes
 @pytest.fixture(scope="module")
 def pruned_smollm2(tmp_path_factory):

@@ -180,7 +180,17 @@ def from_environment(device: str | None = None, exit_at_end: bool = False) -> It
     finally:
         if created:
             if finished:  # leave together: gloo aborts a rank whose peer closed the connection first
-                dist.barrier()
+                try:
+                    dist.barrier()
+                except Exception as exc:  # a peer died after the last exchange
+                    lost = ShardFailed(f"evaluation stopped on rank {dist.get_rank()} of {dist.get_world_size()}: "
+                                       f"lost contact with the other ranks at the end ({one_line(exc)})")
+                    from prunenet.cli import report_user_error
+
+                    if exit_at_end and report_user_error(lost):
+                        _exit_now(2)
+                    dist.destroy_process_group()
+                    raise lost from exc
                 if exit_at_end:
                     # Even after the barrier, gloo's teardown (in destroy_process_group or at interpreter
                     # exit) sometimes aborted one rank ("terminate called without an active exception",
@@ -192,6 +202,7 @@ def from_environment(device: str | None = None, exit_at_end: bool = False) -> It
 
 def _exit_now(code: int) -> NoReturn:
     """End the process with ``code`` after flushing stdout and stderr, skipping interpreter teardown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe must not keep the process alive
+            stream.flush()
     os._exit(code)

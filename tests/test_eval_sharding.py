@@ -101,7 +101,6 @@ def test_one_process_shards_run_work_as_is():
         shards.guarded(lambda: 1 / 0)
 
 
-
 class _PeerGoneAtTheEnd:
     """Stands in for ``torch.distributed`` as rank 0 of 2 whose peer died after the last exchange:
     only the final barrier fails, as gloo's does when the connection is closed."""
@@ -160,6 +159,7 @@ def test_a_peer_lost_at_the_final_barrier_is_a_one_line_error(exit_at_end, monke
     else:  # a library caller gets the exception, and the group is left
         assert "lost contact with the other ranks at the end" in str(caught.value) and err == []
         assert not fake.initialized
+
 
 # ---------------------------------------------------------------------- slow: several processes
 @pytest.fixture(scope="module")

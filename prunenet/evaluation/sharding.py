@@ -114,16 +114,34 @@ class Shards:
         """:meth:`guarded` ``work()``, then :meth:`exchange` its value: every rank's value, in rank order."""
         return self.exchange(self.guarded(work))
 
+    def barrier(self) -> None:
+        """Wait until every rank is here (a collective), so that they leave the group together.
+
+        Raises:
+            ShardFailed: the ranks lost contact.
+        """
+        import torch.distributed as dist
+
+        with self._lost_contact(" at the end"):
+            dist.barrier()
+
     def _gather(self, item: tuple[bool, Any]) -> list[tuple[bool, Any]]:
         import torch.distributed as dist
 
         items: list[Any] = [None] * self.world_size
-        try:
+        with self._lost_contact():
             dist.all_gather_object(items, item)
-        except Exception as exc:  # a peer process died (gloo: connection closed), or the group is gone
-            raise ShardFailed(f"evaluation stopped on rank {self.rank} of {self.world_size}: lost contact with "
-                              f"the other ranks ({one_line(exc)})") from exc
         return items
+
+    @contextlib.contextmanager
+    def _lost_contact(self, when: str = "") -> Iterator[None]:
+        """A failed collective (a peer process died, gloo: connection closed; or the group is gone)
+        as the one-line :class:`ShardFailed`."""
+        try:
+            yield
+        except Exception as exc:
+            raise ShardFailed(f"evaluation stopped on rank {self.rank} of {self.world_size}: lost contact with "
+                              f"the other ranks{when} ({one_line(exc)})") from exc
 
 
 def current(device: str | None = None, local_rank: int | None = None) -> Shards:
@@ -166,7 +184,10 @@ def from_environment(device: str | None = None, exit_at_end: bool = False) -> It
         dist.init_process_group("gloo")
     finished = False
     try:
-        yield current(device, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+        shards = current(device, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+        yield shards
+        if created:  # leave together: gloo aborts a rank whose peer closed the connection first
+            shards.barrier()
         finished = True
     except BaseException as exc:
         from prunenet.cli import report_user_error
@@ -179,24 +200,12 @@ def from_environment(device: str | None = None, exit_at_end: bool = False) -> It
         raise
     finally:
         if created:
-            if finished:  # leave together: gloo aborts a rank whose peer closed the connection first
-                try:
-                    dist.barrier()
-                except Exception as exc:  # a peer died after the last exchange
-                    lost = ShardFailed(f"evaluation stopped on rank {dist.get_rank()} of {dist.get_world_size()}: "
-                                       f"lost contact with the other ranks at the end ({one_line(exc)})")
-                    from prunenet.cli import report_user_error
-
-                    if exit_at_end and report_user_error(lost):
-                        _exit_now(2)
-                    dist.destroy_process_group()
-                    raise lost from exc
-                if exit_at_end:
-                    # Even after the barrier, gloo's teardown (in destroy_process_group or at interpreter
-                    # exit) sometimes aborted one rank ("terminate called without an active exception",
-                    # seen in CI after a successful run). Every rank is past its last exchange and rank 0
-                    # has written the report, so there is nothing left to release: exit without teardown.
-                    _exit_now(0)
+            if finished and exit_at_end:
+                # Even after the barrier, gloo's teardown (in destroy_process_group or at interpreter
+                # exit) sometimes aborted one rank ("terminate called without an active exception",
+                # seen in CI after a successful run). Every rank is past its last exchange and rank 0
+                # has written the report, so there is nothing left to release: exit without teardown.
+                _exit_now(0)
             dist.destroy_process_group()
 
 

@@ -8,7 +8,11 @@ Methods (each seed s, each ratio r):
 - ``paper``: the paper's algorithm (``configs/paper.yaml``: sparsity predictor, 1/KS of the gate
   spectra, the paper's REINFORCE), trained for ``--episodes`` with seed s; its final seeded draw;
 - ``paper+protect``: the same with ``protect_outliers`` = ``--protect`` (ours);
-- ``baseline+protect``: the same with the ``baseline`` learner too (ours);
+- ``baseline``: the paper's policy and reward trained by the ``baseline`` learner (ours: per-layer
+  running-mean baseline, normalised advantage, exact without-replacement log-likelihood);
+- ``baseline+protect``: the same with ``protect_outliers`` = ``--protect`` too (ours);
+- ``learned``: ``configs/learned.yaml`` (ours: the baseline learner with the ``row_mlp`` policy at
+  learning rate 1e-2, the paper's reward), trained and drawn like ``paper``;
 - ``random``: uniformly random rows, seed s; ``random+protect``: the protected outlier neurons
   always kept, the rest uniformly random;
 - ``magnitude``: the k neurons with the largest input-weight norm (deterministic: one cell);
@@ -43,7 +47,8 @@ from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, header, loa
 
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
-METHODS = ("paper", "paper+protect", "baseline+protect", "random", "random+protect", "magnitude", "peak")
+METHODS = ("paper", "paper+protect", "baseline", "baseline+protect", "learned", "random", "random+protect",
+           "magnitude", "peak")
 
 
 def model_section(path: str | Path) -> dict:
@@ -108,13 +113,17 @@ def main(argv: list[str] | None = None) -> None:
     records_path = output.with_suffix(".jsonl")
     done = load_records(records_path, KEY_NAMES)
     paper = {**model_section("configs/paper.yaml"), "model_name_or_path": args.model}
+    learned = {**model_section("configs/learned.yaml"), "model_name_or_path": args.model}
     if args.model == "gemma3-270m":  # what the family's config sets beyond the algorithm (none today)
-        paper.update({k: v for k, v in model_section(CONFIGS[args.model]).items()
-                      if k not in ("policy", "reward", "learner", "protect_outliers")})
+        family = {k: v for k, v in model_section(CONFIGS[args.model]).items()
+                  if k not in ("policy", "reward", "learner", "protect_outliers", "learning_rate")}
+        paper.update(family)
+        learned.update(family)
     protect = args.protect
     if args.table_only:
         return write_table(output, args, argv, done, protect)
     trained = {"paper": paper, "paper+protect": {**paper, "protect_outliers": protect},
+               "baseline": {**paper, "learner": "baseline"}, "learned": learned,
                "baseline+protect": {**paper, "learner": "baseline", "protect_outliers": protect}}
 
     model = loading.load_model(args.model)

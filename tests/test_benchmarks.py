@@ -176,3 +176,21 @@ def test_quality_summary_checks_the_issues_conditions_cell_by_cell(tmp_path):
     # random+protect: only 3 cells measured, so no geo-mean; worst 130 is above random's best 100.
     assert "| random+protect |  | 3 of 3 | 3 of 3 | 0 of 2 |" in text
     assert "| magnitude | 10,000 | 0 of 6 |  | 0 of 4 |" in text
+
+
+def test_learner_ks_reads_the_ks_curve_back_from_tensorboard_in_step_order(tmp_path):
+    """benchmarks.learner_ks's training-curve table reads ``ks/mean`` from the fit's TensorBoard events
+    (written here by Lightning's own logger, as a fit does)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from benchmarks.learner_ks import ks_curve
+
+    logger = TensorBoardLogger(str(tmp_path), name="fit")
+    values = [0.1670, 0.1650, 0.1640, 0.1630]
+    for step in (2, 0, 3, 1):  # out of order: the curve is sorted by step
+        logger.log_metrics({"ks/mean": values[step], "loss": 1.0}, step=step)
+    logger.finalize("success")
+    # float32 in the event file: 0.17 * 2**-24 ~ 1e-8 of rounding
+    assert ks_curve(tmp_path) == pytest.approx(values, abs=1e-7)
+    with pytest.raises(FileNotFoundError, match="no TensorBoard events"):
+        ks_curve(tmp_path / "empty")

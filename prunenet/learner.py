@@ -101,7 +101,8 @@ def ordered_draw_log_likelihood(p: torch.Tensor, drawn: torch.Tensor) -> torch.T
     replacement=False)`` does; Plackett-Luce, equivalently Gumbel-top-k on ``log p``). Ours; the paper
     uses the surrogate ``sum_{j in kept} log p_j``.
 
-    ``log P = sum_t [log p_{d_t} - log(sum_j p_j - sum_{s<t} p_{d_s})]``, in float64.
+    ``log P = sum_t [log p_{d_t} - log(sum_j p_j - sum_{s<t} p_{d_s})]``, in float64; the remaining
+    weight is summed from the rows not yet drawn, so a draw holding almost all the weight stays finite.
 
     Args:
         p: positive weights, shape (n,), differentiable.
@@ -111,8 +112,12 @@ def ordered_draw_log_likelihood(p: torch.Tensor, drawn: torch.Tensor) -> torch.T
     """
     p64 = p.double()
     picked = p64.index_select(0, drawn)
-    before = torch.cat([picked.new_zeros(1), picked.cumsum(0)[:-1]])  # weight drawn before step t
-    return (torch.log(picked) - torch.log(p64.sum() - before)).sum()
+    # The weight still available at step t, summed from positive terms (never drawn + drawn at t or
+    # later): ``sum(p) - cumsum`` cancels catastrophically when the draw holds almost all the weight.
+    never = torch.ones(p64.shape[0], dtype=torch.bool, device=p64.device)
+    never[drawn] = False
+    remaining = p64[never].sum() + picked.flip(0).cumsum(0).flip(0)
+    return (torch.log(picked) - torch.log(remaining)).sum()
 
 
 class BaselineLearner(Learner):

@@ -223,6 +223,24 @@ def test_ordered_draw_likelihood_is_a_distribution_over_draws():
     torch.testing.assert_close(first, p / p.sum(), rtol=0, atol=1e-12)
 
 
+def test_ordered_draw_likelihood_stays_exact_when_the_draw_holds_almost_all_the_weight():
+    """The last steps divide by the few rows left: sum(p) - cumsum(drawn) would cancel to 0 or below
+    (1e8 + 1e8 - 2e8 leaves float64 rounding of ~3e-8, not 2e-10) and give -inf or NaN."""
+    from prunenet.learner import ordered_draw_log_likelihood
+
+    p = torch.tensor([1e8, 1e-10, 1e8, 1e-10], dtype=torch.float64, requires_grad=True)
+    drawn = torch.tensor([0, 2, 1])
+    got = ordered_draw_log_likelihood(p, drawn)
+    # Oracle: each step's weight over the plain sum of the rows not drawn yet.
+    values, expected, left = p.detach().tolist(), 0.0, [0, 1, 2, 3]
+    for row in drawn.tolist():
+        expected += math.log(values[row] / sum(values[j] for j in left))
+        left.remove(row)
+    assert float(got) == pytest.approx(expected, rel=1e-12)  # a few float64 sums of 4 terms
+    got.backward()
+    assert torch.isfinite(p.grad).all()
+
+
 def test_baseline_learner_advantage_state_and_checkpoint():
     from prunenet.learner import BaselineLearner, ordered_draw_log_likelihood
 

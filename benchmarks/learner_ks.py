@@ -45,10 +45,10 @@ def ks_curve(log_dir: Path) -> list[float]:
     """The logged ``ks/mean`` of each episode of the fit that wrote TensorBoard events under ``log_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = sorted(log_dir.rglob("events.out.tfevents.*"))
-    if not events:
-        raise FileNotFoundError(f"no TensorBoard events under {log_dir}")
-    acc = EventAccumulator(str(events[-1].parent))
+    folders = sorted({e.parent for e in log_dir.rglob("events.out.tfevents.*")})
+    if len(folders) != 1:  # each fit gets its own folder: several would be an ambiguous curve
+        raise FileNotFoundError(f"expected the TensorBoard events of one fit under {log_dir}, found {len(folders)}")
+    acc = EventAccumulator(str(folders[0]))
     acc.Reload()
     return [e.value for e in sorted(acc.Scalars("ks/mean"), key=lambda e: e.step)]
 

@@ -196,7 +196,7 @@ def write_table(output: Path, args, argv, done: dict, protect: float) -> None:
     text += (f"Perplexity on the first {args.tokens} tokens of squad-wiki (context 512), the removed FFN neurons "
              f"zeroed; policies trained {args.episodes} episodes. `paper` = configs/paper.yaml; `+protect`: "
              f"protect_outliers={protect:g}, the neurons with the largest output max-|w| always kept; `baseline`: "
-             "the baseline learner. Over seeds: median, geometric mean, min and max of perplexity (lower is better), and "
+             "the paper's policy trained by the baseline learner; `learned` = configs/learned.yaml. Over seeds: median, geometric mean, min and max of perplexity (lower is better), and "
              "the mean KS of the gate spectra (the paper's objective, lower is closer).\n\n")
     text += table(["r", "method", "median ppl", "geo-mean ppl", "min", "max", "seeds", "mean KS",
                    "beats random, same seed"], rows)

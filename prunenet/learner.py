@@ -116,7 +116,7 @@ def ordered_draw_log_likelihood(p: torch.Tensor, drawn: torch.Tensor) -> torch.T
     # later): ``sum(p) - cumsum`` cancels catastrophically when the draw holds almost all the weight.
     never = torch.ones(p64.shape[0], dtype=torch.bool, device=p64.device)
     never[drawn] = False
-    remaining = p64[never].sum() + picked.flip(0).cumsum(0).flip(0)
+    remaining = (p64 * never).sum() + picked.flip(0).cumsum(0).flip(0)
     return (torch.log(picked) - torch.log(remaining)).sum()
 
 

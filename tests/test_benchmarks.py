@@ -192,5 +192,8 @@ def test_learner_ks_reads_the_ks_curve_back_from_tensorboard_in_step_order(tmp_p
     logger.finalize("success")
     # float32 in the event file: 0.17 * 2**-24 ~ 1e-8 of rounding
     assert ks_curve(tmp_path) == pytest.approx(values, abs=1e-7)
-    with pytest.raises(FileNotFoundError, match="no TensorBoard events"):
+    with pytest.raises(FileNotFoundError, match="found 0"):
         ks_curve(tmp_path / "empty")
+    TensorBoardLogger(str(tmp_path), name="fit").log_metrics({"ks/mean": 0.2}, step=0)  # a second version
+    with pytest.raises(FileNotFoundError, match="found 2"):
+        ks_curve(tmp_path)

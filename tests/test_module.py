@@ -225,7 +225,7 @@ def test_ordered_draw_likelihood_is_a_distribution_over_draws():
 
 def test_ordered_draw_likelihood_stays_exact_when_the_draw_holds_almost_all_the_weight():
     """The last steps divide by the few rows left: sum(p) - cumsum(drawn) would cancel to 0 or below
-    (1e8 + 1e8 - 2e8 leaves float64 rounding of ~3e-8, not 2e-10) and give -inf or NaN."""
+    (1e8 + 1e8 - 2e8 leaves float64 rounding of ~3e-8 or 0, not 2e-10) and give inf or NaN."""
     from prunenet.learner import ordered_draw_log_likelihood
 
     p = torch.tensor([1e8, 1e-10, 1e8, 1e-10], dtype=torch.float64, requires_grad=True)

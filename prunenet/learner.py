@@ -67,10 +67,11 @@ class Learner:
         """Update the state after an episode with every trained layer's reward."""
 
     def state_dict(self) -> dict:
+        """The learner's state as plain Python values (stored in the fit checkpoint); {} when stateless."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore what :meth:`state_dict` returned (on resume)."""
 
 
 class PaperLearner(Learner):

@@ -28,6 +28,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def cache_root() -> Path:
+    """The folder of cached evaluation records: ``<PRUNENET_CACHE>/eval``."""
     from prunenet.assets import cache_dir
 
     return cache_dir() / "eval"
@@ -81,10 +82,12 @@ def _common(identity: dict[str, Any], settings) -> dict[str, Any]:
 
 
 def task_key(identity: dict[str, Any], task: str, settings) -> str:
+    """Cache key (sha256 hex) of one task's result: model identity, dtype, device, versions, task, limit."""
     return _key({**_common(identity, settings), "task": task, "limit": settings.limit})
 
 
 def perplexity_key(identity: dict[str, Any], settings) -> str:
+    """Cache key (sha256 hex) of a perplexity result: model identity, dtype, device, versions, corpus settings."""
     return _key({**_common(identity, settings), "perplexity": settings.perplexity.to_dict()})
 
 

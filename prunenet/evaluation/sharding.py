@@ -68,6 +68,7 @@ class Shards:
 
     @property
     def is_zero(self) -> bool:
+        """True on rank 0, the rank that writes reports."""
         return self.rank == 0
 
     def exchange(self, payload: Any) -> list[Any]:

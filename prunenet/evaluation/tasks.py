@@ -112,6 +112,7 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in (
 
 
 def known_tasks() -> list[str]:
+    """Names accepted by ``--tasks``, in table order."""
     return list(TASKS)
 
 

@@ -96,7 +96,7 @@ class PerplexitySettings:
         return cls(corpus=str(corpus).strip().lower(), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as plain JSON-serialisable values (part of the cache key)."""
+        """The settings as plain JSON-serialisable values (in the cache key and the result record)."""
         return asdict(self)
 
 

@@ -15,6 +15,7 @@ from callbacks.rank_zero import on_rank_zero
 from prunenet import loading
 from prunenet.artifacts import check_output_dir
 from prunenet.export import Exported, save_pruned
+from prunenet.recovery.module import check_finite
 
 
 class RecoveryExport(CheckpointExporter):
@@ -48,10 +49,20 @@ class RecoveryExport(CheckpointExporter):
         """``output_dir`` or, by default, ``<log dir>/recovered``."""
         return Path(self.output_dir).expanduser() if self.output_dir else self._default_output
 
+    def check(self, model_name_or_path: str) -> None:
+        """Refuse the output folder before any work (``prunenet.recover`` calls this before the Trainer
+        starts, ``setup`` again for programmatic use): see ``artifacts.check_output_dir``, with the
+        input folder as the source (the output may not be inside it).
+
+        Raises:
+            OutputExistsError: naming the folder and the reason.
+        """
+        check_output_dir(self.output_path(), self.overwrite, loading.resolve(model_name_or_path))
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._default_output = Path(trainer.log_dir or "lightning_logs") / "recovered"  # a collective under DDP
         if stage == "fit":
-            check_output_dir(self.output_path(), self.overwrite, loading.resolve(pl_module.hparams.model_name_or_path))
+            self.check(pl_module.hparams.model_name_or_path)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.exported, self.started = None, time.time()
@@ -66,6 +77,7 @@ class RecoveryExport(CheckpointExporter):
             hp = pl_module.hparams
             source = loading.resolve(hp.model_name_or_path)
             model = pl_module.merged_model()
+            check_finite(dict(model.state_dict()), "after merging the LoRA adapters")
             saved = getattr(pl_module.config, "dtype", None)
             saved = loading.parse_dtype(saved) if isinstance(saved, (str, torch.dtype)) else "auto"
             if isinstance(saved, torch.dtype):

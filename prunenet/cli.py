@@ -1,38 +1,136 @@
-"""Shared entry-point plumbing: library errors become one-line messages and exit code 2."""
+"""Shared entry-point plumbing: library errors become one-line messages and exit code 2; a run stopped
+by SIGINT or SIGTERM says so in one line and exits 130 or 143 (128 + the signal, as a shell reports it).
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
 from prunenet.errors import PruneNetError, PruneNetWarning
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived where no training loop could stop at a safe point (loading, slicing,
+    writing, evaluating). A BaseException, like KeyboardInterrupt: nothing catches it by accident, and
+    the writers' ``finally`` blocks remove what was being written.
+
+    Attributes:
+        signum: the signal's number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopState:
+    """What the signal handler knows: who can stop gracefully, which signal came, what was saved."""
+
+    graceful: Callable[[], None] | None = None  # asks a running training loop to stop at its next step
+    received: int | None = None
+    note: str | None = None
+
+
+_stop = _StopState()
+
+
+def set_graceful_stop(request: Callable[[], None] | None) -> None:
+    """While ``request`` is set, SIGINT/SIGTERM call it (the training loop then stops after its current
+    step, and saves what resume needs) instead of raising :class:`Interrupted` at once; a second signal
+    still raises at once. ``callbacks.StopOnSignal`` sets it for the training loop of fit and recover."""
+    _stop.graceful = request
+
+
+def note_interruption(note: str) -> None:
+    """What the stopped run saved (``"the state after step 40 is in ...; resume with ..."``): the end of
+    the one-line message."""
+    _stop.note = note
+
+
+def received_signal() -> int | None:
+    """The number of the SIGINT/SIGTERM this process received, or None."""
+    return _stop.received
+
+
+def _on_signal(signum: int, frame) -> None:
+    first = _stop.received is None
+    _stop.received = signum
+    if first and _stop.graceful is not None:
+        _stop.graceful()
+        return
+    raise Interrupted(signum)
+
 
 def run_main(main: Callable[[], object]) -> None:
     """Run ``main``; a :class:`PruneNetError` (or Lightning's MisconfigurationException, e.g.
-    more devices than the machine has) prints ``error: <message>`` and exits 2. A
-    :class:`PruneNetWarning` prints ``warning: <message>`` and the work goes on.
+    more devices than the machine has), a full disk or a permission error prints ``error: <message>``
+    and exits 2. A :class:`PruneNetWarning` prints ``warning: <message>`` and the work goes on.
+    SIGINT / SIGTERM print ``error: stopped by SIGINT|SIGTERM ...`` and exit 130 / 143.
 
     Set ``PRUNENET_VERBOSE=1`` to get the traceback instead.
     """
     warnings.showwarning = _show_warning
+    _stop.received, _stop.note, _stop.graceful = None, None, None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS} if main_thread else {}
     try:
         main()
+    except (Interrupted, KeyboardInterrupt, SystemExit) as exc:
+        signum = getattr(exc, "signum", None) or _stop.received
+        if isinstance(exc, KeyboardInterrupt):
+            signum = signal.SIGINT
+        if signum is None:  # a plain SystemExit (argparse, --help)
+            raise
+        # A training loop that stopped at a safe point raises Lightning's SIGTERMException (a SystemExit).
+        what = _stop.note or "what was being written was removed unfinished; earlier outputs are as they were"
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # one line, not one per process
+            print(f"error: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+        sys.exit(128 + int(signum))
     except Exception as exc:
         if not report_user_error(exc):
             raise
         sys.exit(2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def report_user_error(exc: BaseException) -> bool:
-    """Print ``error: <message>`` to stderr if ``exc`` is a user error (:func:`is_user_error`) and
-    ``PRUNENET_VERBOSE`` does not ask for the traceback; returns whether it printed."""
-    if not isinstance(exc, Exception) or not is_user_error(exc) or os.environ.get("PRUNENET_VERBOSE"):
+    """Print ``error: <message>`` to stderr if ``exc`` is a user error (:func:`is_user_error`), a full
+    disk or a permission error (:func:`os_error_message`), and ``PRUNENET_VERBOSE`` does not ask for the
+    traceback; returns whether it printed."""
+    if not isinstance(exc, Exception) or os.environ.get("PRUNENET_VERBOSE"):
         return False
-    print(f"error: {exc}", file=sys.stderr)
+    message = str(exc) if is_user_error(exc) else os_error_message(exc)
+    if message is None:
+        return False
+    print(f"error: {message}", file=sys.stderr)
     return True
+
+
+def os_error_message(exc: BaseException) -> str | None:
+    """One line for a full disk, a file size or quota limit, or a denied permission met anywhere in
+    ``exc``'s chain (:mod:`prunenet.diskspace`); None for anything else. The line names the file, the
+    room left in its folder, and what to do. Writers that know how much they need say so themselves
+    (``artifacts.atomic_write_dir``)."""
+    from prunenet.diskspace import disk_errno, permission_errno, room
+
+    code = disk_errno(exc)
+    name = next((e.filename for e in (exc, exc.__cause__, exc.__context__) if getattr(e, "filename", None)), None)
+    where = f" {str(name)!r}" if name else ""
+    if code is not None:
+        return f"cannot write{where} ({os.strerror(code)}; {room(name)}); free some space, or write to another folder"
+    code = permission_errno(exc)
+    if code is not None:
+        return f"permission denied for{where} ({os.strerror(code)}); check its permissions, or use another folder"
+    return None
 
 
 _default_showwarning = warnings.showwarning

@@ -38,12 +38,26 @@ class OutputExistsError(PruneNetError):
     """The output path is a file, is not writable, or is a non-empty folder without overwrite."""
 
 
+class CacheError(PruneNetError):
+    """The cache folder (``$PRUNENET_CACHE`` or ``~/.cache/prunenet``) is a file or cannot be
+    written, and the work needs it (converting an embedded model, assembling a GGUF); the message
+    names the path and how to choose another folder."""
+
+
+class DiskFullError(PruneNetError):
+    """An output did not fit: a full disk, a file size limit or a quota. The previous output is intact."""
+
+
 class PolicyError(PruneNetError):
     """A policy file is unreadable, not a policy, or of the wrong shape."""
 
 
 class EvaluationError(PruneNetError):
     """An evaluation cannot run: unknown task, bad limit/batch size, data or text unavailable."""
+
+
+class DivergedError(PruneNetError):
+    """Training produced non-finite values (a loss, trained weights): nothing more is saved."""
 
 
 class PruneNetWarning(UserWarning):

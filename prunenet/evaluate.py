@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None, exit_when_sharded: bool = False) -> dict
         if existing and not args.overwrite:
             verb = "exists" if len(existing) == 1 else "exist"
             raise EvaluationError(f"{' and '.join(existing)} already {verb}; pass --overwrite to replace")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        from prunenet.artifacts import check_writable
+
+        check_writable(out.parent, "--output folder")  # created only when the report is written
     with from_environment(settings.device, exit_at_end=exit_when_sharded) as shards:
         return _run(args, settings, baseline, out if args.output else None, shards)
 
@@ -148,6 +150,7 @@ def _run(args: argparse.Namespace, settings, baseline: str | None, out: Path | N
             return
         print(table, end="")
         if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, json.dumps(payload, indent=1, default=str) + "\n")
             atomic_write_text(out.with_suffix(".md"), table)
             print(f"written: {out} and {out.with_suffix('.md')}", file=sys.stderr)

@@ -110,7 +110,8 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
             written["plan"] = plan_of(count_parameters(meta_model(config)), params)
             write_provenance(tmp, written["plan"], policy, policy_meta)
 
-        return Exported(atomic_write_dir(output_dir, overwrite, write, resolved), written["plan"], kept)
+        size = sum(f.stat().st_size for f in Path(resolved).glob("*.safetensors"))  # at most the source's
+        return Exported(atomic_write_dir(output_dir, overwrite, write, resolved, size), written["plan"], kept)
     if model is None:
         model = loading.load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(model)
@@ -141,7 +142,8 @@ def save_pruned(model: torch.nn.Module, output_dir: str | os.PathLike, plan: Pla
             tokenizer.save_pretrained(tmp)
         write_provenance(tmp, plan, policy, policy_meta)
 
-    return atomic_write_dir(output_dir, overwrite, write, source)
+    weights = {t.data_ptr(): t.nbytes for t in model.state_dict().values()}  # tied tensors are saved once
+    return atomic_write_dir(output_dir, overwrite, write, source, sum(weights.values()))
 
 
 def write_provenance(folder: Path, plan: Plan, policy: RowPolicy | None = None,

@@ -7,12 +7,16 @@ always-present callback sections ``slicing`` (StructuralSlicing) and ``spectrum`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import PostPruningEvaluation, SpectrumMonitor, StructuralSlicing
+from callbacks import PostPruningEvaluation, SpectrumMonitor, StopOnSignal, StructuralSlicing
 from prunenet.artifacts import check_writable, resolve_output_path
 from prunenet.cli import run_main
 from prunenet.data import LayerDataModule
@@ -42,20 +46,25 @@ class PruneNetCLI(LightningCLI):
 def main(args: list[str] | None = None) -> PruneNetCLI:
     """Parse, build and fit. Returns the CLI (trainer, model) for programmatic use."""
     # A policy checkpoint every episode (small: the LLM is not in it), so --ckpt_path last resumes.
-    defaults = dict(TRAINER_DEFAULTS, callbacks=[ModelCheckpoint(save_last=True, every_n_epochs=1)])
+    # SIGINT / SIGTERM stop after the episode in progress; that last.ckpt is what resume needs.
+    callbacks = [ModelCheckpoint(save_last=True, every_n_epochs=1), StopOnSignal(save_state=False)]
+    defaults = dict(TRAINER_DEFAULTS, callbacks=callbacks)
     cli = PruneNetCLI(PruneNetModule, LayerDataModule, run=False, seed_everything_default=0,
                       trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
                       subclass_mode_model=False, subclass_mode_data=False)
     check_devices(cli.trainer, cli.model)
     check_log_dirs(cli.trainer)
     ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir, cli.model.run_settings())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    with no_logs_when_refused(cli.trainer):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
 
 
 def check_devices(trainer, module) -> None:
     """Refuse more processes than layers (each rank needs at least one layer) or, on CPU,
-    than cores, before any process is launched or anything is written.
+    than cores, before any process is launched or anything is written. Several CPU processes share
+    the cores (``cores // processes`` threads each, unless ``OMP_NUM_THREADS`` says otherwise): each
+    taking every core would slow all of them down by an order of magnitude.
 
     Raises:
         ConfigurationError: naming the requested and the possible numbers.
@@ -66,10 +75,44 @@ def check_devices(trainer, module) -> None:
     if isinstance(trainer.accelerator, CPUAccelerator) and world > (os.cpu_count() or 1):
         raise ConfigurationError(f"trainer.devices={trainer.num_devices} CPU processes requested but this machine "
                                  f"has {os.cpu_count()} cores; use at most {os.cpu_count()}")
+    if isinstance(trainer.accelerator, CPUAccelerator) and world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     layers = getattr(module, "num_layers_config", None)  # a fit shards layers; a recovery shards blocks
     if layers is not None and world > layers:
         raise ConfigurationError(f"{world} processes requested for a model of {layers} layers; "
                                  f"use at most {layers} devices")
+
+
+@contextlib.contextmanager
+def no_logs_when_refused(trainer) -> Iterator[None]:
+    """Around ``trainer.fit``: a run refused before its first step (a user error raised in ``setup`` or
+    while loading, e.g. a checkpoint that does not load), or one whose training diverged (a non-finite
+    loss or weights: :class:`~prunenet.errors.DivergedError`), removes the log folders it created, so
+    it writes nothing. Folders that existed before, and every other run that trained a step, keep
+    their logs.
+    """
+    from prunenet.cli import is_user_error
+    from prunenet.errors import DivergedError
+
+    created = [_first_missing(Path(logger.log_dir)) for logger in trainer.loggers
+               if getattr(logger, "log_dir", None) and not Path(logger.log_dir).exists()]
+    try:
+        yield
+    except Exception as exc:
+        refused = is_user_error(exc) and (trainer.global_step == 0 or isinstance(exc, DivergedError))
+        if refused and trainer.is_global_zero:
+            for folder in created:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _first_missing(folder: Path) -> Path:
+    """The outermost folder of ``folder``'s path that does not exist yet (what creating it would add)."""
+    while not folder.parent.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
 
 
 def check_log_dirs(trainer) -> None:

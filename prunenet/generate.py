@@ -13,24 +13,53 @@ import torch
 
 from prunenet import loading
 from prunenet.cli import run_main
-from prunenet.errors import ModelLoadError
+from prunenet.errors import ConfigurationError, ModelLoadError
 
 DEFAULT_PROMPT = "The capital of France is"
 
 
-def generate(model_name_or_path: str, prompt: str, max_new_tokens: int = 24) -> tuple[str, float]:
-    """Greedy continuation of ``prompt``. Returns (text, tokens per second)."""
+def generate(model_name_or_path: str, prompt: str, max_new_tokens: int = 24, tokenizer=None) -> tuple[str, float]:
+    """Greedy continuation of ``prompt`` (its tokenizer: ``tokenizer``, or the model's). Returns (text,
+    tokens per second).
+
+    Raises:
+        ConfigurationError: an empty prompt, or fewer than one new token asked for.
+        ModelLoadError: a model that cannot be loaded, or one without tokenizer files.
+    """
+    check_prompt(prompt, max_new_tokens)
+    tokenizer = tokenizer or checked_tokenizer(model_name_or_path)
     model = loading.load_model(model_name_or_path)
-    tokenizer = loading.load_tokenizer(model_name_or_path)
-    if tokenizer is None:
-        raise ModelLoadError(f"{model_name_or_path!r} has no tokenizer files; cannot generate text")
     inputs = tokenizer(prompt, return_tensors="pt")
+    if inputs["input_ids"].numel() == 0:
+        raise ConfigurationError(f"--prompt {prompt!r} is no token for this tokenizer; give some text to continue")
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     new = out[0, inputs["input_ids"].shape[1]:]
     return tokenizer.decode(new, skip_special_tokens=True), new.numel() / (time.perf_counter() - start)
+
+
+def check_prompt(prompt: str, max_new_tokens: int) -> None:
+    """Raises ConfigurationError for an empty (or blank) prompt or ``max_new_tokens`` < 1."""
+    if not prompt.strip():
+        raise ConfigurationError(f"--prompt is empty ({prompt!r}); give some text to continue, e.g. "
+                                 f"--prompt {DEFAULT_PROMPT!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigurationError(f"--max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+def checked_tokenizer(model_name_or_path: str):
+    """The model's tokenizer, after checking that the model resolves and has a config.
+
+    Raises:
+        ModelLoadError: no such model, no config.json, no tokenizer files (names the folder).
+    """
+    loading.load_config(model_name_or_path)
+    tokenizer = loading.load_tokenizer(model_name_or_path)
+    if tokenizer is None:
+        raise ModelLoadError(f"{loading.resolve(model_name_or_path)!r} has no tokenizer files; cannot generate text")
+    return tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,8 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     models = [("dense", args.dense), ("pruned", args.pruned)] + ([("recovered", args.recovered)] if args.recovered else [])
     width = max(len(label) for label, _ in models)
-    for label, name in models:
-        text, tps = generate(name, args.prompt, args.max_new_tokens)
+    check_prompt(args.prompt, args.max_new_tokens)
+    tokenizers = [checked_tokenizer(name) for _, name in models]  # every input checked before any work
+    for (label, name), tokenizer in zip(models, tokenizers):
+        text, tps = generate(name, args.prompt, args.max_new_tokens, tokenizer)
         print(f"[{label:<{width}}] {args.prompt}{text!r}  ({tps:.1f} tokens/s)")
 
 

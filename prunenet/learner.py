@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError
 from prunenet.reward import discount
 
@@ -144,9 +145,8 @@ class BaselineLearner(Learner):
     wants_random_reference = True
 
     def __init__(self, gamma: float = 0.99, use_kld: bool = False, momentum: float = 0.9) -> None:
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigurationError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.use_kld, self.momentum = bool(use_kld), float(momentum)
+        self.use_kld = bool(use_kld)
+        self.momentum = check_float(momentum, "momentum", 0.0, 1.0, high_open=True)
         self.mean: dict[int, float] = {}
         self.std: dict[int, float] = {}
 

@@ -32,6 +32,7 @@ import torch
 
 from prunenet import loading, reference_cache
 from prunenet.arch import get_adapter
+from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError
 from prunenet.learner import build_learner
 from prunenet.plan import ffn_fingerprint, package_versions
@@ -87,14 +88,13 @@ class PruneNetModule(L.LightningModule):
                  protect_outliers: float = 0.0, spectra_method: str = SPECTRA_METHOD) -> None:
         super().__init__()
         validate_ratio(compression_ratio)
-        if not 0.0 < gamma <= 1.0:
-            raise ConfigurationError(f"gamma must be in (0, 1], got {gamma!r}")
+        check_float(gamma, "model.gamma", 0.0, 1.0, low_open=True)
+        check_float(learning_rate, "model.learning_rate", 0.0, low_open=True)
+        check_float(weight_decay, "model.weight_decay", 0.0)
         if spectra_dtype not in _SPECTRA_DTYPES:
             raise ConfigurationError(f"spectra_dtype must be one of {list(_SPECTRA_DTYPES)}, got {spectra_dtype!r}")
         if spectra_method not in SPECTRA_METHODS:
             raise ConfigurationError(f"spectra_method must be one of {list(SPECTRA_METHODS)}, got {spectra_method!r}")
-        if learning_rate <= 0:
-            raise ConfigurationError(f"learning_rate must be > 0, got {learning_rate!r}")
         loading.parse_dtype(dtype)
         check_protect_fraction(protect_outliers)
         self.save_hyperparameters()
@@ -179,7 +179,7 @@ class PruneNetModule(L.LightningModule):
         for i, w in zip(layers, weights):
             context = self._context.get(i)
             if i not in self._reference:
-                cached = reference_cache.load(self.ffn_sha256(), self.reward.cache_key, i)
+                cached = reference_cache.load(self.ffn_sha256(), self.reward.cache_key, i, n=min(w.shape[-2:]))
                 if cached is None:
                     cached, context = self.reward.reference_and_context(w)
                     reference_cache.save(self.ffn_sha256(), self.reward.cache_key, i, cached)

@@ -16,9 +16,10 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import PostPruningEvaluation, RecoveryExport
+from callbacks import PostPruningEvaluation, RecoveryExport, StopOnSignal
 from prunenet.cli import run_main
-from prunenet.fit import check_devices, check_log_dirs
+from prunenet.errors import ConfigurationError
+from prunenet.fit import check_devices, check_log_dirs, no_logs_when_refused
 from prunenet.recovery import RECOVERY_HPARAMS, RecoveryDataModule, RecoveryModule
 from prunenet.resume import resolve_ckpt_path
 
@@ -49,18 +50,42 @@ def main(args: list[str] | None = None) -> RecoverCLI:
     """Parse, check, fine-tune, merge and save. Returns the CLI (trainer, model, datamodule)."""
     # The last checkpoint every N steps (adapters and optimizer only for LoRA), so --ckpt_path last resumes.
     checkpoints = ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=EVERY_N_STEPS)
-    defaults = dict(TRAINER_DEFAULTS, callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")])
+    # SIGINT / SIGTERM stop after the step in progress and save it: --ckpt_path last resumes exactly there.
+    callbacks = [checkpoints, LearningRateMonitor(logging_interval="step"), StopOnSignal(save_state=True)]
+    defaults = dict(TRAINER_DEFAULTS, callbacks=callbacks)
     cli = RecoverCLI(RecoveryModule, RecoveryDataModule, run=False, seed_everything_default=0,
                      trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
                      subclass_mode_model=False, subclass_mode_data=False)
+    check_budget(cli.trainer.max_steps, cli.config.trainer.max_epochs)
     check_devices(cli.trainer, cli.model)
     check_log_dirs(cli.trainer)
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, RecoveryExport):
+            callback.check(cli.model.hparams.model_name_or_path)
     cli.datamodule.prepare(cli.model.load_tokenizer())
     settings = {**cli.model.run_settings(), "data": cli.datamodule.resume_settings()}
     ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir, settings,
                                   keys=RECOVERY_HPARAMS)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    with no_logs_when_refused(cli.trainer):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
+
+
+def check_budget(max_steps: int, max_epochs: int | None) -> None:
+    """A recovery's budget is ``--trainer.max_steps`` optimizer steps, a positive number, or -1 (Lightning's
+    "no limit") with an explicit ``--trainer.max_epochs`` >= 1: -1 alone means 1000 epochs of the text
+    (1.2 million steps on the packaged one), and 0 would save an unchanged copy as "recovered".
+
+    Raises:
+        ConfigurationError: naming the values given.
+    """
+    epochs_bound = isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and max_epochs >= 1
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not (max_steps >= 1 or
+                                                                             (max_steps == -1 and epochs_bound)):
+        raise ConfigurationError(f"trainer.max_steps must be a positive number of optimizer steps for a recovery, "
+                                 f"got {max_steps!r} with trainer.max_epochs={max_epochs!r} (0 would save an unchanged "
+                                 "copy; -1 needs --trainer.max_epochs >= 1 as its bound); e.g. "
+                                 f"--trainer.max_steps={TRAINER_DEFAULTS['max_steps']}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError, InvalidProbabilitiesError
 from prunenet.policy import RowPolicy
 
@@ -31,13 +32,7 @@ def validate_ratio(compression_ratio: float) -> float:
     Raises:
         ConfigurationError: naming the bad value.
     """
-    try:
-        r = float(compression_ratio)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"compression_ratio must be a number in [0, 1), got {compression_ratio!r}") from None
-    if not (0.0 <= r < 1.0) or math.isnan(r):
-        raise ConfigurationError(f"compression_ratio must be in [0, 1), got {compression_ratio!r}")
-    return r
+    return check_float(compression_ratio, "compression_ratio", 0.0, 1.0, high_open=True)
 
 
 def validate_selection(selection: str, name: str = "selection") -> str:
@@ -115,13 +110,7 @@ def check_protect_fraction(fraction: float) -> float:
     Raises:
         ConfigurationError: naming the bad value.
     """
-    try:
-        f = float(fraction)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"protect_outliers must be a number in [0, 1), got {fraction!r}") from None
-    if not 0.0 <= f < 1.0:
-        raise ConfigurationError(f"protect_outliers must be in [0, 1), got {fraction!r}")
-    return f
+    return check_float(fraction, "protect_outliers", 0.0, 1.0, high_open=True)
 
 
 def free_probabilities(probs: torch.Tensor, protected: torch.Tensor | None) -> torch.Tensor:

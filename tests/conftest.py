@@ -21,6 +21,15 @@ from tests.tiny import save_tiny, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: Seconds after which a test process is taken to hang. A bound for a hang, never for speed: the
+#: slowest subprocess of the suite (a two-process SmolLM2 evaluation) takes about 90 s on an idle
+#: 2-core machine, and CI machines can be 5-10x slower when shared; no test asserts a duration.
+HANG_S = 1800
+
+#: Threads per test subprocess unless a test says otherwise: the suite starts several PyTorch processes
+#: at once (ranks, concurrent CLI runs), and each one taking every core slows all of them ~10x.
+SUBPROCESS_THREADS = "1"
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
@@ -200,15 +209,16 @@ def extra_args() -> list[str]:
 def cli_command(args, extra=(), module: str = "prunenet.fit", env: dict[str, str] | None = None):
     """``(argv, environment)`` of ``python -m <module> *args *extra`` (no PRUNENET_VERBOSE, no inherited seed)."""
     base = {k: v for k, v in os.environ.items() if k not in ("PRUNENET_VERBOSE", "PL_GLOBAL_SEED")}
+    base.setdefault("OMP_NUM_THREADS", SUBPROCESS_THREADS)
     return [sys.executable, "-m", module, *args, *extra], {**base, **(env or {})}
 
 
-def run_fit(*args: str, extra: list[str], timeout: int = 300, module: str = "prunenet.fit") -> subprocess.CompletedProcess:
+def run_fit(*args: str, extra: list[str], timeout: int = HANG_S, module: str = "prunenet.fit") -> subprocess.CompletedProcess:
     cmd, env = cli_command(args, extra, module)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def run_fit_many(jobs: dict[str, list[str]], extra: list[str], logdir: Path, timeout: int = 300,
+def run_fit_many(jobs: dict[str, list[str]], extra: list[str], logdir: Path, timeout: int = HANG_S,
                  module: str = "prunenet.fit", env: dict[str, str] | None = None) -> dict[str, subprocess.CompletedProcess]:
     """Run several ``python -m <module>`` processes at once (each is mostly import time); output goes to files."""
     procs = {}

@@ -373,3 +373,119 @@ def test_programmatic_resume_with_another_seed_is_refused(tiny_dir, tmp_path, ex
     with pytest.raises(ConfigurationError, match=r"seed=0 \(this run: 5\)"):
         trainer.fit(PruneNetModule(str(tiny_dir)), datamodule=LayerDataModule(), ckpt_path=ckpt)
     assert PruneNetModule.load_from_checkpoint(ckpt).hparams.model_name_or_path == str(tiny_dir)
+
+
+# ----------------------------------------------------------------------------- Reliability III (issue 25)
+
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+def _float_settings(models) -> dict[str, object]:
+    """Every float hyperparameter of fit, compress, recover and evaluate -> a callable that sets it to a value
+    (building what checks it, nothing else)."""
+    from prunenet.evaluation import EvalSettings
+    from prunenet.learner import BaselineLearner
+    from prunenet.module import PruneNetModule
+    from prunenet.recovery import RecoveryDataModule, RecoveryModule
+
+    llama, plans = str(models["llama"]), models["llama-plan"].parent
+    fit = {f"fit.{k}": (lambda v, k=k: PruneNetModule(llama, **{k: v}))
+           for k in ("compression_ratio", "learning_rate", "weight_decay", "gamma", "protect_outliers")}
+    recover = {f"recover.{k}": (lambda v, k=k: RecoveryModule(str(plans), **{k: v}))
+               for k in ("lora_alpha", "lora_dropout", "learning_rate", "weight_decay")}
+    return {**fit, **recover,
+            "fit.learner.momentum": lambda v: BaselineLearner(momentum=v),
+            "recover.data.val_fraction": lambda v: RecoveryDataModule(val_fraction=v),
+            "compress.compression_ratio": lambda v: compress(llama, str(plans.parent / "never"), v, method="random"),
+            "compress.protect_outliers": lambda v: compress(llama, str(plans.parent / "never"), 0.3, method="random",
+                                                            protect_outliers=v),
+            "evaluate.limit": lambda v: EvalSettings(tasks=["piqa"], limit=v)}
+
+
+def test_every_float_hyperparameter_refuses_nan_and_infinities(models):
+    """The class, not only the example: ``x <= 0`` lets NaN and inf through; the one helper does not."""
+    from prunenet.errors import EvaluationError
+
+    for name, build in _float_settings(models).items():
+        for value in NON_FINITE:
+            with pytest.raises((ConfigurationError, EvaluationError)) as err:
+                build(value)
+            message = str(err.value)
+            assert "\n" not in message and repr(value) in message, (name, value, message)
+            assert name.rsplit(".", 1)[-1] in message, (name, message)  # names the setting
+    assert not (models["llama-plan"].parent.parent / "never").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_recoveries(models, tmp_path_factory):
+    """Refused ``prunenet.recover`` runs, launched together."""
+    from tests.test_recover import _args, _words
+
+    root = tmp_path_factory.mktemp("bad-recover")
+    pruned = models["llama-plan"].parent
+    text = root / "train.txt"
+    text.write_text(_words(60, 50))
+    (root / "nan.yaml").write_text("model:\n  learning_rate: .nan\n")
+    broken = root / "broken-weights"
+    broken.mkdir()
+    for f in pruned.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[:200] if f.suffix == ".safetensors" else f.read_bytes())
+    cases = {  # name -> (model, flags, needles of the error line)
+        "learning-rate-inf": (pruned, ["--model.learning_rate=.inf"], ["model.learning_rate", "finite", "inf"]),
+        "learning-rate-nan-yaml": (pruned, [f"--config={root / 'nan.yaml'}"], ["model.learning_rate", "finite", "nan"]),
+        "max-steps-unbounded": (pruned, ["--trainer.max_steps=-1"], ["trainer.max_steps", "got -1", "max_epochs"]),
+        "max-steps-zero": (pruned, ["--trainer.max_steps=0"], ["trainer.max_steps", "got 0", "unchanged copy"]),
+        "output-inside-input": (pruned, [f"--export.output_dir={pruned / 'recovered'}"], ["source model folder"]),
+        "weights-that-do-not-load": (broken, [], ["cannot load model", str(broken)]),
+    }
+    jobs = {}
+    for name, (model, flags, _) in cases.items():
+        args = [a for a in _args(model, text, root / "runs" / name) if not a.startswith("--export.output_dir")]
+        jobs[name] = [*args, *flags] + ([] if name == "output-inside-input" else
+                                        [f"--export.output_dir={root / 'runs' / name / 'out'}"])
+    logs = root / "process-output"
+    logs.mkdir()
+    return run_fit_many(jobs, [], logs, module="prunenet.recover"), cases, root, pruned
+
+
+@pytest.mark.parametrize("case", ["learning-rate-inf", "learning-rate-nan-yaml", "max-steps-unbounded",
+                                  "max-steps-zero", "output-inside-input", "weights-that-do-not-load"])
+def test_bad_recovery_input_is_one_line_error_and_writes_nothing(case, bad_recoveries):
+    results, cases, root, pruned = bad_recoveries
+    line = one_line_error(results[case])
+    assert all(needle in line for needle in cases[case][2]), line
+    assert not (root / "runs" / case).exists()  # no log folder (lightning_logs/version_N), no output
+    assert not (pruned / "recovered").exists()
+
+
+def test_generate_checks_every_input_before_generating(models, tmp_path):
+    llama = str(models["llama"])
+    jobs = {"empty-prompt": ["--dense", llama, "--pruned", llama, "--prompt", ""],
+            "missing-pruned": ["--dense", llama, "--pruned", str(tmp_path / "missing")],
+            "missing-recovered": ["--dense", llama, "--pruned", llama, "--recovered", str(tmp_path / "missing")]}
+    results = run_fit_many(jobs, [], tmp_path, module="prunenet.generate")
+    assert "--prompt is empty" in one_line_error(results["empty-prompt"])
+    for name in ("missing-pruned", "missing-recovered"):
+        assert str(tmp_path / "missing") in one_line_error(results[name]) and "does not exist" in one_line_error(
+            results[name])
+    for res in results.values():
+        assert "[dense" not in res.stdout and "Loading weights" not in res.stderr  # nothing loaded, nothing generated
+
+
+def test_messages_name_the_folder_and_the_held_out_block(models, tmp_path):
+    from prunenet.errors import EvaluationError
+    from prunenet.evaluation import EvalSettings, evaluate_checkpoint
+    from prunenet.recovery import RecoveryDataModule
+    from prunenet.recovery.corpus import DataError
+
+    with pytest.raises(EvaluationError) as err:  # models["gemma"] was saved without tokenizer files
+        evaluate_checkpoint(str(models["gemma"]), EvalSettings(tasks=["piqa"], limit=2), use_cache=False)
+    assert repr(str(models["gemma"])) in str(err.value) and "model model" not in str(err.value)
+    (tmp_path / "short.txt").write_text("w5 w6")  # 3 tokens with the EOS: not one block
+    from prunenet import loading
+
+    data = RecoveryDataModule(source=str(tmp_path / "short.txt"), block_size=4, val_fraction=0.5, check_overlap=False)
+    with pytest.raises(DataError, match=r"3 tokens, fewer than the 8 needed: one training block of 4 tokens and one block "
+                                        r"of 4 held out for the validation loss"):
+        data.prepare(loading.load_tokenizer(str(models["llama-plan"].parent)))

@@ -23,7 +23,7 @@ from prunenet.artifacts import PLAN_FILE, POLICY_FILE
 from prunenet.compress import main as compress_main
 from prunenet.errors import ConfigurationError
 from prunenet.selection import kept_width
-from tests.conftest import REPO, fit_in_process, one_line_error, run_fit_many
+from tests.conftest import HANG_S, REPO, fit_in_process, one_line_error, run_fit_many
 from tests.tiny import save_tiny, tiny_llama
 
 N, D, LAYERS, TRAINED_RATIO = 37, 24, 3, 0.3
@@ -211,7 +211,7 @@ def test_compress_error_path_does_not_import_lightning(tmp_path):
               "'--compression_ratio', 'abc']))\n"
               "except SystemExit as exc:\n"
               "    print('exit', exc.code, sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))\n")
-    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
                          check=False)
     assert res.stdout.strip() == "exit 2 []", res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "'abc'" in res.stderr

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import HANG_S, REPO, SUBPROCESS_THREADS
 from tests.tiny import save_tiny, tiny_llama
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _fit(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=SUBPROCESS_THREADS)
     return subprocess.run([sys.executable, "-m", "prunenet.fit", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_S)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="DDP on CPU needs 2 cores")

@@ -21,7 +21,7 @@ import pytest
 
 from prunenet.evaluation.perplexity import PerplexitySettings, share, summarize
 from prunenet.evaluation.sharding import Shards
-from tests.conftest import REPO, cli_command, one_line_error
+from tests.conftest import HANG_S, REPO, cli_command, one_line_error
 
 TWO_CORES = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU processes need 2 cores")
 
@@ -47,7 +47,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(argv: list[str], env: dict[str, str], logdir: Path, n: int = 2, timeout: int = 600,
+def _launch(argv: list[str], env: dict[str, str], logdir: Path, n: int = 2, timeout: int = HANG_S,
             extra_env: dict[int, dict[str, str]] | None = None) -> list[subprocess.CompletedProcess]:
     """Start ``argv`` as ranks 0..n-1 of one process group (as torchrun or Lightning would); wait for
     all of them, killing every one and failing the test if any is still running after ``timeout`` s."""
@@ -187,11 +187,11 @@ def test_two_processes_give_one_report_with_the_one_process_scores(pruned_smollm
                 "-m", "prunenet.evaluate"]
     env = {**os.environ, **cache_env}
     two = subprocess.run([*torchrun, *_evaluate_args(pruned_smollm2, tmp_path / "two" / "eval.json")], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=1200)
+                         env=env, capture_output=True, text=True, timeout=HANG_S)
     assert two.returncode == 0, two.stderr[-4000:]
     cmd, _ = cli_command(_evaluate_args(pruned_smollm2, tmp_path / "one" / "eval.json", "--no_cache"),
                          module="prunenet.evaluate")
-    one = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    one = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert one.returncode == 0, one.stderr[-4000:]
 
     # Exactly one report (rank 0's), and the table printed once.
@@ -219,7 +219,7 @@ def test_two_processes_give_one_report_with_the_one_process_scores(pruned_smollm
 
     # A second two-process run reuses the cache rank 0 wrote: no model is loaded, same numbers.
     again = subprocess.run([*torchrun, *_evaluate_args(pruned_smollm2, tmp_path / "again" / "eval.json")],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert again.returncode == 0, again.stderr[-4000:]
     c = json.loads((tmp_path / "again" / "eval.json").read_text())
     for key in ("result", "baseline_result"):
@@ -238,7 +238,7 @@ def test_two_process_fit_with_evaluation_writes_one_report(tiny_dir, cache_env, 
             "--evaluation.tasks=[piqa,arc_easy]", "--evaluation.limit=4", "--evaluation.batch_size=2",
             "--evaluation.perplexity_context_length=32", "--evaluation.perplexity_max_tokens=160"]
     cmd, env = cli_command(args, env=cache_env)
-    ranks = _launch(cmd, env, tmp_path, timeout=900)
+    ranks = _launch(cmd, env, tmp_path, timeout=HANG_S)
     for rank, res in enumerate(ranks):
         assert res.returncode == 0, (rank, res.stderr[-4000:])
     assert [p.parent for p in tmp_path.rglob("eval.json")] == [out]
@@ -261,7 +261,7 @@ def test_less_work_than_processes(tiny_dir, cache_env, tmp_path):
     argv = [sys.executable, "-m", "prunenet.evaluate", "--model", str(tiny_dir), "--tasks", "piqa", "--limit", "1",
             "--device", "cpu", "--perplexity", "squad-wiki", "--perplexity_context_length", "32",
             "--perplexity_max_tokens", "20", "--output", str(output)]
-    ranks = _launch(argv, {**os.environ, **cache_env}, tmp_path, timeout=300)
+    ranks = _launch(argv, {**os.environ, **cache_env}, tmp_path, timeout=HANG_S)
     assert [r.returncode for r in ranks] == [0, 0], ranks[1].stderr[-3000:]
     result = json.loads(output.read_text())["result"]
     assert result["tasks"]["piqa"]["requests_per_rank"] == [2, 0] and result["tasks"]["piqa"]["n"] == 1
@@ -279,7 +279,7 @@ def test_failure_on_one_rank_stops_every_rank_with_one_line(how, tiny_dir, cache
             "piqa,arc_easy", "--limit", "4", "--device", "cpu", "--output", str(output)]
     env = {k: v for k, v in os.environ.items() if k != "PRUNENET_VERBOSE"}
     ranks = _launch(argv, {**env, **cache_env, "PRUNENET_TEST_FAIL_RANK": "1", "PRUNENET_TEST_FAIL_HOW": how},
-                    tmp_path, timeout=300)
+                    tmp_path, timeout=HANG_S)
     other = one_line_error(ranks[0])
     if how == "raise":
         assert one_line_error(ranks[1]) == ("error: evaluation failed on rank 1 of 2: RuntimeError: injected "

@@ -190,7 +190,7 @@ def test_fit_embedded_smollm2(tmp_path, extra_args, plain_load):
     source = yaml.safe_load(config.read_text())
     out = tmp_path / "pruned"
     res = run_fit("--config", str(config), "--trainer.max_epochs=2", f"--slicing.output_dir={out}",
-                  f"--trainer.default_root_dir={tmp_path / 'logs'}", extra=extra_args, timeout=600)
+                  f"--trainer.default_root_dir={tmp_path / 'logs'}", extra=extra_args)
     assert res.returncode == 0, res.stderr[-4000:]
 
     dense = loading.load_model(source["model"]["model_name_or_path"])

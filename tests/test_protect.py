@@ -143,7 +143,7 @@ def test_bad_protect_fraction_is_a_one_line_error(args, entry, tiny_dir, tmp_pat
     where = (["--model.model_name_or_path", str(tiny_dir), f"--trainer.default_root_dir={tmp_path}"]
              if entry == "prunenet.fit" else ["--model", str(tiny_dir), "--output_dir", str(tmp_path / "o")])
     res = run_fit(*where, *args, extra=extra_args if entry == "prunenet.fit" else [], module=entry)
-    assert "protect_outliers must be in [0, 1)" in one_line_error(res)
+    assert "protect_outliers must be a finite number in [0, 1)" in one_line_error(res)
     assert not (tmp_path / "o").exists()
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from prunenet.artifacts import PLAN_FILE
-from tests.conftest import REPO, assert_logits_match, assert_same_weights, cli_command, one_line_error, run_fit_many
+from tests.conftest import HANG_S, REPO, assert_logits_match, assert_same_weights, cli_command, one_line_error, run_fit_many
 from tests.tiny import TINY_FAMILIES, save_tiny, tiny_config, tiny_llama
 
 STEPS = 4
@@ -397,7 +397,7 @@ def test_ddp_two_processes_share_the_blocks(setup, tmp_path):
     args = _args(setup["pruned"], setup["text"], tmp_path, "--trainer.devices=2", "--trainer.strategy=ddp",
                  "--trainer.accelerator=cpu", steps=3)
     cmd, env = cli_command(args, module="prunenet.recover", env={"OMP_NUM_THREADS": "1"})
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 2/2" in proc.stderr + proc.stdout
     assert [p.parent for p in tmp_path.rglob(PLAN_FILE)] == [tmp_path / "out"]

@@ -21,7 +21,7 @@ import torch
 
 from prunenet.artifacts import PLAN_FILE, POLICY_FILE
 from prunenet.errors import InvalidWeightsError, ModelLoadError
-from tests.conftest import REPO, cli_command, fit_in_process, one_line_error, run_fit_many
+from tests.conftest import HANG_S, REPO, cli_command, fit_in_process, one_line_error, run_fit_many
 from tests.tiny import save_tiny, tiny_llama
 
 N = 37
@@ -246,7 +246,7 @@ atomic_write_dir(out, overwrite, write)
 """
 
 
-def _wait_for(found, proc: subprocess.Popen, timeout: float = 120) -> Path:
+def _wait_for(found, proc: subprocess.Popen, timeout: float = HANG_S) -> Path:
     """Poll until ``found()`` returns a non-empty list of paths; fails if ``proc`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -262,7 +262,7 @@ def _reap(proc: subprocess.Popen) -> None:
     """Never leave the child behind, whatever the test did."""
     if proc.poll() is None:
         proc.kill()
-    proc.wait(timeout=60)
+    proc.wait(timeout=HANG_S)
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["first-save", "overwrite"])
@@ -280,7 +280,7 @@ def test_kill_9_during_save(tmp_path, existing):
         tmp = Path(ready.read_text())
         assert tmp.parent == tmp_path and (tmp / "model.safetensors").exists()  # killed mid-write
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert proc.wait(timeout=HANG_S) == -signal.SIGKILL
     finally:
         _reap(proc)
     if existing:
@@ -333,7 +333,7 @@ def test_kill_9_during_fit_then_resume(tiny_dir, tmp_path, extra_args, monkeypat
         ckpt = _wait_for(lambda: list((killed / "logs").rglob("checkpoints/last.ckpt")), proc)
         _wait_for(lambda: [ckpt] if _ckpt_epoch(ckpt) >= 2 else [], proc)  # a few episodes (and AdamW steps) in
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert proc.wait(timeout=HANG_S) == -signal.SIGKILL
     finally:
         _reap(proc)
     assert not (killed / "out").exists()  # killed mid-fit: no pruned checkpoint yet

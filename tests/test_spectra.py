@@ -269,7 +269,7 @@ def test_second_fit_reads_the_reference_spectra_from_the_cache(tiny_dir, tmp_pat
     monkeypatch.setattr(KSGateReward, "reference_and_context", lambda self, w: computed.append(1) or original(self, w))
     first = _fit(str(tiny_dir), tmp_path / "a", "gram", 1, monkeypatch)
     assert len(computed) == first.num_layers
-    files = list(reference_cache.cache_folder(first.ffn_sha256(), first.reward.cache_key).glob("*.pt"))
+    files = list(reference_cache.cache_folder(first.ffn_sha256(), first.reward.cache_key).glob("*.entry"))
     assert len(files) == first.num_layers
     computed.clear()
     second = _fit(str(tiny_dir), tmp_path / "b", "gram", 2, monkeypatch)

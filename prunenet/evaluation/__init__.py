@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from prunenet.errors import EvaluationError
 from prunenet.evaluation.harness import EvalSettings, check_limit, evaluate_model
 from prunenet.evaluation.perplexity import PerplexitySettings
 from prunenet.evaluation.report import compare, markdown, retention
@@ -55,6 +56,9 @@ def evaluate_checkpoint(name_or_path: str, settings: EvalSettings, use_cache: bo
 
     shards = shards or Shards()
     tokenizer = shards.guarded(lambda: loading.load_tokenizer(name_or_path, trust_remote_code))
+    if tokenizer is None:  # the same on every rank: each stops here with the same line
+        raise EvaluationError(f"{loading.resolve(name_or_path)!r} has no tokenizer files, which lm-eval needs; "
+                              "copy them from the model it was made from")
     identity = cache.model_identity(name_or_path) if use_cache else None
     result = evaluate_model(lambda: loading.load_model(name_or_path, dtype=settings.dtype,
                                                       trust_remote_code=trust_remote_code),

@@ -1,7 +1,9 @@
 """Result cache: a dense model's scores are computed once per model/task/limit/versions.
 
-Entries live in ``prunenet.assets.cache_dir() / "eval" / <sha256>.json`` (written
-atomically). The key hashes:
+Entries live in ``prunenet.cache.cache_dir() / "eval" / <sha256>.entry``: a
+:mod:`prunenet.cache` entry (written atomically, checked on reading) whose payload is the record's
+JSON; one that is not exactly what was written for its key, or not a JSON object, is a miss. The key
+hashes:
 
 * the model identity (:func:`model_identity`): an asset name with its cached
   ``config.json``; a local folder's absolute path, ``config.json`` contents and
@@ -23,13 +25,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2  # 2: checked prunenet.cache entries instead of plain JSON files
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def cache_root() -> Path:
     """The folder of cached evaluation records: ``<PRUNENET_CACHE>/eval``."""
-    from prunenet.assets import cache_dir
+    from prunenet.cache import cache_dir
 
     return cache_dir() / "eval"
 
@@ -92,32 +94,32 @@ def perplexity_key(identity: dict[str, Any], settings) -> str:
 
 
 def load(key: str) -> dict[str, Any] | None:
-    """The cached record, or None (missing or unreadable entries are ignored)."""
-    path = cache_root() / f"{key}.json"
+    """The record stored for ``key``, or None: a missing, unreadable or damaged entry, one written for
+    another key, or one that is not a JSON object, is a miss (the score is computed again)."""
+    from prunenet.cache import read_entry
+
+    data = read_entry(cache_root() / f"{key}.entry", key)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(data) if data is not None else None
+    except ValueError:
         return None
+    return record if isinstance(record, dict) else None
 
 
 def store(key: str, record: dict[str, Any]) -> None:
-    """Write an entry atomically (a failure to cache never fails an evaluation)."""
-    from prunenet.artifacts import atomic_write_text
+    """Write the entry for ``key``, atomically. Returns None; a failure to cache never fails an
+    evaluation (skipped silently)."""
+    from prunenet.cache import write_entry
 
-    try:
-        root = cache_root()
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(root / f"{key}.json", json.dumps(record, indent=1, default=str))
-    except OSError:
-        pass
+    write_entry(cache_root() / f"{key}.entry", json.dumps(record, indent=1, default=str).encode(), key)
 
 
 def clear() -> int:
-    """Delete every cached evaluation result. Returns how many were removed."""
+    """Delete every cached evaluation result (and those of older formats). Returns how many were removed."""
     n = 0
     root = cache_root()
     if root.is_dir():
-        for p in root.glob("*.json"):
+        for p in [*root.glob("*.entry"), *root.glob("*.json")]:
             try:
                 os.unlink(p)
                 n += 1

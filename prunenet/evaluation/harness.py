@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from prunenet.errors import EvaluationError
+from prunenet.checks import check_float
+from prunenet.errors import ConfigurationError, EvaluationError
 from prunenet.evaluation import cache as eval_cache
 from prunenet.evaluation.perplexity import PerplexitySettings, score_windows, summarize
 from prunenet.evaluation.sharding import RANK_KEYS, Shards
@@ -89,8 +90,11 @@ def check_limit(limit: Any) -> int | float | None:
         limit = int(limit)
     if isinstance(limit, int) and limit >= 1:
         return limit
-    if isinstance(limit, float) and 0 < limit < 1:
-        return limit
+    if isinstance(limit, float) and not limit.is_integer():  # a fraction: NaN and infinities end here too
+        try:
+            return check_float(limit, "limit", 0.0, 1.0, low_open=True, high_open=True)
+        except ConfigurationError:
+            pass
     raise EvaluationError(f"limit must be a positive integer, a fraction in (0, 1) or null, got {limit!r}")
 
 

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError
 from prunenet.recovery.corpus import DataError, load_corpus
 
@@ -58,8 +59,7 @@ class RecoveryDataModule(L.LightningDataModule):
         for key, value in (("block_size", block_size), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"data.{key} must be a positive integer, got {value!r}")
-        if not 0 <= val_fraction < 1:
-            raise ConfigurationError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        check_float(val_fraction, "data.val_fraction", 0.0, 1.0, high_open=True)
         self.save_hyperparameters()
         self.train_blocks: torch.Tensor | None = None
         self.val_blocks: torch.Tensor | None = None
@@ -96,8 +96,10 @@ class RecoveryDataModule(L.LightningDataModule):
         n_val = math.ceil(hp.val_fraction * blocks) if hp.val_fraction > 0 else 0
         needed = (1 + (hp.val_fraction > 0)) * hp.block_size
         if blocks - n_val < 1:
-            raise DataError(f"data source {hp.source!r} has {len(stream)} tokens, fewer than the {needed} needed "
-                            f"for one training block of {hp.block_size}" + (" and one held-out block" if n_val else ""))
+            held_out = (f" and one block of {hp.block_size} held out for the validation loss (--data.val_fraction="
+                        f"{hp.val_fraction}; 0 holds none out)") if hp.val_fraction > 0 else ""
+            raise DataError(f"data source {hp.source!r} has {len(stream)} tokens, fewer than the {needed} needed: "
+                            f"one training block of {hp.block_size} tokens{held_out}")
         packed = stream[: blocks * hp.block_size].view(blocks, hp.block_size)
         self.train_blocks, self.val_blocks = packed[: blocks - n_val], packed[blocks - n_val:]
         self.record = {**corpus.record, "shuffle_seed": hp.seed, "block_size": hp.block_size,

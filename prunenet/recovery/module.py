@@ -22,7 +22,8 @@ import torch
 
 from prunenet import loading
 from prunenet.arch import get_adapter
-from prunenet.errors import ConfigurationError
+from prunenet.checks import check_float
+from prunenet.errors import ConfigurationError, DivergedError
 
 METHODS = ("lora", "full")
 #: Hyperparameters that change the result of a recovery (a resumed run must have the same ones).
@@ -68,6 +69,21 @@ def lora_target_names(config: Any, targets: str | list[str], trust_remote_code: 
     return out
 
 
+def check_finite(tensors: dict[str, torch.Tensor], when: str) -> None:
+    """Refuse to save weights that are not all finite (ours).
+
+    Args:
+        tensors: name -> floating tensor of any shape.
+        when: for the message (``"after step 40"``, ``"after merging the LoRA adapters"``).
+    Raises:
+        DivergedError: naming how many tensors are not finite and the first one.
+    """
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DivergedError(f"{len(bad)} of {len(tensors)} tensors are NaN or infinite {when} (first: "
+                            f"{bad[0]}); nothing was saved: lower model.learning_rate or check the input model")
+
+
 class RecoveryModule(L.LightningModule):
     """Recovery fine-tuning of one checkpoint (typically a pruned one).
 
@@ -103,9 +119,12 @@ class RecoveryModule(L.LightningModule):
             raise ConfigurationError(f"model.method must be one of {', '.join(METHODS)}, got {method!r}")
         if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1:
             raise ConfigurationError(f"model.lora_r must be a positive integer, got {lora_r!r}")
-        if lora_alpha <= 0 or not 0 <= lora_dropout < 1 or learning_rate <= 0 or warmup_steps < 0:
-            raise ConfigurationError(f"need lora_alpha > 0, 0 <= lora_dropout < 1, learning_rate > 0, warmup_steps >= 0; "
-                                     f"got {lora_alpha!r}, {lora_dropout!r}, {learning_rate!r}, {warmup_steps!r}")
+        check_float(lora_alpha, "model.lora_alpha", 0.0, low_open=True)
+        check_float(lora_dropout, "model.lora_dropout", 0.0, 1.0, high_open=True)
+        check_float(learning_rate, "model.learning_rate", 0.0, low_open=True)
+        check_float(weight_decay, "model.weight_decay", 0.0)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ConfigurationError(f"model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         loading.parse_dtype(dtype)
         self.save_hyperparameters()
         self.config = loading.load_config(model_name_or_path, trust_remote_code)
@@ -153,6 +172,11 @@ class RecoveryModule(L.LightningModule):
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         (ids,) = batch
         loss = self(ids)
+        # Any rank's non-finite loss stops every rank (a collective, so none waits for the others).
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss.detach())), all=False):
+            raise DivergedError(f"the training loss became {float(loss.detach())} at step {self.global_step + 1} "
+                                f"(model.learning_rate={self.hparams.learning_rate}); nothing was saved: "
+                                "lower the learning rate or check the input model")
         self.tokens_seen += ids.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
@@ -205,6 +229,7 @@ class RecoveryModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trained parameters (LoRA adapters; every weight for ``full``): never the frozen base."""
         trained = self.trainable_parameters()
+        check_finite(trained, f"after step {self.global_step}")
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
         checkpoint["prunenet_run"] = {k: v for k, v in self.run_settings().items() if k in ("source", "seed", "stage", "data")}
         checkpoint["prunenet_tokens_seen"] = self.tokens_seen

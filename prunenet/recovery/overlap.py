@@ -11,13 +11,16 @@ OpenBookQA, SciQ). WikiText-2 (network only) is not checked.
 
 Each 13-gram is a 64-bit polynomial hash of 64-bit word hashes (BLAKE2b); collisions are
 negligible (about 1e-7 for all the n-grams here). The evaluation index (about 1.9M n-grams) is
-built once, in about 10 s, and cached under ``$PRUNENET_CACHE/overlap/``.
+built once, in about 10 s, and cached under ``$PRUNENET_CACHE/overlap/`` (a checked
+:mod:`prunenet.cache` entry).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
@@ -27,8 +30,9 @@ import numpy as np
 N = 13
 _WORD = re.compile(r"\w+")
 _PRIME = np.uint64(1_099_511_628_211)  # FNV-64 prime: odd, so the polynomial keeps every word's bits
-#: Bump when the normalisation or the hash changes (part of the cache key).
-_FORMAT = 2
+#: Bump when the normalisation, the hash or the stored form changes (part of the cache key; 3: a
+#: checked :mod:`prunenet.cache` entry instead of a plain .npz).
+_FORMAT = 3
 
 
 @lru_cache(maxsize=1 << 20)
@@ -120,24 +124,24 @@ def _cache_key() -> str:
 
 @lru_cache(maxsize=1)
 def evaluation_index() -> dict[str, np.ndarray]:
-    """Evaluation set name -> sorted unique uint64 n-gram hashes; cached on disk (a failure to cache
-    only costs the rebuild next time)."""
-    from prunenet.assets import cache_dir
+    """Evaluation set name -> sorted unique uint64 n-gram hashes, read from the on-disk cache if its
+    entry is exactly what was written for this key (:func:`prunenet.cache.read_entry`), else built and
+    stored (a failure to cache only costs the rebuild next time). Never raises for a bad entry."""
+    from prunenet.cache import cache_dir, read_entry, write_entry
 
-    path = cache_dir() / "overlap" / f"{_cache_key()}.npz"
-    try:
-        with np.load(path) as stored:
-            return {k: stored[k] for k in stored.files}
-    except (OSError, ValueError):
-        pass
+    key = _cache_key()
+    path = cache_dir() / "overlap" / f"{key}.entry"
+    data = read_entry(path, key)
+    if data is not None:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+                return {k: stored[k] for k in stored.files}
+        except (OSError, ValueError, zipfile.BadZipFile):  # checksummed: only a payload that never was an .npz
+            pass
     index = {name: np.unique(ngram_hashes(texts)[0]) for name, texts in evaluation_texts()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **index)
-        tmp.replace(path)
-    except OSError:
-        pass
+    buffer = io.BytesIO()
+    np.savez(buffer, **index)
+    write_entry(path, buffer.getvalue(), key)
     return index
 
 

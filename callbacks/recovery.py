@@ -71,10 +71,13 @@ class RecoveryExport(CheckpointExporter):
         """Merge and save once per fit (call on rank 0); returns :attr:`exported`."""
         if self.exported is None:
             from prunenet.artifacts import load_policy
-            from prunenet.errors import PruneNetError
+            from prunenet.errors import ConfigurationError, PruneNetError
             from prunenet.plan import read_plan
 
             hp = pl_module.hparams
+            if pl_module.trainer.global_step == 0:  # e.g. --trainer.limit_train_batches=0
+                raise ConfigurationError("the recovery trained no step (check --trainer.limit_train_batches and the "
+                                         "data); nothing was saved: an unchanged copy is not a recovered model")
             source = loading.resolve(hp.model_name_or_path)
             model = pl_module.merged_model()
             check_finite(dict(model.state_dict()), "after merging the LoRA adapters")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from prunenet.cli import signals_deferred
 from prunenet.errors import DiskFullError, OutputExistsError, PolicyError
 from prunenet.policy import DEFAULT_POLICY, RowPolicy, build_policy
 
@@ -131,13 +132,14 @@ def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Call
         for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files; use the umask like any file
             if f.is_file():
                 os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with signals_deferred():  # never between the two renames: the old folder aside and no new one
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "x")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -184,7 +186,8 @@ def save_policy(folder: Path, policy: RowPolicy, meta: dict[str, Any] | None = N
     """Write ``policy.pt``: ``{"state_dict", "meta"}``; meta names the policy class (``policy``) and
     its shape, so :func:`load_policy` rebuilds it."""
     meta = {"policy": policy.name, **dict(meta or {})}
-    torch.save({"state_dict": policy.state_dict(), "meta": meta}, folder / POLICY_FILE)
+    with open(folder / POLICY_FILE, "wb") as f:  # a file object: a full disk then keeps its errno (OSError)
+        torch.save({"state_dict": policy.state_dict(), "meta": meta}, f)
 
 
 def load_policy(path: str | os.PathLike) -> tuple[RowPolicy, dict[str, Any]]:

@@ -16,6 +16,7 @@ saying what is wrong and how to choose another folder.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from prunenet.cli import signals_deferred
 from prunenet.errors import CacheError, OutputExistsError
 
 #: Bumped whenever the entry layout (header or manifest) changes.
@@ -179,8 +181,9 @@ def _verified(folder: str, key: str, stats: tuple[tuple[str, int, int], ...]) ->
 def build_folder(target: str | os.PathLike, key: str, build: Callable[[Path], None], purpose: str) -> Path:
     """A folder entry: ``target`` as it is if it verifies for ``key`` (:func:`verify_manifest`), else
     ``build(tmp)`` into a fresh temporary sibling folder, its manifest written, swapped in atomically
-    (an unverified ``target`` is moved aside and deleted; if another process installed a verified one
-    meanwhile, that one is kept). Never uses a folder that does not verify.
+    (an unverified ``target`` is moved aside and deleted). Processes building the same folder take
+    turns (a file lock beside it): the first builds, the others then find it verified. Never uses a
+    folder that does not verify.
 
     Returns:
         ``target``.
@@ -193,21 +196,24 @@ def build_folder(target: str | os.PathLike, key: str, build: Callable[[Path], No
         return target
     usable_cache_dir(purpose)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        write_manifest(tmp, key)
-        if verify_manifest(target, key):  # another process finished first
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        # One process builds (e.g. one DDP rank); the others wait here, then find the folder built: no
+        # process ever swaps away a folder another one may be loading.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if verify_manifest(target, key):
             return target
-        if target.exists() or target.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        old = None
         try:
-            os.replace(tmp, target)
-        except OSError:
-            if not verify_manifest(target, key):  # not another process's complete folder
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            write_manifest(tmp, key)
+            with signals_deferred():  # never between the two renames
+                if target.exists() or target.is_symlink():
+                    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                    os.replace(target, old / "x")
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     return target

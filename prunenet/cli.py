@@ -4,6 +4,7 @@ by SIGINT or SIGTERM says so in one line and exits 130 or 143 (128 + the signal,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -31,9 +32,11 @@ class Interrupted(BaseException):
 
 
 class _StopState:
-    """What the signal handler knows: who can stop gracefully, which signal came, what was saved."""
+    """What the signal handler knows: who can stop gracefully, where to pass a signal on, which signal
+    came, what was saved."""
 
-    graceful: Callable[[], None] | None = None  # asks a running training loop to stop at its next step
+    graceful: Callable[[], None] | None = None  # asks a running training loop to stop after its step
+    forward: Callable[[int], None] | None = None  # passes a signal on to the run's other processes
     received: int | None = None
     note: str | None = None
 
@@ -41,11 +44,17 @@ class _StopState:
 _stop = _StopState()
 
 
-def set_graceful_stop(request: Callable[[], None] | None) -> None:
-    """While ``request`` is set, SIGINT/SIGTERM call it (the training loop then stops after its current
-    step, and saves what resume needs) instead of raising :class:`Interrupted` at once; a second signal
-    still raises at once. ``callbacks.StopOnSignal`` sets it for the training loop of fit and recover."""
-    _stop.graceful = request
+def set_signal_hooks(graceful: Callable[[], None] | None = None, forward: Callable[[int], None] | None = None) -> None:
+    """How this process answers SIGINT / SIGTERM (``callbacks.StopOnSignal`` sets both for a fit or a recovery).
+
+    Args:
+        graceful: while set, the first signal calls it (the training loop then stops after the step in
+            progress, on every rank together, and saves what resume needs) instead of raising
+            :class:`Interrupted` at once; a second signal still raises at once.
+        forward: called with the signal before :class:`Interrupted` is raised, to stop the run's other
+            processes too (Lightning's launcher on the rank that started them).
+    """
+    _stop.graceful, _stop.forward = graceful, forward
 
 
 def note_interruption(note: str) -> None:
@@ -59,40 +68,74 @@ def received_signal() -> int | None:
     return _stop.received
 
 
+def install_signal_handlers() -> dict[int, object]:
+    """Make SIGINT and SIGTERM this module's (``callbacks.StopOnSignal`` takes SIGTERM back from Lightning,
+    whose handler makes a collective inside the signal handler). Main thread only; returns the handlers
+    replaced (those Python cannot restore, set from C, are left out)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
+    return {s: handler for s, handler in previous.items() if handler is not None}
+
+
 def _on_signal(signum: int, frame) -> None:
     first = _stop.received is None
     _stop.received = signum
     if first and _stop.graceful is not None:
         _stop.graceful()
         return
+    if _stop.forward is not None:
+        _stop.forward(signum)
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT / SIGTERM back (delivered when the block ends) around steps that must not be cut in
+    two, such as the two renames that replace an output folder."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    except (AttributeError, OSError):  # a platform without pthread_sigmask
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def report_interruption(signum: int) -> int:
+    """Print the one ``error: stopped by <signal>; <what was saved>`` line (on the first process of the
+    run only) and return the exit code, 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
+    if _process_rank() == 0:
+        what = _stop.note or "what was being written was removed unfinished; earlier outputs are as they were"
+        print(f"error: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr, flush=True)
+    return 128 + int(signum)
+
+
+def _process_rank() -> int:
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def run_main(main: Callable[[], object]) -> None:
     """Run ``main``; a :class:`PruneNetError` (or Lightning's MisconfigurationException, e.g.
     more devices than the machine has), a full disk or a permission error prints ``error: <message>``
     and exits 2. A :class:`PruneNetWarning` prints ``warning: <message>`` and the work goes on.
-    SIGINT / SIGTERM print ``error: stopped by SIGINT|SIGTERM ...`` and exit 130 / 143.
+    SIGINT / SIGTERM print ``error: stopped by SIGINT|SIGTERM ...`` and exit 130 / 143, also when the
+    signal came so late that the work finished.
 
     Set ``PRUNENET_VERBOSE=1`` to get the traceback instead.
     """
     warnings.showwarning = _show_warning
-    _stop.received, _stop.note, _stop.graceful = None, None, None
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS} if main_thread else {}
+    _stop.received, _stop.note, _stop.graceful, _stop.forward = None, None, None, None
+    previous = install_signal_handlers()
     try:
         main()
-    except (Interrupted, KeyboardInterrupt, SystemExit) as exc:
-        signum = getattr(exc, "signum", None) or _stop.received
-        if isinstance(exc, KeyboardInterrupt):
-            signum = signal.SIGINT
-        if signum is None:  # a plain SystemExit (argparse, --help)
-            raise
-        # A training loop that stopped at a safe point raises Lightning's SIGTERMException (a SystemExit).
-        what = _stop.note or "what was being written was removed unfinished; earlier outputs are as they were"
-        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # one line, not one per process
-            print(f"error: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)
-        sys.exit(128 + int(signum))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        sys.exit(report_interruption(getattr(exc, "signum", signal.SIGINT)))
     except Exception as exc:
         if not report_user_error(exc):
             raise
@@ -100,6 +143,10 @@ def run_main(main: Callable[[], object]) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if _stop.received is not None:  # after the last point that could stop: the work is complete
+        if _stop.note is None:
+            note_interruption("it came after the work was done: every output was written")
+        sys.exit(report_interruption(_stop.received))
 
 
 def report_user_error(exc: BaseException) -> bool:

@@ -20,6 +20,7 @@ from callbacks import PostPruningEvaluation, SpectrumMonitor, StopOnSignal, Stru
 from prunenet.artifacts import check_writable, resolve_output_path
 from prunenet.cli import run_main
 from prunenet.data import LayerDataModule
+from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError
 from prunenet.module import PruneNetModule
 from prunenet.resume import resolve_ckpt_path
@@ -52,12 +53,25 @@ def main(args: list[str] | None = None) -> PruneNetCLI:
     cli = PruneNetCLI(PruneNetModule, LayerDataModule, run=False, seed_everything_default=0,
                       trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
                       subclass_mode_model=False, subclass_mode_data=False)
+    check_trainer(cli.trainer)
     check_devices(cli.trainer, cli.model)
     check_log_dirs(cli.trainer)
     ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir, cli.model.run_settings())
     with no_logs_when_refused(cli.trainer):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
+
+
+def check_trainer(trainer) -> None:
+    """The trainer's own float settings that Lightning does not check: ``gradient_clip_val`` must be
+    None or a finite number >= 0 (NaN turns every gradient into NaN; a negative value switches
+    clipping off without a word).
+
+    Raises:
+        ConfigurationError: naming the value.
+    """
+    if trainer.gradient_clip_val is not None:
+        check_float(trainer.gradient_clip_val, "trainer.gradient_clip_val", 0.0)
 
 
 def check_devices(trainer, module) -> None:
@@ -89,30 +103,37 @@ def check_devices(trainer, module) -> None:
 def no_logs_when_refused(trainer) -> Iterator[None]:
     """Around ``trainer.fit``: a run refused before its first step (a user error raised in ``setup`` or
     while loading, e.g. a checkpoint that does not load), or one whose training diverged (a non-finite
-    loss or weights: :class:`~prunenet.errors.DivergedError`), removes the log folders it created, so
-    it writes nothing. Folders that existed before, and every other run that trained a step, keep
-    their logs.
+    loss or weights: :class:`~prunenet.errors.DivergedError`), removes the log folder it created (its
+    ``version_N``), and the parents created for it while they are empty, so it writes nothing. Folders
+    that existed before, anything another run put beside them, and every other run that trained a
+    step, keep their logs.
     """
     from prunenet.cli import is_user_error
     from prunenet.errors import DivergedError
 
-    created = [_first_missing(Path(logger.log_dir)) for logger in trainer.loggers
+    created = [_missing_folders(Path(logger.log_dir)) for logger in trainer.loggers
                if getattr(logger, "log_dir", None) and not Path(logger.log_dir).exists()]
     try:
         yield
     except Exception as exc:
         refused = is_user_error(exc) and (trainer.global_step == 0 or isinstance(exc, DivergedError))
         if refused and trainer.is_global_zero:
-            for folder in created:
-                shutil.rmtree(folder, ignore_errors=True)
+            for log_dir, *parents in created:
+                shutil.rmtree(log_dir, ignore_errors=True)
+                for parent in parents:  # innermost first; one that holds something else stays, and its parents
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
         raise
 
 
-def _first_missing(folder: Path) -> Path:
-    """The outermost folder of ``folder``'s path that does not exist yet (what creating it would add)."""
-    while not folder.parent.exists() and folder.parent != folder:
-        folder = folder.parent
-    return folder
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, innermost first (what creating it adds)."""
+    missing = [folder]
+    while not missing[-1].parent.exists() and missing[-1].parent != missing[-1]:
+        missing.append(missing[-1].parent)
+    return missing
 
 
 def check_log_dirs(trainer) -> None:

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from callbacks import PostPruningEvaluation, RecoveryExport, StopOnSignal
 from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError
-from prunenet.fit import check_devices, check_log_dirs, no_logs_when_refused
+from prunenet.fit import check_devices, check_log_dirs, check_trainer, no_logs_when_refused
 from prunenet.recovery import RECOVERY_HPARAMS, RecoveryDataModule, RecoveryModule
 from prunenet.resume import resolve_ckpt_path
 
@@ -57,6 +57,7 @@ def main(args: list[str] | None = None) -> RecoverCLI:
                      trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
                      subclass_mode_model=False, subclass_mode_data=False)
     check_budget(cli.trainer.max_steps, cli.config.trainer.max_epochs)
+    check_trainer(cli.trainer)
     check_devices(cli.trainer, cli.model)
     check_log_dirs(cli.trainer)
     for callback in cli.trainer.callbacks:

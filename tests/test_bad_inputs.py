@@ -438,6 +438,8 @@ def bad_recoveries(models, tmp_path_factory):
         "max-steps-zero": (pruned, ["--trainer.max_steps=0"], ["trainer.max_steps", "got 0", "unchanged copy"]),
         "output-inside-input": (pruned, [f"--export.output_dir={pruned / 'recovered'}"], ["source model folder"]),
         "weights-that-do-not-load": (broken, [], ["cannot load model", str(broken)]),
+        "gradient-clip-nan": (pruned, ["--trainer.gradient_clip_val=.nan"], ["trainer.gradient_clip_val", "nan"]),
+        "no-training-step": (pruned, ["--trainer.limit_train_batches=0"], ["trained no step", "nothing was saved"]),
     }
     jobs = {}
     for name, (model, flags, _) in cases.items():
@@ -450,7 +452,8 @@ def bad_recoveries(models, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["learning-rate-inf", "learning-rate-nan-yaml", "max-steps-unbounded",
-                                  "max-steps-zero", "output-inside-input", "weights-that-do-not-load"])
+                                  "max-steps-zero", "output-inside-input", "weights-that-do-not-load",
+                                  "gradient-clip-nan", "no-training-step"])
 def test_bad_recovery_input_is_one_line_error_and_writes_nothing(case, bad_recoveries):
     results, cases, root, pruned = bad_recoveries
     line = one_line_error(results[case])
@@ -489,3 +492,27 @@ def test_messages_name_the_folder_and_the_held_out_block(models, tmp_path):
     with pytest.raises(DataError, match=r"3 tokens, fewer than the 8 needed: one training block of 4 tokens and one block "
                                         r"of 4 held out for the validation loss"):
         data.prepare(loading.load_tokenizer(str(models["llama-plan"].parent)))
+
+
+def test_a_refused_run_removes_only_the_log_folders_it_created(tmp_path):
+    """A refused run removes its own ``version_N`` and the parents made for it while they are empty: a
+    sibling run's files in a folder both runs created stay (a sweep under a new root)."""
+    from types import SimpleNamespace
+
+    from prunenet.fit import no_logs_when_refused
+
+    log_dir = tmp_path / "sweep" / "lr1" / "lightning_logs" / "version_0"
+    trainer = SimpleNamespace(loggers=[SimpleNamespace(log_dir=str(log_dir))], global_step=0, is_global_zero=True)
+    with pytest.raises(ConfigurationError), no_logs_when_refused(trainer):
+        log_dir.mkdir(parents=True)
+        (log_dir / "events").write_text("x")
+        (tmp_path / "sweep" / "lr2").mkdir()  # another run of the sweep, started meanwhile
+        (tmp_path / "sweep" / "lr2" / "last.ckpt").write_text("theirs")
+        raise ConfigurationError("refused while loading")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "sweep", "sweep/lr2", "sweep/lr2/last.ckpt"]
+    trainer.global_step = 3  # a run that trained a step keeps its logs
+    with pytest.raises(ConfigurationError), no_logs_when_refused(trainer):
+        log_dir.mkdir(parents=True)
+        raise ConfigurationError("a later failure")
+    assert log_dir.is_dir()

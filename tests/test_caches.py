@@ -89,10 +89,12 @@ def test_a_wrong_spectrum_in_the_cache_is_a_miss_and_the_fit_is_unchanged(tiny_d
     folder = reference_cache.cache_folder(cold.ffn_sha256(), cold.reward.cache_key)
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     assert len(entries) == cold.num_layers
-    torch.save(torch.ones(7), entries[0])
+    torch.save(torch.ones(7), entries[0])  # a foreign file: no entry header
+    # a well-formed entry, for the right key and layer, of the wrong length: only the length check catches it
+    reference_cache.save(cold.ffn_sha256(), cold.reward.cache_key, 1, torch.ones(7))
     computed.clear()
     again = _fit(str(tiny_dir), tmp_path / "b", "gram", 2, monkeypatch)
-    assert len(computed) == 1  # layer 0 recomputed, the others read back
+    assert len(computed) == 2  # layers 0 and 1 recomputed, the others read back
     # Exact equality: the same code on the same weights computes both runs' spectra and rewards.
     for i in range(cold.num_layers):
         assert torch.equal(again._reference[i], cold._reference[i])
@@ -189,7 +191,8 @@ def test_an_asset_folder_without_manifest_or_with_damaged_weights_is_rebuilt(fak
     folder = assets.materialize("smollm2-135m")
     assert folder == old and len(fake_conversion) == 1
     assert not (folder / "model.safetensors").read_bytes().startswith(b"stale")
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["smollm2-135m"]  # nothing left beside it
+    # nothing left beside it but the (empty) lock file the builders take turns on
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
     assert assets.materialize("smollm2-135m") == folder and len(fake_conversion) == 1  # verified: reused
     _flip(folder / "model.safetensors", 1000)
     cache._verified.cache_clear()  # a new process

@@ -191,11 +191,14 @@ def from_environment(device: str | None = None, exit_at_end: bool = False) -> It
             shards.barrier()
         finished = True
     except BaseException as exc:
-        from prunenet.cli import report_user_error
+        from prunenet.cli import Interrupted, report_interruption, report_user_error
 
         # After a peer died or failed, gloo's teardown (destroy_process_group, or its destructors at
         # interpreter exit) can abort this rank with SIGABRT ("terminate called without an active
         # exception", seen in CI) instead of the exit code 2 the error deserves: leave without it.
+        # The same for a signal (torchrun passes it to every rank): 130 / 143 and one line.
+        if created and exit_at_end and isinstance(exc, Interrupted):
+            _exit_now(report_interruption(exc.signum))
         if created and exit_at_end and report_user_error(exc):
             _exit_now(2)
         raise

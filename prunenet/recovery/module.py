@@ -174,7 +174,8 @@ class RecoveryModule(L.LightningModule):
         loss = self(ids)
         # Any rank's non-finite loss stops every rank (a collective, so none waits for the others).
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss.detach())), all=False):
-            raise DivergedError(f"the training loss became {float(loss.detach())} at step {self.global_step + 1} "
+            value = float(loss.detach()) if not torch.isfinite(loss.detach()) else "non-finite on another rank"
+            raise DivergedError(f"the training loss became {value} at step {self.global_step + 1} "
                                 f"(model.learning_rate={self.hparams.learning_rate}); nothing was saved: "
                                 "lower the learning rate or check the input model")
         self.tokens_seen += ids.numel() * self.trainer.world_size

@@ -118,6 +118,7 @@ def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Call
             message names the folder, the space needed and the room there.
     """
     out = check_output_dir(output_dir, overwrite, source)
+    made = missing_folders(out.parent) if not out.parent.exists() else []
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -143,7 +144,27 @@ def atomic_write_dir(output_dir: str | os.PathLike, overwrite: bool, write: Call
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():  # failed: the parents made for it go too
+            remove_empty(made)
     return out
+
+
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, innermost first: what creating it adds."""
+    missing = [Path(folder)]
+    while not missing[-1].parent.exists() and missing[-1].parent != missing[-1]:
+        missing.append(missing[-1].parent)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first, as :func:`missing_folders` lists them) while they are empty:
+    the first one that holds anything stays, and so do its parents."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _raise_if_full(exc: Exception, tmp: Path, shown: str, existed: bool, size: int | None) -> None:

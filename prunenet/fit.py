@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import PostPruningEvaluation, SpectrumMonitor, StopOnSignal, StructuralSlicing
-from prunenet.artifacts import check_writable, resolve_output_path
+from prunenet.artifacts import check_writable, missing_folders, remove_empty, resolve_output_path
 from prunenet.cli import run_main
 from prunenet.data import LayerDataModule
 from prunenet.checks import check_float
@@ -111,7 +111,7 @@ def no_logs_when_refused(trainer) -> Iterator[None]:
     from prunenet.cli import is_user_error
     from prunenet.errors import DivergedError
 
-    created = [_missing_folders(Path(logger.log_dir)) for logger in trainer.loggers
+    created = [missing_folders(logger.log_dir) for logger in trainer.loggers
                if getattr(logger, "log_dir", None) and not Path(logger.log_dir).exists()]
     try:
         yield
@@ -120,20 +120,8 @@ def no_logs_when_refused(trainer) -> Iterator[None]:
         if refused and trainer.is_global_zero:
             for log_dir, *parents in created:
                 shutil.rmtree(log_dir, ignore_errors=True)
-                for parent in parents:  # innermost first; one that holds something else stays, and its parents
-                    try:
-                        parent.rmdir()
-                    except OSError:
-                        break
+                remove_empty(parents)  # one that holds another run's files stays
         raise
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and its parents that do not exist yet, innermost first (what creating it adds)."""
-    missing = [folder]
-    while not missing[-1].parent.exists() and missing[-1].parent != missing[-1]:
-        missing.append(missing[-1].parent)
-    return missing
 
 
 def check_log_dirs(trainer) -> None:

@@ -155,7 +155,8 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_and_loses_nothi
     fit = [f"--model.model_name_or_path={tiny_dir}", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
            f"--trainer.default_root_dir={tmp_path / 'logs'}", f"--slicing.output_dir={tmp_path / 'fit-out'}",
            *extra_args]
-    runs = {"compress": _limited([*compress, "--output_dir", str(tmp_path / "new")], "prunenet.compress", tmp_path),
+    runs = {"compress": _limited([*compress, "--output_dir", str(tmp_path / "nested" / "new")], "prunenet.compress",
+                                 tmp_path),
             "compress-overwrite": _limited([*compress, "--output_dir", str(previous), "--overwrite"],
                                            "prunenet.compress", tmp_path),
             # the fit slices the safetensors shard by shard (prunenet/streaming.py)
@@ -164,7 +165,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_and_loses_nothi
         line = one_line_error(res)
         assert "does not fit" in line and "File too large" in line and "it needs about" in line, (name, line)
         assert "file size limit 20.0 KiB (ulimit -f)" in line and "free in" in line, (name, line)
-    assert not (tmp_path / "new").exists() and not (tmp_path / "fit-out").exists()
+    assert not (tmp_path / "nested").exists() and not (tmp_path / "fit-out").exists()  # not even the parent
     assert "previous output is intact" in one_line_error(runs["compress-overwrite"])
     assert _snapshot(previous) == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporary folder left behind

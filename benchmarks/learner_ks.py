@@ -16,7 +16,6 @@ is read back for the training-curve table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,7 @@ def ks_curve(log_dir: Path) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.selection_ks import score_plan
-    from prunenet.artifacts import PLAN_FILE
+    from prunenet.plan import load_plan
     from prunenet.states import load_ffn_states
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     reference: dict = {}
 
     def score(folder: Path) -> float:
-        return score_plan(json.loads((folder / PLAN_FILE).read_text()), states, reference)["ks"]
+        return score_plan(load_plan(folder), states, reference)["ks"]
 
     r = f"{args.ratio:g}"
     random_ks = []

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         return None
 
     from benchmarks.selection_ks import score_plan
-    from prunenet.artifacts import PLAN_FILE
+    from prunenet.plan import load_plan
     from prunenet.states import load_ffn_states
 
     key_names = ("model", "method", "ratio", "seed", "limit", "episodes", "ppl_tokens")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                     folder = _prune(args.model, method, r, key[3], args.episodes, work)
                     prune_s = time.perf_counter() - t0
                     result = evaluate_checkpoint(str(folder), settings, use_cache=False, label=method, log=quiet)
-                    plan = json.loads((folder / PLAN_FILE).read_text())
+                    plan = load_plan(folder)
                     rec = {**dict(zip(key_names, key)), "ks": score_plan(plan, states, reference)["ks"],
                            "prune_s": round(prune_s, 1), "eval_s": round(time.perf_counter() - t0 - prune_s, 1),
                            "average": average(result)["score"], "result": result}

@@ -18,7 +18,6 @@ aligned with accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
@@ -64,7 +63,7 @@ def score_plan(plan: dict, states, reference: dict[int, torch.Tensor]) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    from prunenet.artifacts import PLAN_FILE
+    from prunenet.plan import load_plan, plan_path
     from prunenet.states import load_ffn_states
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,10 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     plans = []
     for item in args.plans:
-        path = Path(item) / PLAN_FILE if Path(item).is_dir() else Path(item)
-        if not path.is_file():
+        if not plan_path(item).is_file():
             sys.exit(f"error: {item} is neither a pruned folder nor a prunenet.json file")
-        plans.append(json.loads(path.read_text()))
+        plans.append(load_plan(item))
     sources = {p["source_model"] for p in plans}
     if len(sources) != 1:
         sys.exit(f"error: the plans come from {len(sources)} source models {sorted(sources)}; give plans of one model")

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import REPO, header, run_measured, table
+from prunenet.plan import load_plan
 
 SHAPE = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000,
              "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                     "--slicing.shardwise=true", "--spectrum.enabled=false", "--evaluation.enabled=false"]
         wall, rss, _ = run_measured(fit_args)
         # The fit process also slices (shard-wise) at the end: time slicing alone separately.
-        plan = json.loads((work / "pruned" / "prunenet.json").read_text())
+        plan = load_plan(work / "pruned")
         slice_wall, slice_rss, _ = run_measured(["-c", (
             "import json,sys,torch; from pathlib import Path; from transformers import AutoConfig;"
             "from prunenet.streaming import slice_checkpoint;"

@@ -74,24 +74,25 @@ def parser() -> argparse.ArgumentParser:
 
 def source_model(folder: str) -> str:
     """The ``source_model`` recorded in a pruned folder's ``prunenet.json``."""
-    from prunenet.artifacts import PLAN_FILE
+    from prunenet.errors import ConfigurationError
+    from prunenet.plan import load_plan, plan_path
 
-    plan = Path(folder).expanduser() / PLAN_FILE
-    if not plan.is_file():
+    if not plan_path(folder).is_file():
         raise EvaluationError(f"--baseline source needs a pruned folder with prunenet.json; {folder!r} has none")
     try:
-        return str(json.loads(plan.read_text())["source_model"])
-    except (ValueError, KeyError) as exc:
-        raise EvaluationError(f"{plan} has no readable source_model ({exc})") from None
+        return str(load_plan(folder)["source_model"])
+    except (ConfigurationError, KeyError) as exc:
+        raise EvaluationError(f"{plan_path(folder)} has no readable source_model ({exc})") from None
 
 
 def _recorded_ratio(model: str) -> float | None:
     """The compression ratio in a pruned folder's ``prunenet.json``, or None (dense model, hub id)."""
-    from prunenet.artifacts import PLAN_FILE
+    from prunenet.errors import ConfigurationError
+    from prunenet.plan import load_plan
 
     try:
-        return float(json.loads((Path(model).expanduser() / PLAN_FILE).read_text())["compression_ratio"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return float(load_plan(Path(model).expanduser())["compression_ratio"])
+    except (ConfigurationError, KeyError, TypeError, ValueError):
         return None
 
 

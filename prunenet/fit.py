@@ -44,15 +44,26 @@ class PruneNetCLI(LightningCLI):
         parser.add_argument("--ckpt_path", default=None, help="resume from a Lightning checkpoint ('last' for the newest)")
 
 
-def main(args: list[str] | None = None) -> PruneNetCLI:
-    """Parse, build and fit. Returns the CLI (trainer, model) for programmatic use."""
+def build_cli(args: list[str] | None = None) -> PruneNetCLI:
+    """Parse the config and flags and build what they name (module, policy, reward, learner, data,
+    trainer, callbacks); no work, nothing written beyond what the constructors check.
+
+    Raises:
+        ConfigurationError: a bad value, or a name no plug point has (``selection: peek``, ``policy: foo``).
+        SystemExit: jsonargparse's own refusal of an unknown key or a value of the wrong type.
+    """
     # A policy checkpoint every episode (small: the LLM is not in it), so --ckpt_path last resumes.
     # SIGINT / SIGTERM stop after the episode in progress; that last.ckpt is what resume needs.
     callbacks = [ModelCheckpoint(save_last=True, every_n_epochs=1), StopOnSignal(save_state=False)]
     defaults = dict(TRAINER_DEFAULTS, callbacks=callbacks)
-    cli = PruneNetCLI(PruneNetModule, LayerDataModule, run=False, seed_everything_default=0,
-                      trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
-                      subclass_mode_model=False, subclass_mode_data=False)
+    return PruneNetCLI(PruneNetModule, LayerDataModule, run=False, seed_everything_default=0,
+                       trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
+                       subclass_mode_model=False, subclass_mode_data=False)
+
+
+def main(args: list[str] | None = None) -> PruneNetCLI:
+    """Parse, build (:func:`build_cli`), check and fit. Returns the CLI (trainer, model) for programmatic use."""
+    cli = build_cli(args)
     check_trainer(cli.trainer)
     check_devices(cli.trainer, cli.model)
     check_log_dirs(cli.trainer)

@@ -96,19 +96,46 @@ def write_plan(folder: Path, plan: Plan) -> None:
     (Path(folder) / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
 
 
-def read_plan(plan_path: str | Path) -> tuple[Plan, list[torch.Tensor], Path]:
+def base_plan(source_model: str, model_type: str) -> Plan:
+    """The plan of a checkpoint PruneNet did not prune (a recovery of a dense model records itself in it):
+    format, source model and model type, no kept indices."""
+    return {"format": "prunenet/1", "source_model": str(source_model), "model_type": model_type}
+
+
+def plan_path(path: str | Path) -> Path:
+    """The ``prunenet.json`` a path names: the file itself, or the one inside a checkpoint folder."""
+    path = Path(path).expanduser()
+    return path / PLAN_FILE if path.is_dir() else path
+
+
+def load_plan(path: str | Path) -> Plan:
+    """The plan (JSON object) of a ``prunenet.json`` or of the folder holding one: the one reader of plan
+    files (:func:`read_plan` adds the kept indices as tensors).
+
+    Raises:
+        ConfigurationError: no such file, not JSON, or not a JSON object (names the path).
+    """
+    file = plan_path(path)
+    try:
+        plan = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read a PruneNet plan from {str(file)!r}: {exc}") from None
+    if not isinstance(plan, dict):
+        raise ConfigurationError(f"cannot read a PruneNet plan from {str(file)!r}: not a JSON object")
+    return plan
+
+
+def read_plan(path: str | Path) -> tuple[Plan, list[torch.Tensor], Path]:
     """``(plan, kept indices per layer, path)`` of a ``prunenet.json`` (or a folder holding one).
 
     Raises:
         ConfigurationError: unreadable file, or no valid ``kept_indices``.
     """
-    path = Path(plan_path)
-    if path.is_dir():
-        path = path / PLAN_FILE
+    path = plan_path(path)
+    plan = load_plan(path)
     try:
-        plan = json.loads(path.read_text())
         kept = [torch.tensor(plan["kept_indices"][str(i)], dtype=torch.long) for i in range(len(plan["kept_indices"]))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigurationError(f"cannot read a PruneNet plan from {str(path)!r}: {exc}") from None
     return plan, kept, path
 

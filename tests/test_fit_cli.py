@@ -166,6 +166,40 @@ def test_configs_exist():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_builds_the_classes_it_names(config, tiny_dir, tmp_path):
+    """Not only parsed: the module with its policy, reward and learner, and every callback, are built
+    (on the tiny model and the CPU, so that no hub or GPU is needed)."""
+    from callbacks import StructuralSlicing
+    from prunenet.fit import build_cli
+
+    source = yaml.safe_load(config.read_text())
+    cli = build_cli(["--config", str(config), f"--model.model_name_or_path={tiny_dir}", "--trainer.accelerator=cpu",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    model = source.get("model", {})
+    for key in ("policy", "reward", "learner"):
+        if key in model:
+            assert getattr(cli.model, key).name == model[key], key
+    slicing = [c for c in cli.trainer.callbacks if isinstance(c, StructuralSlicing)]
+    assert len(slicing) == 1 and slicing[0].selection == source.get("slicing", {}).get("selection", "sample")
+    assert not any(tmp_path.iterdir())  # building writes nothing
+
+
+@pytest.mark.parametrize("section, key, bad", [("slicing", "selection", "peek"), ("model", "policy", "foo"),
+                                               ("model", "reward", "nonsense"), ("model", "learner", "nope")])
+def test_a_config_naming_no_plug_point_fails_to_build(section, key, bad, tiny_dir, tmp_path):
+    from prunenet.errors import ConfigurationError
+    from prunenet.fit import build_cli
+
+    config = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text())
+    config.setdefault(section, {})[key] = bad
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigurationError, match=rf"{key} must be one of .*{bad}"):
+        build_cli(["--config", str(path), f"--model.model_name_or_path={tiny_dir}",
+                   f"--trainer.default_root_dir={tmp_path / 'logs'}"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_print_config_parses_every_config(config):
     code, text = fit_parse_only(["--config", str(config), "--print_config"])
     assert code == 0

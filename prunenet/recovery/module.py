@@ -14,7 +14,6 @@ cross entropy (mean over the predicted tokens of a batch of blocks, nats per tok
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -266,14 +265,11 @@ class RecoveryModule(L.LightningModule):
 
     def input_plan(self) -> dict[str, Any] | None:
         """The input's ``prunenet.json`` (its provenance), or None for a checkpoint PruneNet did not write."""
-        import json
+        from prunenet.plan import load_plan
 
-        from prunenet.artifacts import PLAN_FILE
-
-        path = Path(loading.resolve(self.hparams.model_name_or_path)) / PLAN_FILE
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+            return load_plan(loading.resolve(self.hparams.model_name_or_path))
+        except ConfigurationError:
             return None
 
     @property

@@ -11,6 +11,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from typing import NoReturn
 
 from prunenet.errors import PruneNetError, PruneNetWarning
 
@@ -113,11 +114,34 @@ def report_interruption(signum: int) -> int:
     return 128 + int(signum)
 
 
-def _process_rank() -> int:
+def _process_group():
+    """``torch.distributed`` when this process is in a process group of several (never imports torch)."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        return distributed.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+        return distributed if distributed.get_world_size() > 1 else None
+    return None
+
+
+def _process_rank() -> int:
+    group = _process_group()
+    return group.get_rank() if group is not None else int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` after flushing stdout and stderr, skipping interpreter teardown: a
+    rank of a multi-process run, whose gloo teardown (in ``destroy_process_group`` or at interpreter
+    exit) sometimes aborts the process with SIGABRT ("terminate called without an active exception",
+    seen in CI after successful runs and after a peer failed)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe must not keep the process alive
+            stream.flush()
+    os._exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    if _process_group() is not None:
+        exit_now(code)
+    sys.exit(code)
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -135,18 +159,23 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except (Interrupted, KeyboardInterrupt) as exc:
-        sys.exit(report_interruption(getattr(exc, "signum", signal.SIGINT)))
+        _exit(report_interruption(getattr(exc, "signum", signal.SIGINT)))
     except Exception as exc:
         if not report_user_error(exc):
             raise
-        sys.exit(2)
+        _exit(2)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if _stop.received is not None:  # after the last point that could stop: the work is complete
         if _stop.note is None:
             note_interruption("it came after the work was done: every output was written")
-        sys.exit(report_interruption(_stop.received))
+        _exit(report_interruption(_stop.received))
+    group = _process_group()
+    if group is not None:  # a rank of a finished multi-process run: leave together, without gloo's teardown
+        with contextlib.suppress(Exception):  # a peer that already left: this rank's work is done all the same
+            group.barrier()
+        exit_now(0)
 
 
 def report_user_error(exc: BaseException) -> bool:

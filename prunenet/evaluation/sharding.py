@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
+from prunenet.cli import exit_now as _exit_now  # the process ends without gloo's teardown
 from prunenet.errors import EvaluationError
 
 T = TypeVar("T")
@@ -211,11 +211,3 @@ def from_environment(device: str | None = None, exit_at_end: bool = False) -> It
                 # has written the report, so there is nothing left to release: exit without teardown.
                 _exit_now(0)
             dist.destroy_process_group()
-
-
-def _exit_now(code: int) -> NoReturn:
-    """End the process with ``code`` after flushing stdout and stderr, skipping interpreter teardown."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed pipe must not keep the process alive
-            stream.flush()
-    os._exit(code)

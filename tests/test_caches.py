@@ -77,13 +77,10 @@ def test_a_wrong_spectrum_in_the_cache_is_a_miss_and_the_fit_is_unchanged(tiny_d
     """The issue's case: a valid 1-D tensor of another length (``torch.ones(7)`` for a 24-value
     spectrum) written over a layer's entry is recomputed, and the fit is that of an empty cache."""
     from prunenet import reference_cache
-    from prunenet.reward import KSGateReward
-    from tests.test_spectra import _fit
+    from tests.test_spectra import _fit, count_reference_computations
 
     monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
-    computed = []
-    original = KSGateReward.reference_and_context
-    monkeypatch.setattr(KSGateReward, "reference_and_context", lambda self, w: computed.append(1) or original(self, w))
+    computed = count_reference_computations(monkeypatch)
     cold = _fit(str(tiny_dir), tmp_path / "a", "gram", 2, monkeypatch)
     assert len(computed) == cold.num_layers
     folder = reference_cache.cache_folder(cold.ffn_sha256(), cold.reward.cache_key)

@@ -256,17 +256,24 @@ def test_seeded_smollm2_fit_keeps_the_same_rows_as_svdvals(tmp_path, monkeypatch
         assert torch.equal(a, b)
 
 
+def count_reference_computations(monkeypatch) -> list[int]:
+    """A list that gets one item each time a dense reference spectrum is computed (not read from the cache)."""
+    from prunenet.reward import KSGateReward
+
+    computed: list[int] = []
+    original = KSGateReward.reference_and_context
+    monkeypatch.setattr(KSGateReward, "reference_and_context", lambda self, w: computed.append(1) or original(self, w))
+    return computed
+
+
 def test_second_fit_reads_the_reference_spectra_from_the_cache(tiny_dir, tmp_path, monkeypatch):
     """Reference spectra are computed once per model (keyed by the FFN fingerprint): a second fit of
     the same model computes none, a model with other weights computes its own."""
     from prunenet import reference_cache
-    from prunenet.reward import KSGateReward
     from tests.tiny import save_tiny, tiny_llama
 
     monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
-    computed = []
-    original = KSGateReward.reference_and_context
-    monkeypatch.setattr(KSGateReward, "reference_and_context", lambda self, w: computed.append(1) or original(self, w))
+    computed = count_reference_computations(monkeypatch)
     first = _fit(str(tiny_dir), tmp_path / "a", "gram", 1, monkeypatch)
     assert len(computed) == first.num_layers
     files = list(reference_cache.cache_folder(first.ffn_sha256(), first.reward.cache_key).glob("*.entry"))

@@ -1,5 +1,5 @@
-"""StructuralSlicing: at the end of fit, select the kept rows (with the trained policy, or by a data-free
-rule: ``uniform``, ``peak``), slice, and save."""
+"""StructuralSlicing: at the end of fit, the trained policy selects the kept rows, and the one pruning
+pipeline (``prunenet.pipeline.prune``) slices and saves."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from callbacks.exporter import CheckpointExporter
 from callbacks.rank_zero import on_rank_zero
 from prunenet import loading
 from prunenet.artifacts import check_output_dir
-from prunenet.export import Exported, export, use_shardwise
-from prunenet.selection import validate_selection
+from prunenet.export import Exported, use_shardwise
+from prunenet.pipeline import prune
+from prunenet.errors import ConfigurationError
+from prunenet.selection import POLICY_SELECTIONS, SELECTIONS, build_selector, validate_selection
 
 
 class StructuralSlicing(CheckpointExporter):
@@ -29,13 +31,14 @@ class StructuralSlicing(CheckpointExporter):
     Args:
         output_dir: where to save; must be absent or empty unless ``overwrite``.
         overwrite: replace an existing non-empty ``output_dir`` (only after the new one is complete).
-        selection: ``sample`` (paper: seeded multinomial over keep probabilities), ``topk``,
-            ``uniform`` (ours: protected rows + uniformly random others) or ``peak`` (ours: the
-            neurons with the largest output max-|w|); the last two do not use the policy.
+        selection: how the trained policy picks the rows: ``sample`` (paper: seeded multinomial over
+            the keep probabilities) or ``topk`` (``selection.POLICY_SELECTIONS``). A selection that needs
+            no policy (``peak``, ``random``, ``magnitude``) is a ``prunenet.compress`` run, not a fit.
         shardwise: rewrite the safetensors shards one at a time instead of loading the model
             (None: whenever the source is a local safetensors checkpoint loaded in its own dtype).
 
     Raises:
+        ConfigurationError: a selection that does not use the policy (one line naming the compress command).
         OutputExistsError: at construction, before any training, if ``output_dir`` is a file,
             not writable, a dangling or looping symlink, or non-empty without ``overwrite``;
             at setup for the default folder.
@@ -43,7 +46,12 @@ class StructuralSlicing(CheckpointExporter):
 
     def __init__(self, output_dir: str | None = None, overwrite: bool = False, selection: str = "sample",
                  shardwise: bool | None = None) -> None:
-        validate_selection(selection, "slicing.selection")
+        if selection not in POLICY_SELECTIONS and selection in SELECTIONS:
+            raise ConfigurationError(
+                f"slicing.selection {selection!r} does not use the policy, so a fit has nothing to train for it: "
+                f"run python -m prunenet.compress --selection {selection} (or --config configs/compress/<model>.yaml); "
+                f"a fit selects with one of {', '.join(POLICY_SELECTIONS)}")
+        validate_selection(selection, "slicing.selection", POLICY_SELECTIONS)
         if output_dir:
             check_output_dir(output_dir, overwrite)
         self.output_dir, self.overwrite, self.selection = output_dir, overwrite, selection
@@ -70,15 +78,14 @@ class StructuralSlicing(CheckpointExporter):
         """Select, slice and save once per fit (call on rank 0); returns :attr:`exported`."""
         if self.exported is None:
             hp = pl_module.hparams
-            self.exported = export(
-                hp.model_name_or_path, pl_module.kept_indices(self.selection), self.output_path(),
-                method="prunenet", compression_ratio=hp.compression_ratio, selection=self.selection,
-                seed=pl_module.seed, policy=pl_module.policy, policy_meta=pl_module.policy_metadata(),
-                extra={**pl_module.algorithm(), "episodes": len(pl_module.history),
-                       "final_reward_mean": pl_module.history[-1]["reward_mean"] if pl_module.history else None,
-                       "source_ffn_sha256": pl_module.ffn_sha256()},
-                overwrite=self.overwrite, shardwise=self.shardwise, dtype=hp.dtype,
-                trust_remote_code=hp.trust_remote_code)
+            self.exported = prune(
+                hp.model_name_or_path, build_selector(self.selection, policy=pl_module.policy, seed=pl_module.seed),
+                hp.compression_ratio, self.output_path(), protect_outliers=hp.protect_outliers,
+                inputs=pl_module.selection_inputs(),
+                provenance={**pl_module.algorithm(), "episodes": len(pl_module.history),
+                            "final_reward_mean": pl_module.history[-1]["reward_mean"] if pl_module.history else None},
+                policy=pl_module.policy, policy_meta=pl_module.policy_metadata(), overwrite=self.overwrite,
+                shardwise=self.shardwise, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
         return self.exported
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from prunenet.cli import signals_deferred
 from prunenet.errors import DiskFullError, OutputExistsError, PolicyError
-from prunenet.policy import DEFAULT_POLICY, RowPolicy, build_policy
+from prunenet.policy import DEFAULT_POLICY, RowPolicy
 
 POLICY_FILE = "policy.pt"
 
@@ -204,9 +204,12 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 
 
 def save_policy(folder: Path, policy: RowPolicy, meta: dict[str, Any] | None = None) -> None:
-    """Write ``policy.pt``: ``{"state_dict", "meta"}``; meta names the policy class (``policy``) and
-    its shape, so :func:`load_policy` rebuilds it."""
+    """Write ``policy.pt``: ``{"state_dict", "meta"}``; meta names the policy (``policy``, and its class_path
+    and init_args under ``plug_points``) and its shape, so :func:`load_policy` rebuilds it."""
+    from prunenet import plugins
+
     meta = {"policy": policy.name, **dict(meta or {})}
+    meta.setdefault("plug_points", {})["policy"] = plugins.describe(policy)
     with open(folder / POLICY_FILE, "wb") as f:  # a file object: a full disk then keeps its errno (OSError)
         torch.save({"state_dict": policy.state_dict(), "meta": meta}, f)
 
@@ -236,7 +239,10 @@ def load_policy(path: str | os.PathLike) -> tuple[RowPolicy, dict[str, Any]]:
                           "not a dict)")
     meta, state = dict(blob["meta"]), blob["state_dict"]
     try:
-        policy = build_policy(meta.get("policy", DEFAULT_POLICY), int(meta["intermediate_size"]), int(meta["hidden_size"]))
+        from prunenet import plugins
+
+        spec = (meta.get("plug_points") or {}).get("policy") or meta.get("policy", DEFAULT_POLICY)
+        policy = plugins.build("policy", spec, int(meta["intermediate_size"]), int(meta["hidden_size"]))
         policy.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # ConfigurationError is a ValueError
         # one line, but with the details (load_state_dict puts the size mismatches on later lines)

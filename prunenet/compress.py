@@ -1,15 +1,16 @@
-"""``python -m prunenet.compress``: apply a trained policy at any ratio, no retraining.
+"""``python -m prunenet.compress``: prune a model by any selection at any ratio, without training.
 
-"You only prune once" (paper title, Section 3): the policy scores rows from the
-weights alone and does not depend on the compression ratio, so one policy serves
-any ratio, and any model whose FFN matrices have the same shape (n, d).
+A closed-form selection (``peak``, ``random``, ``magnitude``) or a trained policy (``sample``, ``topk``;
+"You only prune once", paper Section 3: the policy scores rows from the weights alone and does not
+depend on the ratio, so one policy serves any ratio and any model with FFN matrices of its shape):
 
+    python -m prunenet.compress --config configs/compress/smollm2.yaml [--output_dir out/x --overwrite]
+    python -m prunenet.compress --model smollm2-135m --selection peak --compression_ratio 0.3 --output_dir out/x
     python -m prunenet.compress --policy out/smollm2-r0.3 --model smollm2-135m \\
         --compression_ratio 0.1,0.2,0.3 --output_dir out/sweep [--round_to 64] [--overwrite]
     python -m prunenet.compress --from_plan out/smollm2-r0.3/prunenet.json --model smollm2-135m --output_dir out/replay
 
-Slicing and saving go through the same export as the fit's StructuralSlicing callback
-(``prunenet.export.export``).
+Every run goes through the one pipeline (``prunenet.pipeline.prune``), as the fit's StructuralSlicing does.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from prunenet.arch import get_adapter
 from prunenet.artifacts import atomic_write_text, check_output_dir, load_policy
 from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
-from prunenet.export import export
-from prunenet.plan import ffn_fingerprint, read_plan, same_ffn
-from prunenet.selection import (METHODS, POLICY_SELECTIONS, SELECTION_MODES, check_protect_fraction, kept_width,
-                                protected_rows, select_rows, validate_selection)
+from prunenet.export import export, use_shardwise
+from prunenet.pipeline import prune
+from prunenet.plan import read_plan, same_ffn
+from prunenet.selection import (POLICY_SELECTIONS, SELECTIONS, build_selector, check_protect_fraction, kept_width,
+                                validate_selection)
 from prunenet.slicing import check_kept
-from prunenet.states import load_output_peaks, model_states
+from prunenet.states import SelectionInputs
 
 
 def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
@@ -50,10 +52,11 @@ def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
 
 
 def compress(model: str, output_dir: str, compression_ratio: float | str | Sequence[float] = 0.3,
-             policy: str | None = None, method: str = "prunenet", selection: str = "sample", seed: int = 0,
+             policy: str | None = None, selection: str | None = None, seed: int = 0,
              round_to: int = 1, overwrite: bool = False, dtype: str = "auto",
              trust_remote_code: bool = False, protect_outliers: float | None = None) -> list[dict[str, Any]]:
-    """Prune ``model`` at one or more ratios and save one checkpoint per ratio.
+    """Prune ``model`` at one or more ratios and save one checkpoint per ratio (``pipeline.prune``; the
+    dense model is never built when the source is a local safetensors checkpoint).
 
     With one ratio the checkpoint is ``output_dir``; with several, ``output_dir/r<ratio>`` each,
     plus ``output_dir/summary.md``.
@@ -62,26 +65,27 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         model: asset name, folder or hub id of the source (dense) model.
         output_dir: where to write.
         compression_ratio: r, or several.
-        policy: ``policy.pt`` or a folder holding one (needed for method ``prunenet``).
-        method: ``prunenet`` (the policy), ``random`` (uniform rows, seeded), ``magnitude`` or ``peak``
-            (the neurons with the largest output max-|w|, ``selection.peak_kept``; ours).
-        selection: for ``prunenet``: one of ``SELECTION_MODES``.
+        policy: ``policy.pt`` or a folder holding one (needed by the ``sample`` and ``topk`` selections).
+        selection: a name in ``selection.SELECTIONS``; default ``sample`` with a policy, else ``peak``.
+        seed: seed of the ``sample`` and ``random`` draws.
         round_to: kept width rounded down to a multiple of this.
         protect_outliers: share of each layer's neurons always kept (``selection.protected_rows``);
-            None: the policy's own setting for ``prunenet``, 0 for the baselines.
+            None: the policy's own setting with a policy, else 0.
     Returns:
         One plan dict (``prunenet.json`` contents, without kept indices) per ratio.
     Raises:
         ConfigurationError, PolicyError, OutputExistsError, ModelLoadError, UnsupportedModelError.
     """
     ratios = parse_ratios(compression_ratio)
-    if method not in METHODS:
-        raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
-    validate_selection(selection)
+    selection = validate_selection(selection or ("sample" if policy else "peak"), "--selection")
+    uses_policy = selection in POLICY_SELECTIONS
     if protect_outliers is not None:
         check_protect_fraction(protect_outliers)
-    if method == "prunenet" and policy is None:
-        raise ConfigurationError("method 'prunenet' needs --policy (a policy.pt or a fit output folder)")
+    if uses_policy and policy is None:
+        raise ConfigurationError(f"--selection {selection} needs --policy (a policy.pt or a fit output folder)")
+    if policy is not None and not uses_policy:
+        raise ConfigurationError(f"--policy is used only by --selection {' or '.join(POLICY_SELECTIONS)}, "
+                                 f"got --selection {selection}; drop --policy or choose one of those")
     config = loading.load_config(model, trust_remote_code=trust_remote_code)
     adapter = get_adapter(config)
     n, d = adapter.intermediate_size(config), adapter.hidden_size(config)
@@ -98,45 +102,34 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     source = loading.resolve(model)
     for t in targets:
         check_output_dir(t, overwrite, source)
+    shardwise = use_shardwise(model, None, dtype)  # a bad dtype fails here, before any weight is read
     pol, meta = (None, {})
-    if method == "prunenet":
+    if uses_policy:
         pol, meta = load_policy(policy)
-        if meta.get("episodes") == 0 and selection in POLICY_SELECTIONS:
+        if meta.get("episodes") == 0:
             warnings.warn(f"the policy in {policy} was never trained (0 episodes): --selection {selection} keeps "
-                          "what its random initialisation scores; train it (--trainer.max_epochs) or use --method "
-                          "peak, the shipped default", PruneNetWarning, stacklevel=2)
+                          "what its random initialisation scores", PruneNetWarning, stacklevel=2)
         if tuple(pol.shape) != (n, d):
             raise PolicyError(f"policy was trained on FFN matrices of shape (n, d)={tuple(pol.shape)} "
                               f"({meta.get('source_model')}), but {model!r} has {(n, d)}")
-
-    dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    states = [w.clone() for w in model_states(dense, adapter)[0]]
-    row_norms = [adapter.row_norms(layer) for layer in adapter.layers(dense)] if method == "magnitude" else None
     if protect_outliers is None:
         protect_outliers = float(meta.get("protect_outliers") or 0.0)
-    # Read by the fit's own loader (the stored dtype, whatever --dtype is), so both rank the same peaks.
-    peaks = (load_output_peaks(model, trust_remote_code)
-             if "peak" in (method, selection) or protect_outliers > 0 else None)
-    protected = [protected_rows(p, protect_outliers) for p in peaks] if protect_outliers > 0 else None
-    fingerprint = ffn_fingerprint(states)
-    del dense
-    extra = {}
+    inputs = SelectionInputs(model, dtype, trust_remote_code)
+    selector = build_selector(selection, policy=pol, seed=seed, name="--selection")
+    provenance = {}
     if pol is not None:
-        extra = {"policy_source_model": meta.get("source_model"), "policy_trained_ratio": meta.get("compression_ratio"),
-                 "policy_learner": meta.get("learner"), "policy_reward": meta.get("reward"),
-                 "policy_episodes": meta.get("episodes"), "policy_ffn_sha256": meta.get("ffn_sha256"),
-                 "policy_transferred": not same_ffn(meta.get("ffn_sha256"), states, fingerprint)}
-    extra.update(source_ffn_sha256=fingerprint, protect_outliers=protect_outliers)
+        provenance = {"policy_source_model": meta.get("source_model"),
+                      "policy_trained_ratio": meta.get("compression_ratio"), "policy_learner": meta.get("learner"),
+                      "policy_reward": meta.get("reward"), "policy_episodes": meta.get("episodes"),
+                      "policy_ffn_sha256": meta.get("ffn_sha256"),
+                      "policy_transferred": not same_ffn(meta.get("ffn_sha256"), inputs.states, inputs.fingerprint())}
 
     plans = []
-    for r, k, target in zip(ratios, widths, targets):
+    for r, target in zip(ratios, targets):
         start = time.perf_counter()
-        kept = select_rows(method, k=k, states=states, policy=pol, selection=selection, seed=seed,
-                           row_norms=row_norms, protected=protected, peaks=peaks)
-        exported = export(model, kept, target, method=method, compression_ratio=r, round_to=round_to,
-                          selection=selection if method == "prunenet" else None, seed=seed, extra=extra,
-                          policy=pol, policy_meta=meta or None, overwrite=overwrite, dtype=dtype,
-                          trust_remote_code=trust_remote_code)
+        exported = prune(model, selector, r, target, round_to=round_to, protect_outliers=protect_outliers,
+                         inputs=inputs, provenance=provenance, policy=pol, policy_meta=meta or None,
+                         overwrite=overwrite, shardwise=shardwise, dtype=dtype, trust_remote_code=trust_remote_code)
         summary = {k_: v for k_, v in exported.plan.items() if k_ != "kept_indices"}
         summary.update(output_dir=str(target), seconds=round(time.perf_counter() - start, 2))
         plans.append(summary)
@@ -179,24 +172,24 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
     check_kept(kept, n, layers if layers is not None else len(kept))
     source = loading.resolve(model)
     check_output_dir(output_dir, overwrite, source)
-    dense = loading.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    states = model_states(dense, adapter)[0]
-    fingerprint = ffn_fingerprint(states)
+    shardwise = use_shardwise(model, None, dtype)
+    inputs = SelectionInputs(model, dtype, trust_remote_code)
+    fingerprint = inputs.fingerprint()
     planned = plan.get("source_ffn_sha256")
-    if planned and not same_ffn(planned, states, fingerprint):
+    if planned and not same_ffn(planned, inputs.states, fingerprint):
         warnings.warn(f"{model!r} has other FFN weights than the plan's source {plan.get('source_model')!r} "
                       f"(FFN SHA-256 {fingerprint[:12]} vs {planned[:12]}): the same neurons are kept, but they "
                       "were chosen for other weights", PruneNetWarning, stacklevel=2)
     replayed_from = {key: plan.get(key) for key in ("source_model", "model_type", "source_ffn_sha256", "versions")}
-    carried = {key: plan[key] for key in ("policy", "reward", "learner", "protect_outliers", "episodes",
-                                          "final_reward_mean",
+    carried = {key: plan[key] for key in ("policy", "reward", "learner", "plug_points", "protect_outliers",
+                                          "episodes", "final_reward_mean",
                                           "policy_source_model", "policy_trained_ratio", "policy_learner",
                                           "policy_reward", "policy_episodes", "policy_ffn_sha256") if key in plan}
     if "policy_ffn_sha256" in plan:  # whether the policy was trained on other weights than this model's
-        carried["policy_transferred"] = not same_ffn(plan["policy_ffn_sha256"], states, fingerprint)
-    new_plan = export(model, kept, output_dir, model=dense, method=plan.get("method", "prunenet"),
+        carried["policy_transferred"] = not same_ffn(plan["policy_ffn_sha256"], inputs.states, fingerprint)
+    new_plan = export(model, kept, output_dir, selection=plan.get("selection"),
                       compression_ratio=plan.get("compression_ratio", 0.0), round_to=plan.get("round_to", 1),
-                      selection=plan.get("selection"), seed=plan.get("seed", 0), overwrite=overwrite,
+                      seed=plan.get("seed", 0), overwrite=overwrite, shardwise=shardwise, dtype=dtype,
                       trust_remote_code=trust_remote_code,
                       extra={**carried, "source_ffn_sha256": fingerprint,
                              "replayed_from": {"path": str(path), **replayed_from}}).plan
@@ -214,38 +207,77 @@ def summary_table(plans: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m prunenet.compress`` (also the keys a ``--config`` YAML may set)."""
     parser = argparse.ArgumentParser(prog="python -m prunenet.compress", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="asset name, folder or hub id of the dense model")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--policy", help="policy.pt, or a folder holding one (a fit output)")
+    parser.add_argument("--config", help="YAML file of these options (keys without the dashes, e.g. "
+                                         "configs/compress/smollm2.yaml); flags given as well override it")
+    parser.add_argument("--model", help="asset name, folder or hub id of the dense model (required)")
+    parser.add_argument("--output_dir", help="where to write the pruned checkpoint (required)")
+    parser.add_argument("--policy", help="policy.pt, or a folder holding one (a fit output): for --selection "
+                                         "sample or topk")
     parser.add_argument("--from_plan", help="prunenet.json to replay exactly (no policy needed)")
     parser.add_argument("--compression_ratio", default="0.3", help="r in [0, 1), or comma-separated for a sweep")
-    parser.add_argument("--method", default="prunenet", choices=METHODS,
-                        help="prunenet: a trained --policy; random: uniform rows (seeded); magnitude: the neurons "
-                             "with the largest input-weight L2 norm (gated FFNs: gate and up rows together); peak: "
-                             "the neurons whose output column has the largest max-|w| (deterministic)")
-    parser.add_argument("--selection", default="sample", choices=SELECTION_MODES,
-                        help="with --method prunenet: sample (the paper's seeded multinomial, default), topk, "
-                             "uniform (protected rows + uniformly random others) or peak (as --method peak); the "
-                             "last two do not use the policy")
+    parser.add_argument("--selection", choices=list(SELECTIONS), default=None,
+                        help="which rows each layer keeps: sample (the trained --policy's seeded draw, the paper's; "
+                             "the default with --policy), topk (the policy's k largest logits), peak (the neurons "
+                             "whose output column has the largest max-|w|; the default without --policy), random "
+                             "(uniform, seeded) or magnitude (the largest input-weight L2 norm)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and random draws")
     parser.add_argument("--round_to", type=int, default=1, help="round the kept width down to a multiple")
     parser.add_argument("--protect_outliers", type=float, default=None,
                         help="share of each layer's neurons always kept: those whose output column has the largest "
-                             "max-|w| (ours; default: the policy's setting, 0 for random and magnitude)")
+                             "max-|w| (ours; default: the policy's setting, else 0)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     parser.add_argument("--trust_remote_code", action="store_true")
+    return parser
+
+
+def config_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options a ``--config`` YAML file sets, checked against ``parser``'s keys and choices.
+
+    Raises:
+        ConfigurationError: unreadable file, not a mapping, an unknown key (lists the accepted ones),
+            or a value outside an option's choices.
+    """
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"cannot read --config {path!r}: {str(exc).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigurationError(f"--config {path!r} must be a mapping of options, got {type(values).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    for key, value in values.items():
+        if key not in actions:
+            raise ConfigurationError(f"--config {path!r}: unknown key {key!r}; accepted: {', '.join(actions)}")
+        choices = actions[key].choices
+        if choices is not None and value not in choices:
+            raise ConfigurationError(f"--config {path!r}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    config = parser.parse_known_args(argv)[0].config
+    if config:
+        parser.set_defaults(**config_defaults(config, parser))
     args = parser.parse_args(argv)
+    missing = [f"--{key}" for key in ("model", "output_dir") if getattr(args, key) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     start = time.perf_counter()
     if args.from_plan:
         plan = replay(args.from_plan, args.model, args.output_dir, args.overwrite, args.dtype, args.trust_remote_code)
         print(f"replayed {args.from_plan} -> {args.output_dir}: {plan['params_dense']:,} -> "
               f"{plan['params_pruned']:,} params")
     else:
-        plans = compress(args.model, args.output_dir, args.compression_ratio, args.policy, args.method,
-                         args.selection, args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code,
+        plans = compress(args.model, args.output_dir, args.compression_ratio, args.policy, args.selection,
+                         args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code,
                          args.protect_outliers)
         print(summary_table(plans), end="")
     print(f"done in {time.perf_counter() - start:.1f} s")

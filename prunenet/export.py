@@ -1,5 +1,5 @@
-"""Export: the one path from (source model, kept rows per layer, policy) to a saved pruned Hugging Face
-checkpoint and its plan, used by the fit (``StructuralSlicing``), ``compress`` and ``--from_plan`` replay.
+"""Export: the last step of the pruning pipeline (``pipeline.py``): from (source model, kept rows per layer,
+policy) to a saved pruned Hugging Face checkpoint and its plan.
 
 The source is sliced in memory (``slicing.slice_model``) or, for checkpoints larger than memory,
 shard by shard from its safetensors files (``streaming.slice_checkpoint``); either way the folder is
@@ -65,8 +65,8 @@ def use_shardwise(source: str, shardwise: bool | None, dtype: str = "auto") -> b
     return bool(shardwise)
 
 
-def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathLike, *, method: str,
-           compression_ratio: float, selection: str | None = None, seed: int = 0, round_to: int = 1,
+def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathLike, *, selection: str | None,
+           compression_ratio: float, seed: int = 0, round_to: int = 1,
            extra: dict[str, Any] | None = None, policy: RowPolicy | None = None,
            policy_meta: dict[str, Any] | None = None, overwrite: bool = False, shardwise: bool | None = False,
            dtype: str = "auto", trust_remote_code: bool = False, model: Any = None) -> Exported:
@@ -76,7 +76,8 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
         source: the dense model (asset name, folder or hub id), recorded as ``source_model``.
         kept: one sorted LongTensor of shape (k,) per decoder layer.
         output_dir: where to write (absent or empty unless ``overwrite``; a symlink is written through).
-        method, compression_ratio, selection, seed, round_to, extra: recorded in the plan.
+        selection, compression_ratio, seed, round_to, extra: recorded in the plan (``selection``: a name in
+            ``selection.SELECTIONS``, or None for kept rows that no selection chose).
         policy, policy_meta: written as ``policy.pt`` when given.
         shardwise: slice the safetensors files (True), load the model (False), or decide (None).
         dtype: dtype to load the model in (``auto``: the checkpoint's).
@@ -98,7 +99,7 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
 
     def plan_of(params_dense: int, params_pruned: int) -> Plan:
         return make_plan(source_model=source, model_type=config.model_type, compression_ratio=compression_ratio,
-                         round_to=round_to, intermediate_size=n, hidden_size=d, kept=kept, method=method,
+                         round_to=round_to, intermediate_size=n, hidden_size=d, kept=kept,
                          selection=selection, seed=seed, params_dense=params_dense, params_pruned=params_pruned,
                          extra={**(extra or {}), "shardwise": bool(shard)})
 

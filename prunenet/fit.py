@@ -65,6 +65,7 @@ def main(args: list[str] | None = None) -> PruneNetCLI:
     """Parse, build (:func:`build_cli`), check and fit. Returns the CLI (trainer, model) for programmatic use."""
     cli = build_cli(args)
     check_trainer(cli.trainer)
+    check_episodes(cli.trainer)
     check_devices(cli.trainer, cli.model)
     check_log_dirs(cli.trainer)
     ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), cli.trainer.default_root_dir, cli.model.run_settings())
@@ -83,6 +84,23 @@ def check_trainer(trainer) -> None:
     """
     if trainer.gradient_clip_val is not None:
         check_float(trainer.gradient_clip_val, "trainer.gradient_clip_val", 0.0)
+
+
+def check_episodes(trainer) -> None:
+    """A fit trains the policy: at least one episode (``trainer.max_epochs`` >= 1 or unset, and
+    ``trainer.max_steps`` not 0). A selection without training (``peak``, ``random``, ``magnitude``) is
+    a ``prunenet.compress`` run; nothing here writes an untrained ``policy.pt``.
+
+    Raises:
+        ConfigurationError: naming the value and the compress command.
+    """
+    hint = ("a fit trains the policy; to prune without training run python -m prunenet.compress "
+            "--config configs/compress/smollm2.yaml (or --selection peak|random|magnitude)")
+    max_epochs = trainer.fit_loop.max_epochs
+    if max_epochs is not None and max_epochs == 0:
+        raise ConfigurationError(f"trainer.max_epochs must be >= 1 episode, got 0: {hint}")
+    if trainer.fit_loop.max_steps == 0:
+        raise ConfigurationError(f"trainer.max_steps must not be 0 (one step is one episode): {hint}")
 
 
 def check_devices(trainer, module) -> None:

@@ -47,6 +47,10 @@ class Learner:
     name = ""
     wants_random_reference = False
 
+    def hparams(self) -> dict:
+        """The learner's init arguments (what ``plugins.describe`` records)."""
+        return {}
+
     def loss(self, *, z: torch.Tensor, p: torch.Tensor, kept: torch.Tensor, drawn: torch.Tensor, reward: float,
              layer: int) -> torch.Tensor:
         """Scalar loss of one layer.
@@ -87,7 +91,11 @@ class PaperLearner(Learner):
     name = "paper"
 
     def __init__(self, gamma: float = 0.99, use_kld: bool = False) -> None:
-        self.gamma, self.use_kld = float(gamma), bool(use_kld)
+        self.gamma = check_float(gamma, "model.learner.init_args.gamma", 0.0, 1.0, low_open=True)
+        self.use_kld = bool(use_kld)
+
+    def hparams(self) -> dict:
+        return {"gamma": self.gamma, "use_kld": self.use_kld}
 
     def loss(self, *, z: torch.Tensor, p: torch.Tensor, kept: torch.Tensor, drawn: torch.Tensor, reward: float,
              layer: int) -> torch.Tensor:
@@ -134,7 +142,6 @@ class BaselineLearner(Learner):
     a resumed fit continues exactly. No gamma^i discount: each layer is compared with itself.
 
     Args:
-        gamma: not used (kept so every learner takes the same settings).
         use_kld: add the authors' KL-style term.
         momentum: weight of the old baseline in each update, in [0, 1).
     Raises:
@@ -144,11 +151,14 @@ class BaselineLearner(Learner):
     name = "baseline"
     wants_random_reference = True
 
-    def __init__(self, gamma: float = 0.99, use_kld: bool = False, momentum: float = 0.9) -> None:
+    def __init__(self, use_kld: bool = False, momentum: float = 0.9) -> None:
         self.use_kld = bool(use_kld)
-        self.momentum = check_float(momentum, "momentum", 0.0, 1.0, high_open=True)
+        self.momentum = check_float(momentum, "model.learner.init_args.momentum", 0.0, 1.0, high_open=True)
         self.mean: dict[int, float] = {}
         self.std: dict[int, float] = {}
+
+    def hparams(self) -> dict:
+        return {"use_kld": self.use_kld, "momentum": self.momentum}
 
     def set_random_reference(self, layer: int, reward: float) -> None:
         if layer not in self.mean:  # a resumed fit keeps its state
@@ -187,16 +197,5 @@ class BaselineLearner(Learner):
         self.std = {int(k): float(v) for k, v in state.get("std", {}).items()}
 
 
-#: Learners by name (``--model.learner``).
+#: Learners by short name (``--model.learner``; any class_path of a Learner subclass works too: ``plugins.py``).
 LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (PaperLearner, BaselineLearner)}
-
-
-def build_learner(name: str, gamma: float, use_kld: bool) -> Learner:
-    """The learner of registry name ``name``.
-
-    Raises:
-        ConfigurationError: an unknown name (lists the known ones).
-    """
-    if name not in LEARNERS:
-        raise ConfigurationError(f"learner must be one of {sorted(LEARNERS)}, got {name!r}")
-    return LEARNERS[name](gamma=gamma, use_kld=use_kld)

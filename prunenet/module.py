@@ -11,8 +11,9 @@ epoch) and layer i (ours: steps 1-2 for all layers first, then the spectra of st
    policy's ``surrogate`` (the paper's policy folds it, so the autograd graph never holds the
    layers' weights; any other policy gets autograd).
 
-Policy, reward and learner are plug points chosen by name (``--model.policy``, ``--model.reward``,
-``--model.learner``; the defaults are the paper's). Slicing and saving are ``StructuralSlicing``'s
+Policy, reward and learner are plug points (``--model.policy``, ``--model.reward``, ``--model.learner``:
+a short name or a class_path with init_args, ``plugins.py``; the defaults are the paper's); the reward
+owns its precomputation (``Reward.prepare``). Slicing and saving are ``StructuralSlicing``'s
 work; this module answers which rows are kept. It never holds the LLM, only the FFN input matrices
 W_i (not buffers: Lightning checkpoints and DDP broadcasts hold the policy alone).
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
@@ -30,22 +31,19 @@ from typing import Any
 import lightning as L
 import torch
 
-from prunenet import loading, reference_cache
+from prunenet import loading, plugins
 from prunenet.arch import get_adapter
 from prunenet.checks import check_float
-from prunenet.errors import ConfigurationError
-from prunenet.learner import build_learner
+from prunenet.learner import Learner
+from prunenet.pipeline import select
 from prunenet.plan import ffn_fingerprint, package_versions
-from prunenet.policy import DEFAULT_POLICY, build_policy
-from prunenet.resume import RESULT_HPARAMS, canonical_source, load_run_state, save_run_state
-from prunenet.reward import build_reward
-from prunenet.selection import (RANDOM_REFERENCE_EPISODE, check_protect_fraction, draw_kept, free_probabilities,
-                                kept_width, layer_generator, protected_rows, select_kept_rows, uniform_kept,
-                                validate_ratio)
-from prunenet.spectra import SPECTRA_METHOD, SPECTRA_METHODS
-from prunenet.states import StreamedStates, load_ffn_states, load_output_peaks
-
-_SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from prunenet.policy import DEFAULT_POLICY, RowPolicy
+from prunenet.resume import PLUG_POINTS, RESULT_HPARAMS, canonical_source, load_run_state, save_run_state
+from prunenet.reward import Reward
+from prunenet.selection import (POLICY_SELECTIONS, RANDOM_REFERENCE_EPISODE, build_selector, check_protect_fraction,
+                                draw_kept, free_probabilities, kept_width, layer_generator, protected_rows,
+                                uniform_kept, validate_ratio, validate_selection)
+from prunenet.states import SelectionInputs, StreamedStates, load_ffn_states, load_output_peaks
 
 
 class PruneNetModule(L.LightningModule):
@@ -58,45 +56,40 @@ class PruneNetModule(L.LightningModule):
             0 <= r < 1; k = floor((1 - r) n) rows are kept.
         learning_rate: AdamW learning rate of the policy (authors: 1e-3).
         weight_decay: AdamW weight decay.
-        gamma: layer discount, R_i = gamma^i r_i (authors: 0.99).
-        use_kld: add the authors' KL-style regulariser on alpha.
-        spectra_dtype: ``float32`` or ``float64`` for singular values.
-        spectra_method: how singular values are computed: ``gram`` (ours, default: eigenvalues of the
-            Gram matrix, batched over layers; ``svdvals`` where that would be inaccurate) or ``svdvals``
-            (``torch.linalg.svdvals`` of every matrix). The same numbers up to rounding (``spectra.py``).
         dtype: dtype to load the LLM weights in (``auto`` keeps the checkpoint's).
         trust_remote_code: passed to transformers; off by default.
         low_memory: read each layer's FFN matrix from the safetensors files when it is used
             instead of keeping all in memory (None: automatic, when they exceed 1 GiB).
-        policy: the policy network by name: ``sparsity_predictor`` (paper) or ``row_mlp`` (ours).
-        reward: the reward by name: ``ks_gate`` (paper: 1 / KS of the gate spectra).
-        learner: how rewards become a loss, by name: ``paper`` (REINFORCE, Section 3) or ``baseline``
-            (ours: per-layer baseline, normalised advantages, exact likelihood of the draw).
+        policy: the policy network (``policy.RowPolicy``): a short name, ``sparsity_predictor`` (paper)
+            or ``row_mlp`` (ours), or a class_path with init_args (``plugins.py``); built for (n, d).
+        reward: the reward (``reward.Reward``): ``ks_gate`` (paper: 1 / KS of the gate spectra; init_args
+            ``spectra_dtype``, ``spectra_method``) or a class_path.
+        learner: how rewards become a loss (``learner.Learner``): ``paper`` (REINFORCE, Section 3; init_args
+            ``gamma``, ``use_kld``), ``baseline`` (ours: per-layer baseline, normalised advantages, exact
+            likelihood of the draw; init_args ``use_kld``, ``momentum``) or a class_path.
         protect_outliers: share of each layer's neurons always kept, those whose output column has the
             largest max-|w| (ours; 0 = none, the paper); the policy draws the rest.
 
     Raises:
-        ConfigurationError: bad ratio / gamma / spectra dtype / plug-point name, or a ratio that keeps no row.
+        ConfigurationError: bad ratio / learning rate / plug point (name, class_path or init argument), or a
+            ratio that keeps no row.
         ModelLoadError, UnsupportedModelError, AssetMissingError: the model cannot be used.
     """
 
     def __init__(self, model_name_or_path: str = "smollm2-135m", compression_ratio: float = 0.3,
-                 learning_rate: float = 1e-3, weight_decay: float = 0.01, gamma: float = 0.99,
-                 use_kld: bool = False, spectra_dtype: str = "float32", dtype: str = "auto",
+                 learning_rate: float = 1e-3, weight_decay: float = 0.01, dtype: str = "auto",
                  trust_remote_code: bool = False, low_memory: bool | None = None,
-                 policy: str = DEFAULT_POLICY, reward: str = "ks_gate", learner: str = "paper",
-                 protect_outliers: float = 0.0, spectra_method: str = SPECTRA_METHOD) -> None:
+                 policy: str | Callable[[int, int], RowPolicy] = DEFAULT_POLICY,
+                 reward: str | Reward = "ks_gate", learner: str | Learner = "paper",
+                 protect_outliers: float = 0.0) -> None:
         super().__init__()
         validate_ratio(compression_ratio)
-        check_float(gamma, "model.gamma", 0.0, 1.0, low_open=True)
         check_float(learning_rate, "model.learning_rate", 0.0, low_open=True)
         check_float(weight_decay, "model.weight_decay", 0.0)
-        if spectra_dtype not in _SPECTRA_DTYPES:
-            raise ConfigurationError(f"spectra_dtype must be one of {list(_SPECTRA_DTYPES)}, got {spectra_dtype!r}")
-        if spectra_method not in SPECTRA_METHODS:
-            raise ConfigurationError(f"spectra_method must be one of {list(SPECTRA_METHODS)}, got {spectra_method!r}")
         loading.parse_dtype(dtype)
         check_protect_fraction(protect_outliers)
+        self.reward = plugins.build("reward", reward)  # the plug points fail before the model is read
+        self.learner = plugins.build("learner", learner)
         self.save_hyperparameters()
         config = loading.load_config(model_name_or_path, trust_remote_code=trust_remote_code)
         self.adapter = get_adapter(config)
@@ -107,13 +100,9 @@ class PruneNetModule(L.LightningModule):
         self.kept_width = kept_width(self.intermediate_size, compression_ratio)
         self.adapter.check_sliceable(config, self.kept_width)  # fail before training, not at the end
         self.num_layers_config = getattr(self.adapter.text_config(config), "num_hidden_layers", None)
-        self.policy = build_policy(policy, self.intermediate_size, self.hidden_size)
-        self.reward = build_reward(reward, _SPECTRA_DTYPES[spectra_dtype], spectra_method)
-        self.learner = build_learner(learner, gamma=gamma, use_kld=use_kld)
+        self.policy = plugins.build("policy", policy, self.intermediate_size, self.hidden_size)
         self._states: list[torch.Tensor] | None = None
         self._state_info: dict[str, Any] = {}
-        self._reference: dict[int, torch.Tensor] = {}
-        self._context: dict[int, Any] = {}  # per layer, the reward's context (the full Gram for the downdate)
         self.fit_started = time.time()
         self.history: list[dict[str, float]] = []
         self.last_ks: dict[int, float] = {}
@@ -171,26 +160,6 @@ class PruneNetModule(L.LightningModule):
         """True when the states are read one layer at a time (``low_memory``): nothing per layer is held."""
         return isinstance(self.states, StreamedStates) and not self.states.cache
 
-    def references(self, layers: list[int], weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
-        """Per layer of ``layers`` (states ``weights``), the reference spectrum (computed once per model, then
-        read from the on-disk ``reference_cache``) and the reward's context (the downdate's full Gram; held
-        across episodes only with the states in memory: streamed, it would be d² per layer for all layers)."""
-        contexts = []
-        for i, w in zip(layers, weights):
-            context = self._context.get(i)
-            if i not in self._reference:
-                cached = reference_cache.load(self.ffn_sha256(), self.reward.cache_key, i, n=min(w.shape[-2:]))
-                if cached is None:
-                    cached, context = self.reward.reference_and_context(w)
-                    reference_cache.save(self.ffn_sha256(), self.reward.cache_key, i, cached)
-                self._reference[i] = cached.to(self.device)
-            if context is None and not self.streams_layers:
-                context = self.reward.context(w, self._reference[i])
-            if not self.streams_layers:
-                self._context[i] = context
-            contexts.append(context)
-        return [self._reference[i] for i in layers], contexts
-
     # ------------------------------------------------------------------ training
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """One episode over this rank's layers ``batch`` (LongTensor of layer indices)."""
@@ -218,10 +187,10 @@ class PruneNetModule(L.LightningModule):
                 with self.timed("sampling"):
                     kept, drawn = draw_kept(p.detach(), self.kept_width, self._fixed(i), generator=gen, layer=i)
                 draws.append((z, p, kept, drawn))
-            with self.timed("reference spectra (once per layer)"):
-                references, contexts = self.references(chunk, weights)
+            with self.timed("reward preparation (reference spectra, once per layer)"):
+                scoring = self.reward.prepare(chunk, weights, self.ffn_sha256(), keep=not self.streams_layers)
             with self.timed("reward (spectra of the kept rows, KS)"):
-                results = self.reward.rewards(weights, [d[2] for d in draws], references, contexts)
+                results = self.reward.rewards(weights, [d[2] for d in draws], scoring)
             for i, w, (z, p, kept, drawn), (ks, r) in zip(chunk, weights, draws, results):
                 with self.timed("learner loss and per-layer backward to the logits"):
                     # The learner is about the drawn rows only: protected ones were kept without a draw.
@@ -266,7 +235,8 @@ class PruneNetModule(L.LightningModule):
                 rows = uniform_kept(self.intermediate_size, self.kept_width, gen, self._fixed(i))
                 with self.timed("reward of a random draw (once per layer)"):
                     w = self.states[i]
-                    r = self.reward(w, rows, self.references([i], [w])[0][0])[1]
+                    r = self.reward.rewards([w], [rows], self.reward.prepare([i], [w], self.ffn_sha256(),
+                                                                             keep=not self.streams_layers))[0][1]
                 self.learner.set_random_reference(i, r)
 
     def on_train_end(self) -> None:
@@ -274,8 +244,7 @@ class PruneNetModule(L.LightningModule):
         # the states and reference spectra are plain attributes, so move them too (frees GPU memory).
         states = self.states
         self._states = states.to("cpu") if isinstance(states, StreamedStates) else [w.cpu() for w in states]
-        self._reference = {i: sv.cpu() for i, sv in self._reference.items()}
-        self._context = {}  # only the episodes use it
+        self.reward.release()
 
     def on_train_epoch_start(self) -> None:
         self._episode_start = time.perf_counter()
@@ -296,7 +265,8 @@ class PruneNetModule(L.LightningModule):
         """The settings that determine this fit's result: resolved source, seed and the hyperparameters
         that change the draws or the updates (a resumed fit must have the same ones)."""
         return {"source": canonical_source(self.hparams.model_name_or_path), "seed": self.seed,
-                **{key: self.hparams[key] for key in RESULT_HPARAMS}}
+                **{key: self.hparams[key] for key in RESULT_HPARAMS if key not in PLUG_POINTS},
+                **self.plug_points()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_run_state(self, checkpoint)
@@ -313,13 +283,21 @@ class PruneNetModule(L.LightningModule):
         finally:
             self.timings[phase] += time.perf_counter() - start
 
-    @torch.no_grad()
+    def selection_inputs(self) -> SelectionInputs:
+        """The source model's per-layer selection inputs, from what this module already read."""
+        return SelectionInputs(self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code,
+                               states=self.states, peaks=self.__dict__.get("output_peaks"), fingerprint=self.ffn_sha256())
+
     def kept_indices(self, selection: str = "sample") -> list[torch.Tensor]:
-        """Kept rows per layer, sorted (k,) LongTensors, by ``selection`` (``SELECTION_MODES``: ``sample``,
-        the paper's seeded multinomial; ``topk``; ``uniform`` and ``peak``, which do not use the policy)."""
-        self.policy.eval()
-        return select_kept_rows(self.policy, self.states, self.kept_width, selection, self.seed, self.protected,
-                                self.output_peaks if selection == "peak" else None)
+        """Kept rows per layer, sorted (k,) LongTensors, chosen by the trained policy: ``sample`` (the paper's
+        seeded draw) or ``topk`` (``selection.POLICY_SELECTIONS``), with this fit's protected rows.
+
+        Raises:
+            ConfigurationError: another selection (those do not use the policy: ``prunenet.compress``).
+        """
+        validate_selection(selection, "slicing.selection", POLICY_SELECTIONS)
+        selector = build_selector(selection, policy=self.policy, seed=self.seed)
+        return select(selector, self.selection_inputs(), self.kept_width, self.hparams.protect_outliers)
 
     def ffn_sha256(self) -> str:
         """Fingerprint of the source model's FFN input matrices (cached with the states)."""
@@ -335,9 +313,18 @@ class PruneNetModule(L.LightningModule):
                 "seed": self.seed, "ffn_sha256": self.ffn_sha256(), "versions": package_versions(),
                 **self.algorithm()}
 
+    def plug_points(self) -> dict[str, dict[str, Any]]:
+        """The built policy, reward and learner as ``plugins.describe`` records (class_path, init_args)."""
+        return {"policy": plugins.describe(self.policy), "reward": plugins.describe(self.reward),
+                "learner": plugins.describe(self.learner)}
+
     def algorithm(self) -> dict[str, Any]:
-        """The choices that trained this policy: ``policy``, ``reward``, ``learner`` names, ``protect_outliers``."""
-        return {key: self.hparams[key] for key in ("policy", "reward", "learner", "protect_outliers")}
+        """The choices that trained this policy: the ``policy``, ``reward`` and ``learner`` short names,
+        ``protect_outliers``, and the full ``plug_points`` records."""
+        return {"policy": self.policy.name or type(self.policy).__name__,
+                "reward": self.reward.name or type(self.reward).__name__,
+                "learner": self.learner.name or type(self.learner).__name__,
+                "protect_outliers": self.hparams.protect_outliers, "plug_points": self.plug_points()}
 
     def load_dense_model(self):
         """A fresh dense copy of the source model (loaded from disk, never deep-copied)."""

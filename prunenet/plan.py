@@ -1,9 +1,9 @@
-"""Plan: the provenance record of a pruned checkpoint (``prunenet.json``, format ``prunenet/1``):
+"""Plan: the provenance record of a pruned checkpoint (``prunenet.json``, format ``prunenet/2``):
 how to build it, read it, and fingerprint the FFN weights it was made from.
 
-A plan is a JSON object; :func:`make_plan` is the one place that builds it and :func:`read_plan`
-the one that reads it back (with the kept indices as tensors). The fields: source_model,
-model_type, method, selection, seed, compression_ratio, round_to, effective_compression_ratio,
+A plan is a JSON object; :func:`make_plan` is the one place that builds it and :func:`load_plan`
+the one that reads it back (:func:`read_plan` adds the kept indices as tensors). The fields: source_model,
+model_type, selection (a name in ``selection.SELECTIONS``), seed, compression_ratio, round_to, effective_compression_ratio,
 intermediate_size, kept_width, hidden_size, num_layers, params_dense, params_pruned,
 params_removed_fraction, extras (episodes, policy_*, source_ffn_sha256, shardwise, replayed_from),
 versions, kept_indices (layer -> sorted row indices).
@@ -24,6 +24,20 @@ from prunenet.errors import ConfigurationError
 
 #: A plan as read or written: the JSON object of ``prunenet.json``.
 Plan = dict[str, Any]
+#: The plan format written now. ``prunenet/1`` plans named a selection by two fields (``method`` and, for
+#: the policy, ``selection``; ``uniform`` was ``random``); :func:`load_plan` reads them as ``prunenet/2``.
+FORMAT = "prunenet/2"
+
+
+def _upgrade(plan: Plan) -> Plan:
+    """A ``prunenet/1`` plan in today's vocabulary: one ``selection`` field (see :data:`FORMAT`)."""
+    if "method" not in plan:
+        return plan
+    method, selection = plan.pop("method"), plan.get("selection")
+    if method != "prunenet":
+        selection = method
+    plan["selection"] = "random" if selection == "uniform" else selection
+    return plan
 
 
 def ffn_fingerprint(states: Sequence[torch.Tensor]) -> str:
@@ -62,17 +76,16 @@ def same_ffn(stored: str | None, states: Sequence[torch.Tensor], fingerprint: st
 
 
 def make_plan(*, source_model: str, model_type: str, compression_ratio: float, round_to: int,
-              intermediate_size: int, hidden_size: int, kept: Sequence[torch.Tensor], method: str,
+              intermediate_size: int, hidden_size: int, kept: Sequence[torch.Tensor],
               selection: str | None, seed: int, params_dense: int, params_pruned: int,
               extra: dict[str, Any] | None = None) -> Plan:
     """The provenance record written as ``prunenet.json``: enough to rebuild the exact
     checkpoint from the source model (``kept_indices`` per layer)."""
     k = int(kept[0].numel())
     return {
-        "format": "prunenet/1",
+        "format": FORMAT,
         "source_model": str(source_model),
         "model_type": model_type,
-        "method": method,
         "selection": selection,
         "seed": int(seed),
         "compression_ratio": float(compression_ratio),
@@ -99,7 +112,7 @@ def write_plan(folder: Path, plan: Plan) -> None:
 def base_plan(source_model: str, model_type: str) -> Plan:
     """The plan of a checkpoint PruneNet did not prune (a recovery of a dense model records itself in it):
     format, source model and model type, no kept indices."""
-    return {"format": "prunenet/1", "source_model": str(source_model), "model_type": model_type}
+    return {"format": FORMAT, "source_model": str(source_model), "model_type": model_type}
 
 
 def plan_path(path: str | Path) -> Path:
@@ -122,7 +135,7 @@ def load_plan(path: str | Path) -> Plan:
         raise ConfigurationError(f"cannot read a PruneNet plan from {str(file)!r}: {exc}") from None
     if not isinstance(plan, dict):
         raise ConfigurationError(f"cannot read a PruneNet plan from {str(file)!r}: not a JSON object")
-    return plan
+    return _upgrade(plan)
 
 
 def read_plan(path: str | Path) -> tuple[Plan, list[torch.Tensor], Path]:

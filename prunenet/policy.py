@@ -1,7 +1,8 @@
 """Policies: networks that score the n rows of an FFN input matrix (plain ``nn.Module``s, no Lightning).
 
 ``RowPolicy`` is the plug point (ours); ``SparsityPredictor`` is the paper's policy, ``RowMLP`` a
-nonlinear one (ours). Choose one by name with ``--model.policy`` (:data:`POLICIES`).
+nonlinear one (ours). Choose one with ``--model.policy`` (a name in :data:`POLICIES` or a class_path:
+``plugins.py``).
 
 Source: PruneNet paper, Section 3 ("policy learning"), and the authors' code.
 The network scores every row (intermediate neuron) of an FFN input matrix
@@ -52,6 +53,10 @@ class RowPolicy(nn.Module):
             )
         self.intermediate_size = int(intermediate_size)
         self.hidden_size = int(hidden_size)
+
+    def hparams(self) -> dict[str, Any]:
+        """The policy's init arguments besides (n, d) (what ``plugins.describe`` records)."""
+        return {}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -194,8 +199,14 @@ class RowMLP(RowPolicy):
 
     def __init__(self, intermediate_size: int, hidden_size: int, width: int = 16) -> None:
         super().__init__(intermediate_size, hidden_size)
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"RowMLP width must be an integer >= 1, got {width!r}")
+        self.width = width
         self.hidden = nn.Linear(hidden_size, width)
         self.out = nn.Linear(width, 1)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"width": self.width}
 
     def logits(self, weight: torch.Tensor, prepared: Any = None) -> torch.Tensor:
         self._check(weight)
@@ -206,19 +217,6 @@ class RowMLP(RowPolicy):
         return self.out(torch.tanh(self.hidden(x))).squeeze(-1)
 
 
-#: Policies by name (``--model.policy``): the paper's, and ours.
+#: Policies by short name (``--model.policy``; any class_path of a RowPolicy subclass works too: ``plugins.py``).
 POLICIES: dict[str, type[RowPolicy]] = {cls.name: cls for cls in (SparsityPredictor, RowMLP)}
 DEFAULT_POLICY = SparsityPredictor.name
-
-
-def build_policy(name: str, intermediate_size: int, hidden_size: int) -> RowPolicy:
-    """A new policy of registry name ``name`` for FFN matrices of shape (n, d).
-
-    Raises:
-        ConfigurationError: an unknown name (lists the known ones).
-    """
-    from prunenet.errors import ConfigurationError
-
-    if name not in POLICIES:
-        raise ConfigurationError(f"policy must be one of {sorted(POLICIES)}, got {name!r}")
-    return POLICIES[name](intermediate_size, hidden_size)

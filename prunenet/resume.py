@@ -11,7 +11,9 @@ from prunenet.errors import ConfigurationError
 
 #: Hyperparameters that change the result of a fit (the rest, e.g. low_memory, change only how it runs).
 RESULT_HPARAMS = ("compression_ratio", "policy", "reward", "learner", "protect_outliers", "learning_rate",
-                  "weight_decay", "gamma", "use_kld", "spectra_dtype", "dtype")
+                  "weight_decay", "dtype")
+#: The plug points among them, compared as ``plugins.canonical`` records (class_path and every init argument).
+PLUG_POINTS = ("policy", "reward", "learner")
 
 
 def canonical_source(model_name_or_path: str) -> str:
@@ -38,7 +40,19 @@ def checkpoint_settings(checkpoint: dict[str, Any], keys: tuple[str, ...] = RESU
         source = canonical_source(hparams["model_name_or_path"])
     return {"source": source, "seed": run.get("seed"), "stage": run.get("stage", "fit"),
             **({"data": run["data"]} if "data" in run else {}),  # a recovery's training data
-            **{key: hparams.get(key) for key in keys}}
+            **{key: _canonical(key, hparams.get(key)) for key in keys}}
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """A plug point's saved hyperparameter (a short name or a class_path record) as its canonical record."""
+    if key not in PLUG_POINTS:
+        return value
+    from prunenet import plugins
+
+    try:
+        return plugins.canonical(key, value)
+    except ConfigurationError:  # a class that no longer exists: compared as stored, hence a mismatch
+        return value
 
 
 def _same(key: str, stored: Any, current: Any) -> bool:

@@ -8,11 +8,13 @@ discounted by gamma^i over the layer index i).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from prunenet import reference_cache
 from prunenet.errors import ConfigurationError
-from prunenet.spectra import (SPECTRA_METHOD, FullGram, check_spectra_args, dense_singular_values, full_gram,
+from prunenet.spectra import (SPECTRA_METHOD, SPECTRA_METHODS, FullGram, dense_singular_values, full_gram,
                               kept_singular_values, singular_values)
 
 #: Reward used when the KS statistic is exactly 0 (identical spectra); the
@@ -74,33 +76,78 @@ def discount(reward: float, layer_index: int, gamma: float) -> float:
     return (gamma**layer_index) * reward
 
 
-class KSGateReward:
+class Reward:
+    """The plug point ``--model.reward`` (ours): scores one layer's kept rows.
+
+    Protocol: ``name`` (short name), :meth:`hparams` (init arguments), :meth:`prepare` (per layer, what
+    scoring needs besides the kept rows, computed once per layer: the reward owns its precomputation and
+    its caches), :meth:`rewards` (many layers at once: ``(KS statistic or another diagnostic, reward)``
+    per layer), :meth:`release` (drop what only the episodes use, move the rest to the CPU).
+    """
+
+    name = ""
+
+    def hparams(self) -> dict:
+        """The reward's init arguments (what ``plugins.describe`` records)."""
+        return {}
+
+    def prepare(self, layers: Sequence[int], weights: Sequence[torch.Tensor], fingerprint: str,
+                keep: bool = True) -> list[Any]:
+        """Per layer of ``layers`` (states ``weights``, each (n, d)), what :meth:`rewards` needs.
+
+        Args:
+            fingerprint: the source model's FFN fingerprint (a key for on-disk caches).
+            keep: hold per-layer data across episodes (False when the states are streamed one layer at a time).
+        """
+        return [None] * len(layers)
+
+    def rewards(self, weights: Sequence[torch.Tensor], kept: Sequence[torch.Tensor],
+                prepared: Sequence[Any]) -> list[tuple[torch.Tensor, float]]:
+        """Per layer ``(diagnostic, reward)`` of keeping rows ``kept[i]`` (k,) of ``weights[i]`` (n, d)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """After training: drop what only the episodes use; keep the rest on the CPU."""
+
+
+class KSGateReward(Reward):
     """The paper's reward on the policy state (the first FFN input matrix, "gate"):
     ``r_i = 1 / KS(sv(W_i), sv(W_i[kept]))``. Source: PruneNet Section 3.
 
-    The plug point ``--model.reward`` (ours): a reward has ``name``, ``cache_key`` (what its
-    references depend on besides the weights), :meth:`reference` (computed once per layer and
-    cached by the caller), :meth:`context` (optional per-layer data kept next to the reference),
-    :meth:`rewards` (many layers at once) and ``__call__`` (one layer).
+    :meth:`prepare` gives each layer its reference spectrum (the dense W_i's singular values, computed
+    once per model and then read from the on-disk ``reference_cache``) and, with the states in memory,
+    the full Gram of W_i for the downdate (ours; ``spectra.py``).
 
     Args:
-        dtype: ``torch.float32`` or ``torch.float64`` for the singular values.
-        method: how they are computed, one of :data:`SPECTRA_METHODS` (ours; default
+        spectra_dtype: ``float32`` or ``float64`` for the singular values.
+        spectra_method: how they are computed, one of :data:`SPECTRA_METHODS` (ours; default
             :data:`SPECTRA_METHOD`, the Gram route, same numbers as ``svdvals`` up to rounding).
     Raises:
-        ValueError: bad ``dtype`` or ``method``.
+        ConfigurationError: bad ``spectra_dtype`` or ``spectra_method``.
     """
 
     name = "ks_gate"
 
-    def __init__(self, dtype: torch.dtype = torch.float32, method: str = SPECTRA_METHOD) -> None:
-        check_spectra_args(dtype, method)
-        self.dtype, self.method = dtype, method
+    def __init__(self, spectra_dtype: str = "float32", spectra_method: str = SPECTRA_METHOD) -> None:
+        if spectra_dtype not in _SPECTRA_DTYPES:
+            raise ConfigurationError(f"model.reward.init_args.spectra_dtype must be one of "
+                                     f"{', '.join(_SPECTRA_DTYPES)}, got {spectra_dtype!r}")
+        if spectra_method not in SPECTRA_METHODS:
+            raise ConfigurationError(f"model.reward.init_args.spectra_method must be one of "
+                                     f"{', '.join(SPECTRA_METHODS)}, got {spectra_method!r}")
+        self.spectra_dtype, self.method = spectra_dtype, spectra_method
+        self.dtype = _SPECTRA_DTYPES[spectra_dtype]
+        #: Per layer, the dense reference spectrum (min(n, d),), once prepared.
+        self.references: dict[int, torch.Tensor] = {}
+        self._context: dict[int, FullGram | None] = {}
+
+    def hparams(self) -> dict:
+        return {"spectra_dtype": self.spectra_dtype, "spectra_method": self.method}
 
     @property
     def cache_key(self) -> str:
         """Names what the reference spectra depend on besides the weights (an on-disk cache key part)."""
-        return f"{self.name}-{self.method}-{str(self.dtype).removeprefix('torch.')}"
+        return f"{self.name}-{self.method}-{self.spectra_dtype}"
 
     def reference(self, weight: torch.Tensor) -> torch.Tensor:
         """Singular values of the dense W_i, shape (min(n, d),)."""
@@ -117,14 +164,33 @@ class KSGateReward:
             return None
         return full_gram(weight, self.dtype, reference)
 
-    def rewards(self, weights: Sequence[torch.Tensor], kept: Sequence[torch.Tensor],
-                references: Sequence[torch.Tensor], contexts: Sequence[FullGram | None] | None = None
-                ) -> list[tuple[torch.Tensor, float]]:
-        """Per layer ``(KS statistic, reward)`` of keeping rows ``kept[i]`` (k,) of ``weights[i]`` (n, d),
-        the spectra of all layers computed together (:func:`kept_singular_values`)."""
-        spectra = kept_singular_values(weights, kept, self.dtype, self.method, contexts)
+    def prepare(self, layers: Sequence[int], weights: Sequence[torch.Tensor], fingerprint: str,
+                keep: bool = True) -> list[tuple[torch.Tensor, FullGram | None]]:
+        """Per layer ``(reference spectrum, context)``; the context (a d x d Gram per layer) is held across
+        episodes only with ``keep`` (streamed, it would be d² per layer for all layers)."""
         out = []
-        for reference, sv in zip(references, spectra):
+        for i, w in zip(layers, weights):
+            context = self._context.get(i)
+            if i not in self.references:
+                cached = reference_cache.load(fingerprint, self.cache_key, i, n=min(w.shape[-2:]))
+                if cached is None:
+                    cached, context = self.reference_and_context(w)
+                    reference_cache.save(fingerprint, self.cache_key, i, cached)
+                self.references[i] = cached.to(w.device)
+            if context is None and keep:
+                context = self.context(w, self.references[i])
+            if keep:
+                self._context[i] = context
+            out.append((self.references[i], context))
+        return out
+
+    def rewards(self, weights: Sequence[torch.Tensor], kept: Sequence[torch.Tensor],
+                prepared: Sequence[tuple[torch.Tensor, FullGram | None]]) -> list[tuple[torch.Tensor, float]]:
+        """Per layer ``(KS statistic, reward)``, the spectra of all layers computed together
+        (:func:`kept_singular_values`); ``prepared`` from :meth:`prepare`."""
+        spectra = kept_singular_values(weights, kept, self.dtype, self.method, [c for _, c in prepared])
+        out = []
+        for (reference, _), sv in zip(prepared, spectra):
             ks = ks_statistic(reference, sv)
             out.append((ks, spectral_reward(ks)))
         return out
@@ -132,19 +198,14 @@ class KSGateReward:
     def __call__(self, weight: torch.Tensor, kept: torch.Tensor, reference: torch.Tensor,
                  context: FullGram | None = None) -> tuple[torch.Tensor, float]:
         """``(KS statistic, reward)`` of keeping rows ``kept`` (shape (k,)) of ``weight`` (n, d)."""
-        return self.rewards([weight], [kept], [reference], [context])[0]
+        return self.rewards([weight], [kept], [(reference, context)])[0]
+
+    def release(self) -> None:
+        self.references = {i: sv.cpu() for i, sv in self.references.items()}
+        self._context = {}
 
 
-#: Rewards by name (``--model.reward``).
+_SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+#: Rewards by short name (``--model.reward``; any class_path of a Reward subclass works too: ``plugins.py``).
 REWARDS = {cls.name: cls for cls in (KSGateReward,)}
-
-
-def build_reward(name: str, dtype: torch.dtype, method: str = SPECTRA_METHOD) -> KSGateReward:
-    """The reward of registry name ``name``, its spectra computed in ``dtype`` by ``method``.
-
-    Raises:
-        ConfigurationError: an unknown name (lists the known ones).
-    """
-    if name not in REWARDS:
-        raise ConfigurationError(f"reward must be one of {sorted(REWARDS)}, got {name!r}")
-    return REWARDS[name](dtype, method)

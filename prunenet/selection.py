@@ -1,30 +1,24 @@
 """Selection: which FFN rows (intermediate neurons) each layer keeps: the kept width, seeded sampling
-during training, and the final selection by the trained policy, a data-free rule (uniform, peak) or
-a baseline (random, magnitude).
+during training, and the final selection by a :class:`Selector`: the trained policy (``sample``,
+``topk``), a closed-form rule (``peak``) or a baseline (``random``, ``magnitude``).
 
 Source: PruneNet Section 3 (action: k = floor((1 - r) n) rows drawn without replacement from the
-keep probabilities); ``topk``, ``uniform``, ``peak``, ``random`` and ``magnitude`` are ours (baselines
-and data-free rules the policy is measured against).
+keep probabilities); the Selector protocol, ``topk``, ``peak``, ``random`` and ``magnitude`` are ours
+(baselines and data-free rules the policy is measured against).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError, InvalidProbabilitiesError
 from prunenet.policy import RowPolicy
-
-SELECTION_MODES = ("sample", "topk", "uniform", "peak")
-#: The selection modes that use the policy (the others are data-free rules that ignore it).
-POLICY_SELECTIONS = ("sample", "topk")
-
-#: How kept rows are chosen: the trained policy, or the baselines it is compared with.
-METHODS = ("prunenet", "random", "magnitude", "peak")
-
 
 def validate_ratio(compression_ratio: float) -> float:
     """Check ``0 <= r < 1`` (the fraction of FFN intermediate neurons removed per layer).
@@ -33,17 +27,6 @@ def validate_ratio(compression_ratio: float) -> float:
         ConfigurationError: naming the bad value.
     """
     return check_float(compression_ratio, "compression_ratio", 0.0, 1.0, high_open=True)
-
-
-def validate_selection(selection: str, name: str = "selection") -> str:
-    """Return ``selection`` if it is a final selection mode (one of ``SELECTION_MODES``).
-
-    Raises:
-        ConfigurationError: anything else, named by ``name`` (the option the user set).
-    """
-    if selection not in SELECTION_MODES:
-        raise ConfigurationError(f"{name} must be one of {SELECTION_MODES}, got {selection!r}")
-    return selection
 
 
 def kept_width(intermediate_size: int, compression_ratio: float, round_to: int = 1) -> int:
@@ -165,60 +148,6 @@ FINAL_EPISODE = 1_000_000
 RANDOM_REFERENCE_EPISODE = 1_000_001
 
 
-@torch.no_grad()
-def select_kept_rows(policy: RowPolicy, states: Sequence[torch.Tensor], k: int,
-                     selection: str = "sample", seed: int = 0,
-                     protected: Sequence[torch.Tensor] | None = None,
-                     peaks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Pick the kept rows of every layer: with the policy (``sample``, ``topk``) or without it.
-
-    Args:
-        policy: trained SparsityPredictor of shape (n, d).
-        states: per-layer FFN input matrices, each (n, d).
-        k: kept width.
-        selection: ``"sample"`` (paper: multinomial over the relaxed-Bernoulli keep
-            probabilities, seeded), ``"topk"`` (the k largest alpha), ``"uniform"`` (ours: the
-            protected rows and uniformly random others, seeded) or ``"peak"`` (ours: the k neurons
-            with the largest output max-|w|, :func:`peak_kept`). ``uniform`` and ``peak`` do not use
-            the policy (benchmarks/results/quality-perplexity-*.md compares them).
-        seed: seed of the ``sample`` draw.
-        protected: per layer, rows kept whatever the policy says (``protected_rows``; ours); the
-            policy chooses the other ``k - len(protected[i])``.
-        peaks: per layer, max |w| of each neuron's output column, shape (n,); needed by ``peak``.
-    Returns:
-        List of sorted LongTensors of shape (k,), one per layer.
-    Raises:
-        ConfigurationError: unknown selection mode, or ``peak`` without ``peaks``.
-    """
-    validate_selection(selection)
-    if selection == "peak":
-        if peaks is None:
-            raise ConfigurationError("selection 'peak' needs the output peaks of every layer")
-        return [peak_kept(x, k) for x in peaks]
-    kept = []
-    for i, w in enumerate(states):
-        device = next(policy.parameters()).device
-        w = w.to(device)
-        fixed = _protected(protected, i, device)
-        if selection == "uniform":  # the same rows as select_rows("random", ...) with the same seed
-            kept.append(uniform_kept(w.shape[0], k, layer_generator(seed, FINAL_EPISODE, i), fixed.cpu()))
-        elif selection == "topk":
-            logits = policy.logits(w).clone()
-            logits[fixed] = float("inf")
-            kept.append(torch.topk(logits, k).indices.sort().values.cpu())
-        else:
-            gen = layer_generator(seed, FINAL_EPISODE, i, device)  # one stream for eps and the draw, as in training
-            p, _ = policy(w, generator=gen)
-            kept.append(draw_kept(p, k, fixed, generator=gen, layer=i)[0].cpu())
-    return kept
-
-
-def _protected(protected: Sequence[torch.Tensor] | None, layer: int, device) -> torch.Tensor:
-    if protected is None:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return protected[layer].to(device)
-
-
 def uniform_kept(n: int, k: int, generator: torch.Generator, protected: torch.Tensor | None = None) -> torch.Tensor:
     """The protected rows plus uniformly random others, ``k`` in all: sorted LongTensor (k,). With no
     protected rows, the first k of a seeded permutation of range(n)."""
@@ -245,38 +174,202 @@ def draw_kept(probs: torch.Tensor, k: int, protected: torch.Tensor | None = None
     return torch.cat([fixed.to(drawn.device), drawn]).sort().values, drawn
 
 
-def select_rows(method: str, *, k: int, states: Sequence[torch.Tensor], policy: RowPolicy | None = None,
-                selection: str = "sample", seed: int = 0,
-                row_norms: Sequence[torch.Tensor] | None = None,
-                protected: Sequence[torch.Tensor] | None = None,
-                peaks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Kept rows per layer for any method, so comparisons differ only in which rows are kept.
+@dataclass
+class LayerInputs:
+    """What a selector may look at for one decoder layer (ours). Fields a selector does not name in
+    :attr:`Selector.needs` may be None.
+
+    Attributes:
+        index: the layer index i.
+        size: n, the FFN intermediate size (rows of the state).
+        state: the FFN input matrix W_i, (n, d), the policy's input.
+        peaks: max |w| of each neuron's FFN output column, (n,) float32 (``ArchAdapter.output_peaks``).
+        row_norms: L2 norm of each neuron's input weights, (n,) float32 (``ArchAdapter.row_norms``).
+    """
+
+    index: int
+    size: int
+    state: torch.Tensor | None = None
+    peaks: torch.Tensor | None = None
+    row_norms: torch.Tensor | None = None
+
+
+class Selector:
+    """The plug point of the final selection (ours): given one layer's inputs and the kept width k,
+    return the kept rows. One subclass per method, registered by its :attr:`name` in :data:`SELECTIONS`,
+    the one vocabulary of selections (fit configs, ``compress --selection``, plans, benchmarks).
+
+    Protected rows (``protect_outliers``) are an option of every selector: they are kept, and the
+    selector chooses the other ``k - len(protected)``.
+
+    Subclasses set ``name``, ``needs`` (the :class:`LayerInputs` fields they read: ``state``,
+    ``peaks``, ``row_norms``), ``uses_policy`` and implement :meth:`select`.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    uses_policy: ClassVar[bool] = False
+    seed: int = 0
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        """The kept rows of one layer.
+
+        Args:
+            layer: the layer's inputs (the fields in :attr:`needs` are set).
+            k: kept width, 1 <= k <= n.
+            protected: rows that must be kept, sorted LongTensor (m,), m <= k, or None.
+        Returns:
+            Sorted LongTensor of shape (k,) on the CPU.
+        """
+        raise NotImplementedError
+
+
+def _scored(score: torch.Tensor, k: int, protected: torch.Tensor | None) -> torch.Tensor:
+    """The protected rows plus the highest-``score`` others, ``k`` in all: sorted LongTensor (k,)."""
+    score = score.float().clone()
+    if protected is not None and protected.numel():
+        score[protected.to(score.device)] = float("inf")
+    return torch.topk(score, k).indices.sort().values.cpu()
+
+
+class SampleSelector(Selector):
+    """The trained policy's seeded draw (paper, Section 3): k rows drawn without replacement from the
+    relaxed-Bernoulli keep probabilities, the generator seeded by (seed, ``FINAL_EPISODE``, layer).
 
     Args:
-        method: ``prunenet`` (``policy`` + ``selection``), ``random`` (uniform, seeded by
-            (seed, layer)), ``magnitude`` (the k largest ``row_norms[i]``, shape (n,)) or ``peak``
-            (the k largest ``peaks[i]``, shape (n,): :func:`peak_kept`; protected rows are among them).
-        protected: per layer, rows every method keeps (``protected_rows``); the method picks the rest.
-    Returns:
-        One sorted LongTensor of shape (k,) per layer.
-    Raises:
-        ConfigurationError: unknown method or a missing input it needs.
+        policy: the trained policy, shape (n, d).
+        seed: the run's seed.
     """
-    if method == "prunenet":
+
+    name = "sample"
+    needs = frozenset({"state"})
+    uses_policy = True
+
+    def __init__(self, policy: RowPolicy, seed: int = 0) -> None:
+        self.policy, self.seed = policy, int(seed)
+
+    @torch.no_grad()
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        device = next(self.policy.parameters()).device
+        gen = layer_generator(self.seed, FINAL_EPISODE, layer.index, device)  # one stream for eps and the draw
+        p, _ = self.policy(layer.state.to(device), generator=gen)
+        fixed = protected.to(device) if protected is not None else None
+        return draw_kept(p, k, fixed, generator=gen, layer=layer.index)[0].cpu()
+
+
+class TopKSelector(Selector):
+    """The k rows with the largest policy logits (ours: the policy's deterministic choice).
+
+    Args:
+        policy: the trained policy, shape (n, d).
+        seed: recorded only (the choice draws nothing).
+    """
+
+    name = "topk"
+    needs = frozenset({"state"})
+    uses_policy = True
+
+    def __init__(self, policy: RowPolicy, seed: int = 0) -> None:
+        self.policy, self.seed = policy, int(seed)
+
+    @torch.no_grad()
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        device = next(self.policy.parameters()).device
+        return _scored(self.policy.logits(layer.state.to(device)), k, protected)
+
+
+class RandomSelector(Selector):
+    """Uniformly random rows (ours: the baseline every method must beat), seeded by (seed, layer): the
+    first k of a seeded permutation of range(n), protected rows first.
+
+    Args:
+        seed: the draw's seed.
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        return uniform_kept(layer.size, k, layer_generator(self.seed, FINAL_EPISODE, layer.index), protected)
+
+
+class MagnitudeSelector(Selector):
+    """The k neurons with the largest input-weight L2 norm (gated FFNs: gate and up rows together;
+    ours, the usual magnitude baseline). Deterministic."""
+
+    name = "magnitude"
+    needs = frozenset({"row_norms"})
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = 0  # draws nothing: recorded as 0 whatever is asked
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        return _scored(layer.row_norms, k, protected)
+
+
+class PeakSelector(Selector):
+    """The k neurons whose FFN output column has the largest max-|w| (ours, :func:`peak_kept`).
+    Deterministic. The protected rows are the top of the same ranking, so they are among these."""
+
+    name = "peak"
+    needs = frozenset({"peaks"})
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = 0
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        kept = peak_kept(layer.peaks, k)
+        if protected is not None and not bool(torch.isin(protected.cpu(), kept).all()):
+            return _scored(layer.peaks, k, protected)  # protected rows ranked by other peaks: keep them anyway
+        return kept
+
+
+#: Every selection by name: the one vocabulary (``slicing.selection`` of a fit, ``compress --selection``,
+#: the plan's ``selection``, the benchmarks).
+SELECTIONS: dict[str, type[Selector]] = {cls.name: cls for cls in (
+    SampleSelector, TopKSelector, RandomSelector, MagnitudeSelector, PeakSelector)}
+#: The selections that need a trained policy (what a fit's ``slicing.selection`` may be).
+POLICY_SELECTIONS = tuple(name for name, cls in SELECTIONS.items() if cls.uses_policy)
+
+
+def validate_selection(selection: str, name: str = "selection", allowed: Sequence[str] | None = None) -> str:
+    """Return ``selection`` if it is one of ``allowed`` (default: every name in :data:`SELECTIONS`).
+
+    Raises:
+        ConfigurationError: anything else, named by ``name`` (the option the user set).
+    """
+    allowed = tuple(allowed or SELECTIONS)
+    if selection not in allowed:
+        raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}, got {selection!r}")
+    return selection
+
+
+def build_selector(selection: str, *, policy: RowPolicy | None = None, seed: int = 0,
+                   name: str = "selection") -> Selector:
+    """The selector of registry name ``selection``.
+
+    Raises:
+        ConfigurationError: an unknown name, or a policy selection without a policy.
+    """
+    cls = SELECTIONS[validate_selection(selection, name)]
+    if cls.uses_policy:
         if policy is None:
-            raise ConfigurationError("method 'prunenet' needs a policy")
-        return select_kept_rows(policy, states, k, selection, seed, protected, peaks)
-    if method == "peak":
-        return select_kept_rows(policy, states, k, "peak", seed, protected, peaks)
-    if method == "random":
-        return [uniform_kept(w.shape[0], k, layer_generator(seed, FINAL_EPISODE, i), _protected(protected, i, "cpu"))
-                for i, w in enumerate(states)]
-    if method == "magnitude":
-        if row_norms is None:
-            raise ConfigurationError("method 'magnitude' needs the row norms of the FFN input matrices")
-        scores = [norms.float().clone() for norms in row_norms]
-    else:
-        raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
-    for i, score in enumerate(scores):
-        score[_protected(protected, i, score.device)] = float("inf")
-    return [torch.topk(score, k).indices.sort().values for score in scores]
+            raise ConfigurationError(f"{name} {selection!r} needs a trained policy")
+        return cls(policy, seed)
+    return cls(seed)
+
+
+def select_layers(selector: Selector, layers: Iterable[LayerInputs], k: int,
+                  protected: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Kept rows of every layer by ``selector``: one sorted LongTensor (k,) per layer, on the CPU.
+
+    Args:
+        layers: each layer's inputs, in layer order.
+        k: kept width.
+        protected: per layer, rows always kept (``protected_rows``), or None.
+    """
+    if selector.uses_policy:
+        selector.policy.eval()
+    return [selector.select(layer, k, None if protected is None else protected[layer.index]) for layer in layers]

@@ -163,9 +163,37 @@ def model_states(model, adapter: ArchAdapter | None = None) -> tuple[list[torch.
 
 def load_output_peaks(model_name_or_path: str, trust_remote_code: bool = False) -> list[torch.Tensor]:
     """Per layer, max |w| of each FFN neuron's output column, shape (n,) float32 (ours: what
-    ``selection.protected_rows`` ranks). Streamed from a local safetensors checkpoint one tensor at a
-    time when it can be; otherwise the model is loaded with transformers.
+    ``selection.protected_rows`` and the ``peak`` selection rank). See :func:`per_layer`.
 
+    Raises:
+        ModelLoadError, UnsupportedModelError: see ``loading`` and ``arch``.
+    """
+    return per_layer(model_name_or_path, trust_remote_code, lambda a, layer: [a.output_module(layer)],
+                     lambda a, weights: a.output_peaks(weights[0]))
+
+
+def load_row_norms(model_name_or_path: str, trust_remote_code: bool = False) -> list[torch.Tensor]:
+    """Per layer, the L2 norm of each FFN neuron's input weights, shape (n,) float32 (the ``magnitude``
+    selection; ``ArchAdapter.row_norms_of``). See :func:`per_layer`.
+
+    Raises:
+        ModelLoadError, UnsupportedModelError: see ``loading`` and ``arch``.
+    """
+    return per_layer(model_name_or_path, trust_remote_code, lambda a, layer: a.input_modules(layer),
+                     lambda a, weights: a.row_norms_of(weights))
+
+
+def per_layer(model_name_or_path: str, trust_remote_code: bool, modules, reduce) -> list[torch.Tensor]:
+    """One statistic per decoder layer, from the stored weights of some of its modules.
+
+    Streamed from a local safetensors checkpoint one layer at a time (no model built) when the names
+    match; otherwise the model is loaded with transformers.
+
+    Args:
+        modules: ``(adapter, layer) -> [nn.Module]``, the modules (of a meta model) whose weights are read.
+        reduce: ``(adapter, [weight]) -> Tensor``, the statistic from their stored weights.
+    Returns:
+        One tensor per layer, as ``reduce`` returns it.
     Raises:
         ModelLoadError, UnsupportedModelError: see ``loading`` and ``arch``.
     """
@@ -176,20 +204,82 @@ def load_output_peaks(model_name_or_path: str, trust_remote_code: bool = False) 
         adapter = get_adapter(config)
         model = meta_model(config)
         names = {id(p): n for n, p in model.named_parameters()}
-        wanted = [names[id(adapter.output_module(layer).weight)] for layer in adapter.layers(model)]
+        wanted = [[names[id(m.weight)] for m in modules(adapter, layer)] for layer in adapter.layers(model)]
         try:
-            mapping = match_keys(wanted, list(files))
+            mapping = match_keys([n for group in wanted for n in group], list(files))
         except KeyError:
             mapping = None
         if mapping is not None:
             from safetensors import safe_open
 
-            peaks = []
-            for name in wanted:
-                key = mapping[name]
-                with safe_open(Path(path) / files[key], framework="pt") as f:
-                    peaks.append(adapter.output_peaks(f.get_tensor(key)))
-            return peaks
+            out = []
+            for group in wanted:
+                weights = []
+                for name in group:
+                    key = mapping[name]
+                    with safe_open(Path(path) / files[key], framework="pt") as f:
+                        weights.append(f.get_tensor(key))
+                out.append(reduce(adapter, weights))
+            return out
     model = loading.load_model(model_name_or_path, trust_remote_code=trust_remote_code)
     adapter = get_adapter(model.config)
-    return [adapter.output_peaks(adapter.output_module(layer).weight) for layer in adapter.layers(model)]
+    return [reduce(adapter, [m.weight for m in modules(adapter, layer)]) for layer in adapter.layers(model)]
+
+
+class SelectionInputs:
+    """The per-layer inputs of a selection (``selection.LayerInputs``) of one source model, each kind
+    read once, on first use, by the loaders above (streamed from safetensors where they can be): the
+    states, the output peaks, the row norms. The fit hands over what it already holds.
+
+    Args:
+        source: asset name, folder or hub id.
+        dtype, trust_remote_code, low_memory: see :func:`load_ffn_states`.
+        states, peaks: already loaded per-layer states (n, d) / peaks (n,), if any.
+        fingerprint: the states' ``plan.ffn_fingerprint``, if known.
+    """
+
+    def __init__(self, source: str, dtype: str = "auto", trust_remote_code: bool = False,
+                 low_memory: bool | None = None, *, states: Sequence[torch.Tensor] | None = None,
+                 peaks: Sequence[torch.Tensor] | None = None, fingerprint: str | None = None) -> None:
+        self.source, self.dtype, self.trust_remote_code, self.low_memory = source, dtype, trust_remote_code, low_memory
+        self._states, self._peaks, self._norms, self._fingerprint = states, peaks, None, fingerprint
+
+    @property
+    def states(self) -> Sequence[torch.Tensor]:
+        """Per layer, the FFN input matrix (n, d) in the checkpoint dtype (or ``dtype``)."""
+        if self._states is None:
+            self._states = load_ffn_states(self.source, self.dtype, self.trust_remote_code, self.low_memory)[0]
+        return self._states
+
+    @property
+    def peaks(self) -> Sequence[torch.Tensor]:
+        """Per layer, max |w| of each neuron's output column, (n,) float32."""
+        if self._peaks is None:
+            self._peaks = load_output_peaks(self.source, self.trust_remote_code)
+        return self._peaks
+
+    @property
+    def row_norms(self) -> Sequence[torch.Tensor]:
+        """Per layer, the L2 norm of each neuron's input weights, (n,) float32."""
+        if self._norms is None:
+            self._norms = load_row_norms(self.source, self.trust_remote_code)
+        return self._norms
+
+    def fingerprint(self) -> str:
+        """``plan.ffn_fingerprint`` of the states (the plan's ``source_ffn_sha256``)."""
+        if self._fingerprint is None:
+            from prunenet.plan import ffn_fingerprint
+
+            self._fingerprint = ffn_fingerprint(self.states)
+        return self._fingerprint
+
+    def layers(self, needs: frozenset[str] | set[str]):
+        """Yield one ``selection.LayerInputs`` per layer with the fields in ``needs`` set."""
+        from prunenet.selection import LayerInputs
+
+        states = self.states  # the layer count and n come from the states, which every plan fingerprints
+        for i in range(len(states)):
+            state = states[i]
+            yield LayerInputs(index=i, size=int(state.shape[0]), state=state if "state" in needs else None,
+                              peaks=self.peaks[i] if "peaks" in needs else None,
+                              row_norms=self.row_norms[i] if "row_norms" in needs else None)

@@ -165,9 +165,14 @@ class ArchAdapter:
         For gated FFNs the norm covers the neuron's gate row AND up row together,
         ``sqrt(||gate_j||^2 + ||up_j||^2)`` (fused gate_up: both halves); bias is excluded.
         """
+        return self.row_norms_of([mod.weight for mod in self.input_modules(layer)])
+
+    def row_norms_of(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`row_norms` from the stored weights of the layer's FFN input modules (in
+        :meth:`input_modules` order, as a checkpoint stores them), shape (n,) float32."""
         total = None
-        for mod in self.input_modules(layer):
-            w = mod.weight.detach().float()
+        for w in weights:
+            w = w.detach().float()
             w = w.t() if self.conv1d else w
             sq = (w * w).sum(dim=1)
             if self.fused_gate_up:

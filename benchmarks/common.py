@@ -14,7 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 #: The fit config of each embedded model the quality benchmarks run (the shipped defaults).
-CONFIGS = {"smollm2-135m": "configs/smollm2.yaml", "gemma3-270m": "configs/gemma3.yaml"}
+#: The shipped default of each embedded model: its compress config (what ``make demo`` runs).
+CONFIGS = {"smollm2-135m": "configs/compress/smollm2.yaml", "gemma3-270m": "configs/compress/gemma3.yaml"}
 #: Benchmark methods that draw nothing: one run per ratio, recorded under seed 0.
 DETERMINISTIC = ("magnitude", "peak")
 #: protect_outliers of the quality benchmarks' ``+protect`` methods.
@@ -22,23 +23,38 @@ PROTECT = 0.01
 
 
 def config_method(config: dict) -> str | None:
-    """The quality benchmarks' name of what a fit config (parsed YAML) selects: ``peak``, ``random`` or
-    ``random+protect`` (uniform draws, protect_outliers 0 or :data:`PROTECT`); None for anything else
-    (a trained policy, another protected share), which no benchmark method reproduces exactly."""
-    selection = (config.get("slicing") or {}).get("selection", "sample")
-    protect = (config.get("model") or {}).get("protect_outliers", 0)
+    """The quality benchmarks' name of what a compress config (parsed YAML) selects: the selection's own
+    name (``peak``, ``random``, ``magnitude``), ``+protect`` where it protects :data:`PROTECT` of the
+    neurons (``peak`` protects within its own ranking, so it stays ``peak``); None for anything no
+    benchmark method reproduces exactly (another protected share, a policy)."""
+    selection = config.get("selection", "peak")
+    protect = config.get("protect_outliers") or 0
     if selection == "peak":
         return "peak"
-    if selection == "uniform" and protect in (0, PROTECT):
-        return "random+protect" if protect else "random"
+    if selection in ("random", "magnitude") and protect in (0, PROTECT):
+        return f"{selection}+protect" if protect else selection
     return None
 
 
 def default_method(model: str) -> str | None:
-    """:func:`config_method` of the shipped config of ``model`` (:data:`CONFIGS`)."""
+    """:func:`config_method` of the shipped compress config of ``model`` (:data:`CONFIGS`)."""
     import yaml
 
     return config_method(yaml.safe_load((REPO / CONFIGS[model]).read_text()))
+
+
+def select_rows(selection: str, k: int, seed: int = 0, states=None, peaks=None, row_norms=None,
+                protected=None) -> list:
+    """Kept rows per layer by a closed-form selection (``selection.SELECTIONS``) from per-layer inputs given
+    as lists (states (n, d), peaks (n,), row_norms (n,); what the selector needs), through the library's
+    Selector: one sorted LongTensor (k,) per layer."""
+    from prunenet.selection import LayerInputs, build_selector, select_layers
+
+    given = next(x for x in (states, peaks, row_norms) if x is not None)
+    layers = [LayerInputs(index=i, size=int(given[i].shape[0]), state=None if states is None else states[i],
+                          peaks=None if peaks is None else peaks[i], row_norms=None if row_norms is None else row_norms[i])
+              for i in range(len(given))]
+    return select_layers(build_selector(selection, seed=seed), layers, k, protected)
 
 
 def load_records(path: Path, key_names: tuple[str, ...]) -> dict[tuple, dict]:

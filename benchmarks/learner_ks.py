@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     random_ks = []
     for seed in range(args.random_seeds):
         folder = work / f"random-{seed}"
-        _run("prunenet.compress", "--method", "random", "--seed", str(seed), "--model", args.model,
+        _run("prunenet.compress", "--selection", "random", "--seed", str(seed), "--model", args.model,
              "--compression_ratio", r, "--output_dir", str(folder))
         random_ks.append(score(folder))
     mean, std = statistics.fmean(random_ks), statistics.stdev(random_ks)

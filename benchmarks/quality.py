@@ -8,15 +8,15 @@ For every ratio r, seed s and method, prunes through the product's own commands,
 differ only in which rows are kept, then evaluates the paper's five zero-shot tasks (first
 ``--limit`` documents of each) and perplexity with ``prunenet.evaluation``:
 
-- ``peak``: ``prunenet.compress --method peak`` (the neurons with the largest output max-|w|;
+- ``peak``: ``prunenet.compress --selection peak`` (the neurons with the largest output max-|w|;
   deterministic: one run per ratio);
-- ``random+protect``: ``prunenet.compress --method random --protect_outliers 0.01 --seed s`` (the 1%
-  of neurons with the largest output max-|w| kept, the rest uniform: the same rows as a fit with
-  ``--slicing.selection=uniform --model.protect_outliers=0.01`` and seed s);
+- ``random+protect``: ``prunenet.compress --selection random --protect_outliers 0.01 --seed s`` (the 1%
+  of neurons with the largest output max-|w| kept, the rest uniform: the same rows for the same seed
+  whichever command draws them);
 - ``paper``: ``prunenet.fit --config configs/paper.yaml`` (the paper's algorithm, ``--episodes``
   episodes) with seed s;
-- ``random``: ``prunenet.compress --method random --seed s`` (uniform rows);
-- ``magnitude``: ``prunenet.compress --method magnitude`` (deterministic: one run per ratio).
+- ``random``: ``prunenet.compress --selection random --seed s`` (uniform rows);
+- ``magnitude``: ``prunenet.compress --selection magnitude`` (deterministic: one run per ratio).
 
 The report marks the method the shipped config (configs/<model>.yaml) selects as the default.
 
@@ -54,7 +54,7 @@ def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Pa
     else:
         base, _, protect = method.partition("+")
         run_measured(["-m", "prunenet.compress", "--model", model, "--compression_ratio", str(r), "--output_dir",
-                      str(out), "--seed", str(seed), "--overwrite", "--method", base,
+                      str(out), "--seed", str(seed), "--overwrite", "--selection", base,
                       *(["--protect_outliers", str(PROTECT)] if protect else [])])
     return out
 
@@ -166,7 +166,7 @@ def write_report(output: Path, records: dict, dense: dict, args, argv) -> None:
              "over seeds (peak and magnitude are deterministic). One task's standard error at 200 documents is about 3.5 "
              "points, the five-task average's about 1.5. Retention = pruned average / dense average. Perplexity: "
              f"{ppl['corpus']} ({ppl['tokens']} tokens, context {ppl['context_length']}). KS: mean over layers of "
-             "KS(sv(W_gate), sv(W_gate[kept])), the paper's objective. `(default)`: what configs/"
+             "KS(sv(W_gate), sv(W_gate[kept])), the paper's objective. `(default)`: what configs/compress/"
              f"{Path(CONFIGS[args.model]).name} selects; `+protect`: protect_outliers {PROTECT:g}; `paper` = "
              f"configs/paper.yaml, {args.episodes} episodes. No fine-tuning after pruning.\n\n")
     text += table(["method", "r", "runs", *ZERO_SHOT_TASKS, "avg", "retention %", "perplexity", "KS"], rows)

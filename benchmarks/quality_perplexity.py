@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, header, load_records, table
+from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, header, load_records, select_rows, table
 
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from prunenet.arch import get_adapter
     from prunenet.evaluation.perplexity import PerplexitySettings, perplexity
     from prunenet.reward import ks_statistic, singular_values
-    from prunenet.selection import kept_width, protected_rows, select_rows
+    from prunenet.selection import kept_width, protected_rows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(CONFIGS))
@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     paper = {**model_section("configs/paper.yaml"), "model_name_or_path": args.model}
     learned = {**model_section("configs/learned.yaml"), "model_name_or_path": args.model}
     if args.model == "gemma3-270m":  # what the family's config sets beyond the algorithm (none today)
-        family = {k: v for k, v in model_section(CONFIGS[args.model]).items()
-                  if k not in ("policy", "reward", "learner", "protect_outliers", "learning_rate")}
+        family = {k: v for k, v in model_section(f"configs/{name}.yaml").items()
+                  if k not in ("policy", "reward", "learner", "protect_outliers", "learning_rate", "model_name_or_path",
+                               "compression_ratio")}
         paper.update(family)
         learned.update(family)
     protect = args.protect
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                     if method in trained:
                         kept = train_policy(trained[method], r, s, args.episodes)
                     else:
-                        kept = select_rows(method.split("+")[0], k=k, states=gates, seed=s, row_norms=row_norms,
-                                           protected=protected if method.endswith("+protect") else None, peaks=peaks)
+                        kept = select_rows(method.split("+")[0], k, s, states=gates, row_norms=row_norms, peaks=peaks,
+                                           protected=protected if method.endswith("+protect") else None)
                     fit_s = time.perf_counter() - t0
                     for mask, rows in zip(masks, kept):
                         mask.zero_()

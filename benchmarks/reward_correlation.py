@@ -4,7 +4,7 @@ selections (issue 14, item 2), before training anything on a candidate reward.
     python -m benchmarks.reward_correlation --model smollm2-135m --selections 24 [--ratio 0.3]
         [--tokens 16384] [--output benchmarks/results/reward-correlation-smollm2.md]
 
-For each seed, uniformly random kept rows (``--method random`` of compress, seeded the same way) are
+For each seed, uniformly random kept rows (``--selection random`` of compress, seeded the same way) are
 scored by every candidate below, computed from the weights alone, and the model with those rows
 removed (removed neurons zeroed at the FFN output: the same function as the sliced model, see the
 test suite) is scored by perplexity on the SQuAD-dev Wikipedia text. The table gives, per candidate,
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     from prunenet import loading
     from prunenet.arch import get_adapter
     from prunenet.evaluation.perplexity import PerplexitySettings, perplexity
-    from prunenet.selection import kept_width, select_rows
+    from benchmarks.common import select_rows
+    from prunenet.selection import kept_width
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     reference: dict = {}
     stale = [seed for seed, rec in done.items() if any(c not in rec for c in WEIGHT_CANDIDATES)]
     for seed in stale:  # a candidate added later: weight-only, so score the recorded selections again
-        kept = select_rows("random", k=k, states=[g for g, _, _ in ffns], seed=seed)
+        kept = select_rows("random", k, seed, states=[g for g, _, _ in ffns])
         done[seed].update(weight_scores(ffns, kept, reference))
     if stale:
         others = [json.dumps(rec) for key, rec in recorded.items() if key[:3] != this_run]
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(args.selections):
             if seed in done:
                 continue
-            kept = select_rows("random", k=k, states=[g for g, _, _ in ffns], seed=seed)
+            kept = select_rows("random", k, seed, states=[g for g, _, _ in ffns])
             for mask, rows in zip(masks, kept):
                 mask.zero_()
                 mask[rows] = 1.0

@@ -14,8 +14,9 @@ from prunenet.arch import get_adapter
 from prunenet.artifacts import PLAN_FILE
 from prunenet.compress import main as compress_main
 from prunenet.errors import ConfigurationError
-from prunenet.selection import (FINAL_EPISODE, draw_kept, kept_width, layer_generator, protected_rows, select_rows,
-                                uniform_kept)
+from benchmarks.common import select_rows
+from prunenet.selection import (FINAL_EPISODE, LayerInputs, build_selector, draw_kept, kept_width, layer_generator,
+                                protected_rows, select_layers, uniform_kept)
 from prunenet.states import load_output_peaks
 from tests.conftest import fit_in_process, one_line_error, run_fit
 from tests.tiny import TINY_FAMILIES, tiny_model
@@ -70,7 +71,7 @@ def test_every_method_keeps_the_protected_rows():
     norms = [w.norm(dim=1) for w in states]
     protected = [torch.tensor([0, 7, 39]), torch.tensor([5]), torch.tensor([], dtype=torch.long)]
     for method in ("random", "magnitude"):
-        kept = select_rows(method, k=k, states=states, row_norms=norms, seed=3, protected=protected)
+        kept = select_rows(method, k, 3, states=states, row_norms=norms, protected=protected)
         for rows, fixed in zip(kept, protected):
             assert rows.numel() == k == rows.unique().numel()
             assert set(fixed.tolist()) <= set(rows.tolist()), method
@@ -83,7 +84,7 @@ def test_every_method_keeps_the_protected_rows():
 def test_random_without_protection_is_the_seeded_permutation_prefix():
     """Seeds of earlier results (benchmarks/results) pick the same rows as before protection existed."""
     states = [torch.zeros(37, 4), torch.zeros(37, 4)]
-    kept = select_rows("random", k=10, states=states, seed=5)
+    kept = select_rows("random", 10, 5, states=states)
     for i, rows in enumerate(kept):
         old = torch.randperm(37, generator=layer_generator(5, FINAL_EPISODE, i))[:10].sort().values
         assert torch.equal(rows, old)
@@ -92,7 +93,7 @@ def test_random_without_protection_is_the_seeded_permutation_prefix():
 
 def test_compress_random_with_protection_keeps_the_top_peaks_and_records_it(tiny_dir, tmp_path):
     out = tmp_path / "r"
-    compress_main(["--method", "random", "--model", str(tiny_dir), "--compression_ratio", "0.5",
+    compress_main(["--selection", "random", "--model", str(tiny_dir), "--compression_ratio", "0.5",
                    "--protect_outliers", "0.2", "--output_dir", str(out)])
     plan = json.loads((out / PLAN_FILE).read_text())
     assert plan["protect_outliers"] == 0.2
@@ -137,7 +138,7 @@ def test_a_fit_with_protection_keeps_them_in_every_draw_and_in_its_plan(tiny_dir
 
 @pytest.mark.parametrize("args, entry", [
     (["--model.protect_outliers=1.5"], "prunenet.fit"),
-    (["--protect_outliers", "-0.1", "--method", "random", "--compression_ratio", "0.3"], "prunenet.compress"),
+    (["--protect_outliers", "-0.1", "--selection", "random", "--compression_ratio", "0.3"], "prunenet.compress"),
 ])
 def test_bad_protect_fraction_is_a_one_line_error(args, entry, tiny_dir, tmp_path, extra_args):
     where = (["--model.model_name_or_path", str(tiny_dir), f"--trainer.default_root_dir={tmp_path}"]
@@ -147,57 +148,51 @@ def test_bad_protect_fraction_is_a_one_line_error(args, entry, tiny_dir, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-def test_uniform_selection_is_the_random_method_with_the_same_seed_and_ignores_the_policy():
-    from prunenet.policy import build_policy
-    from prunenet.selection import select_kept_rows
-
+def test_random_selection_keeps_the_protected_rows_and_ignores_any_policy():
+    """``random`` needs no policy and is the same rows whoever draws them (the fit's former ``uniform``)."""
     gen = torch.Generator().manual_seed(0)
     states = [torch.randn(N, 6, generator=gen) for _ in range(2)]
     protected = [torch.tensor([3, 30]), torch.tensor([0])]
-    a, b = build_policy("sparsity_predictor", N, 6), build_policy("sparsity_predictor", N, 6)
-    with torch.no_grad():
-        for p in b.parameters():
-            p.add_(torch.randn(p.shape, generator=gen))  # another policy: same uniform rows
-    rows_a = select_kept_rows(a, states, 20, "uniform", seed=4, protected=protected)
-    rows_b = select_kept_rows(b, states, 20, "uniform", seed=4, protected=protected)
-    expected = select_rows("random", k=20, states=states, seed=4, protected=protected)
-    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(rows_a, rows_b, expected))
-    assert {3, 30} <= set(rows_a[0].tolist()) and 0 in rows_a[1].tolist()
+    layers = [LayerInputs(index=i, size=N, state=w) for i, w in enumerate(states)]
+    rows = select_layers(build_selector("random", seed=4), layers, 20, protected)
+    expected = [uniform_kept(N, 20, layer_generator(4, FINAL_EPISODE, i), p) for i, p in enumerate(protected)]
+    assert all(torch.equal(x, y) for x, y in zip(rows, expected))
+    assert {3, 30} <= set(rows[0].tolist()) and 0 in rows[1].tolist()
+    with pytest.raises(ConfigurationError, match="selection 'sample' needs a trained policy"):
+        build_selector("sample", seed=4)
 
 
 def test_peak_selection_keeps_the_largest_output_peaks_and_contains_the_protected_rows():
-    from prunenet.selection import peak_kept, select_kept_rows
+    from prunenet.selection import peak_kept
 
     gen = torch.Generator().manual_seed(2)
     peaks = [torch.rand(N, generator=gen) for _ in range(2)]  # continuous: no ties
-    states = [torch.zeros(N, 6) for _ in peaks]
     for k in (1, 20, N):
         oracle = [sorted(torch.argsort(p, descending=True)[:k].tolist()) for p in peaks]
-        assert [rows.tolist() for rows in select_rows("peak", k=k, states=states, peaks=peaks)] == oracle
+        assert [rows.tolist() for rows in select_rows("peak", k, peaks=peaks)] == oracle
         assert [peak_kept(p, k).tolist() for p in peaks] == oracle
     # protect_outliers ranks by the same peaks, so its rows are always among the peak selection's.
     assert set(protected_rows(peaks[0], 0.2).tolist()) <= set(peak_kept(peaks[0], 20).tolist())
-    with pytest.raises(ConfigurationError, match="selection 'peak' needs the output peaks"):
-        select_kept_rows(None, states, 20, "peak")
+    # Rows protected for another reason are kept too (the rest by peak).
+    rows = select_rows("peak", 20, peaks=peaks, protected=[torch.argsort(peaks[0])[:2], torch.tensor([], dtype=torch.long)])
+    assert set(torch.argsort(peaks[0])[:2].tolist()) <= set(rows[0].tolist()) and rows[0].numel() == 20
 
 
-def test_fit_and_compress_with_peak_keep_the_largest_output_peaks(tiny_dir, tmp_path, extra_args, monkeypatch):
-    """The data-free ``peak`` rule through both entry points: no training needed (max_epochs 0),
-    the same rows as the oracle (the tiny model's float32 peaks have no ties)."""
+def test_compress_with_peak_keeps_the_largest_output_peaks_and_a_fit_refuses_peak(tiny_dir, tmp_path, extra_args,
+                                                                                  monkeypatch):
+    """The data-free ``peak`` rule is a compress run (the same rows as the oracle: the tiny model's float32
+    peaks have no ties); a fit, which trains a policy, refuses it and a zero-episode budget, before any work."""
     weights = load_file(tiny_dir / "model.safetensors")
     k = kept_width(N, 0.3)
     oracle = {str(i): sorted(torch.argsort(_peaks(weights, i), descending=True)[:k].tolist()) for i in range(3)}
-    compress_main(["--method", "peak", "--model", str(tiny_dir), "--compression_ratio", "0.3",
+    compress_main(["--selection", "peak", "--model", str(tiny_dir), "--compression_ratio", "0.3",
                    "--output_dir", str(tmp_path / "c")])
-    assert json.loads((tmp_path / "c" / PLAN_FILE).read_text())["kept_indices"] == oracle
-    fit_in_process(["--model.model_name_or_path", str(tiny_dir), "--model.compression_ratio=0.3",
-                    "--trainer.max_epochs=0", "--slicing.selection=peak", f"--trainer.default_root_dir={tmp_path}",
-                    f"--slicing.output_dir={tmp_path / 'f'}"], extra_args, monkeypatch)
-    plan = json.loads((tmp_path / "f" / PLAN_FILE).read_text())
-    assert plan["kept_indices"] == oracle and plan["selection"] == "peak"
-    # That fit trained nothing: reusing its policy for a policy selection says so.
-    from prunenet.errors import PruneNetWarning
-
-    with pytest.warns(PruneNetWarning, match=r"never trained \(0 episodes\)"):
-        compress_main(["--policy", str(tmp_path / "f"), "--model", str(tiny_dir), "--compression_ratio", "0.3",
-                       "--output_dir", str(tmp_path / "p")])
+    plan = json.loads((tmp_path / "c" / PLAN_FILE).read_text())
+    assert plan["kept_indices"] == oracle and plan["selection"] == "peak" and "method" not in plan
+    base = ["--model.model_name_or_path", str(tiny_dir), f"--trainer.default_root_dir={tmp_path / 'logs'}",
+            f"--slicing.output_dir={tmp_path / 'f'}"]
+    with pytest.raises(ConfigurationError, match="slicing.selection 'peak' does not use the policy.*prunenet.compress"):
+        fit_in_process([*base, "--slicing.selection=peak"], extra_args, monkeypatch)
+    with pytest.raises(ConfigurationError, match="trainer.max_epochs must be >= 1 episode, got 0.*prunenet.compress"):
+        fit_in_process([*base, "--trainer.max_epochs=0"], extra_args, monkeypatch)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "logs").exists()

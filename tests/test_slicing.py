@@ -14,7 +14,7 @@ from prunenet.artifacts import PLAN_FILE, POLICY_FILE, atomic_write_dir
 from prunenet.errors import ConfigurationError, InvalidProbabilitiesError, OutputExistsError
 from prunenet.export import save_pruned
 from prunenet.policy import SparsityPredictor
-from prunenet.selection import kept_width, sample_rows, select_kept_rows
+from prunenet.selection import SELECTIONS, LayerInputs, build_selector, kept_width, sample_rows, select_layers
 from prunenet.slicing import count_parameters, slice_model
 from tests.conftest import assert_logits_match, assert_same_weights
 from tests.tiny import tiny_llama
@@ -167,23 +167,43 @@ def test_slice_model_refuses_bad_indices_without_touching_weights(kept, match):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_select_kept_rows_sample_and_topk():
+def _policy_rows(policy, states, k, selection, seed=0):
+    layers = [LayerInputs(index=i, size=w.shape[0], state=w) for i, w in enumerate(states)]
+    return select_layers(build_selector(selection, policy=policy, seed=seed), layers, k)
+
+
+def test_policy_selections_sample_and_topk():
     torch.manual_seed(0)
     policy = SparsityPredictor(37, 24)
     states = [torch.randn(37, 24, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    a = select_kept_rows(policy, states, 25, "sample", seed=4)
-    b = select_kept_rows(policy, states, 25, "sample", seed=4)
-    c = select_kept_rows(policy, states, 25, "sample", seed=5)
+    a = _policy_rows(policy, states, 25, "sample", seed=4)
+    b = _policy_rows(policy, states, 25, "sample", seed=4)
+    c = _policy_rows(policy, states, 25, "sample", seed=5)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert any(not torch.equal(x, y) for x, y in zip(a, c))
     for idx in a:
         assert idx.shape == (25,) and idx.unique().numel() == 25 and torch.equal(idx, idx.sort().values)
-    top = select_kept_rows(policy, states, 25, "topk")
+    top = _policy_rows(policy, states, 25, "topk")
     for w, idx in zip(states, top):
         z = policy.logits(w)
         assert float(z[idx].min()) >= float(z[[j for j in range(37) if j not in set(idx.tolist())]].max())
-    with pytest.raises(ConfigurationError, match="selection"):
-        select_kept_rows(policy, states, 25, "greedy")
+    with pytest.raises(ConfigurationError, match="selection must be one of sample, topk, random, magnitude, peak, "
+                                                 "got 'greedy'"):
+        build_selector("greedy", policy=policy)
+
+
+def test_one_selection_vocabulary():
+    """Every selection has one name, used by fit configs, compress, plans and benchmarks; no second list of
+    names exists in the code (the registry is built from the classes)."""
+    import re
+    from pathlib import Path
+
+    assert list(SELECTIONS) == ["sample", "topk", "random", "magnitude", "peak"]
+    assert all(cls.name == name for name, cls in SELECTIONS.items())
+    root = Path(__file__).resolve().parents[1]
+    code = "\n".join(p.read_text() for d in ("prunenet", "callbacks", "benchmarks") for p in (root / d).rglob("*.py"))
+    assert not re.search(r"SELECTION_MODES|\bMETHODS = \(\"prunenet\"|\"uniform\"\)", code)
+    assert re.findall(r'choices=list\(SELECTIONS\)', code)  # compress offers the registry itself
 
 
 # ----------------------------------------------------------------------------- save + plain reload
@@ -216,7 +236,9 @@ def test_round_trip_through_plain_from_pretrained(tmp_path, tied, plain_load, ze
     saved_plan = json.loads((out / PLAN_FILE).read_text())
     assert saved_plan["kept_indices"] == {str(i): idx.tolist() for i, idx in enumerate(kept)}
     saved_policy = torch.load(out / POLICY_FILE, weights_only=True)
-    assert saved_policy["meta"] == {"policy": "sparsity_predictor", "intermediate_size": n}  # the class, to rebuild it
+    assert saved_policy["meta"] == {"policy": "sparsity_predictor", "intermediate_size": n,  # the class, to rebuild it
+                                    "plug_points": {"policy": {"class_path": "prunenet.policy.SparsityPredictor",
+                                                               "init_args": {}}}}
     for key, value in policy.state_dict().items():
         assert torch.equal(saved_policy["state_dict"][key], value)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers

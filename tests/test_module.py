@@ -126,8 +126,11 @@ def test_topk_selection_keeps_highest_alpha(tiny_dir, tmp_path, monkeypatch):
     ({"compression_ratio": -0.1}, ConfigurationError, "-0.1"),
     ({"compression_ratio": 1.0}, ConfigurationError, "1.0"),
     ({"compression_ratio": 0.99}, ConfigurationError, "0.99"),
-    ({"gamma": 0.0}, ConfigurationError, "gamma"),
-    ({"spectra_dtype": "float16"}, ConfigurationError, "float16"),
+    ({"learner": {"class_path": "PaperLearner", "init_args": {"gamma": 0.0}}}, ConfigurationError, "gamma"),
+    ({"reward": {"class_path": "ks_gate", "init_args": {"spectra_dtype": "float16"}}}, ConfigurationError, "float16"),
+    ({"policy": {"class_path": "row_mlp", "init_args": {"widht": 3}}}, ConfigurationError,
+     "model.policy: .*unexpected keyword argument 'widht'"),
+    ({"policy": {"class_path": "row_mlp", "init_args": {"width": 0}}}, ConfigurationError, "width must be"),
     ({"learning_rate": 0.0}, ConfigurationError, "learning_rate"),
 ])
 def test_module_rejects_bad_arguments(tiny_dir, kwargs, exc, match):
@@ -166,8 +169,9 @@ def test_folded_episode_gradient_equals_the_full_graph_gradient(tiny_dir, policy
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
     L.seed_everything(3, verbose=False)
-    module = PruneNetModule(str(tiny_dir), compression_ratio=0.3, gamma=0.9, use_kld=use_kld, policy=policy_name,
-                            learner=learner)
+    learner_args = {"use_kld": use_kld, **({"gamma": 0.9} if learner == "paper" else {})}
+    module = PruneNetModule(str(tiny_dir), compression_ratio=0.3, policy=policy_name,
+                            learner={"class_path": learner, "init_args": learner_args})
     policy = type(module.policy)(N, D)
     policy.load_state_dict(module.policy.state_dict())
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -268,8 +272,32 @@ def test_plug_points_by_name_and_unknown_names(tiny_dir):
     module = PruneNetModule(str(tiny_dir), policy="row_mlp", reward="ks_gate", learner="paper")
     assert type(module.policy).__name__ == "RowMLP" and module.hparams.policy == "row_mlp"
     for key, bad in (("policy", "linear"), ("reward", "ks_down"), ("learner", "ppo")):
-        with pytest.raises(ConfigurationError, match=rf"{key} must be one of .* got '{bad}'"):
+        with pytest.raises(ConfigurationError, match=rf"model.{key} must be one of .* got '{bad}'"):
             PruneNetModule(str(tiny_dir), **{key: bad})
+    # A class of another plug point is refused too.
+    with pytest.raises(ConfigurationError, match="subclass, got 'prunenet.learner.PaperLearner'"):
+        PruneNetModule(str(tiny_dir), policy="prunenet.learner.PaperLearner")
+
+
+def test_plug_points_by_class_path_with_their_own_hyperparameters(tiny_dir):
+    """A class_path with init_args (as LightningCLI passes it) builds the class with those arguments; the
+    short name, the class name and the class_path describe the same thing (what resume compares)."""
+    from prunenet import plugins
+    from prunenet.learner import BaselineLearner
+
+    module = PruneNetModule(str(tiny_dir), policy={"class_path": "prunenet.policy.RowMLP", "init_args": {"width": 5}},
+                            learner={"class_path": "BaselineLearner", "init_args": {"momentum": 0.5}},
+                            reward={"class_path": "ks_gate", "init_args": {"spectra_method": "svdvals"}})
+    assert module.policy.hidden.out_features == 5 and module.learner.momentum == 0.5
+    assert module.reward.method == "svdvals"
+    assert module.plug_points() == {
+        "policy": {"class_path": "prunenet.policy.RowMLP", "init_args": {"width": 5}},
+        "reward": {"class_path": "prunenet.reward.KSGateReward",
+                   "init_args": {"spectra_dtype": "float32", "spectra_method": "svdvals"}},
+        "learner": {"class_path": "prunenet.learner.BaselineLearner", "init_args": {"use_kld": False, "momentum": 0.5}}}
+    for spec in ("baseline", "BaselineLearner", {"class_path": "prunenet.learner.BaselineLearner"}):
+        assert plugins.canonical("learner", spec) == plugins.describe(BaselineLearner())
+    assert plugins.canonical("policy", "row_mlp") == {"class_path": "prunenet.policy.RowMLP", "init_args": {"width": 16}}
 
 
 #: Kept rows of the tiny LLaMA (seed 0) after a 3-episode fit at r = 0.5 with seed 0, recorded on

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -20,10 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from prunenet.artifacts import PLAN_FILE, POLICY_FILE
+from prunenet.compress import compress
 from prunenet.compress import main as compress_main
 from prunenet.errors import ConfigurationError
 from prunenet.selection import kept_width
-from tests.conftest import HANG_S, REPO, fit_in_process, one_line_error, run_fit_many
+from tests.conftest import HANG_S, REPO, fit_in_process, one_line_error, run_fit, run_fit_many
 from tests.tiny import save_tiny, tiny_llama
 
 N, D, LAYERS, TRAINED_RATIO = 37, 24, 3, 0.3
@@ -91,7 +93,7 @@ def test_policy_trained_once_compresses_at_other_ratios(ratio, reused, policy_di
         assert layer.mlp.gate_proj.weight.shape == layer.mlp.up_proj.weight.shape == (k, D)
         assert layer.mlp.down_proj.weight.shape == (D, k)
     plan = _plan(out)
-    assert plan["method"] == "prunenet" and plan["selection"] == "sample"
+    assert plan["selection"] == "sample" and "method" not in plan
     assert plan["compression_ratio"] == ratio and plan["kept_width"] == k
     assert plan["effective_compression_ratio"] == round(1 - k / N, 6)
     assert plan["policy_trained_ratio"] == TRAINED_RATIO and plan["policy_episodes"] == 2
@@ -254,7 +256,7 @@ def test_sweep_listing_a_ratio_twice_is_refused_before_writing(tiny_dir, tmp_pat
     from prunenet.compress import compress
 
     with pytest.raises(ConfigurationError, match="lists a ratio twice: 0.1 and 0.10 "):
-        compress(str(tiny_dir), str(tmp_path / "sweep"), "0.1,0.10", method="random", overwrite=True)
+        compress(str(tiny_dir), str(tmp_path / "sweep"), "0.1,0.10", selection="random", overwrite=True)
     assert not (tmp_path / "sweep").exists()
 
 
@@ -351,11 +353,11 @@ def test_plan_replay_refuses_a_model_of_another_ffn_width(policy_dir, tmp_path):
 # ----------------------------------------------------------------------------- baselines
 
 
-def test_random_method_is_seeded(tiny_dir, tmp_path):
+def test_random_selection_is_seeded(tiny_dir, tmp_path):
     outs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         outs[name] = tmp_path / name
-        _compress("--method", "random", "--seed", seed, "--model", tiny_dir, "--compression_ratio", 0.3,
+        _compress("--selection", "random", "--seed", seed, "--model", tiny_dir, "--compression_ratio", 0.3,
                   "--output_dir", outs[name])
     a, b, c = (_kept(outs[n]) for n in "abc")
     assert a == b  # same seed, same rows
@@ -363,12 +365,12 @@ def test_random_method_is_seeded(tiny_dir, tmp_path):
     assert len(a) == LAYERS and all(len(idx) == _width(N, 0.3) == len(set(idx)) for idx in a + c)
     assert len({tuple(idx) for idx in a}) == LAYERS  # the draw differs per layer
     plan = _plan(outs["a"])
-    assert plan["method"] == "random" and plan["selection"] is None and plan["seed"] == 1
+    assert plan["selection"] == "random" and plan["seed"] == 1 and "method" not in plan
 
 
-def test_magnitude_method_keeps_the_largest_gate_up_row_norms(tiny_dir, tmp_path):
+def test_magnitude_selection_keeps_the_largest_gate_up_row_norms(tiny_dir, tmp_path):
     out = tmp_path / "magnitude"
-    _compress("--method", "magnitude", "--model", tiny_dir, "--compression_ratio", 0.3, "--output_dir", out)
+    _compress("--selection", "magnitude", "--model", tiny_dir, "--compression_ratio", 0.3, "--output_dir", out)
     k = _width(N, 0.3)
     weights = load_file(tiny_dir / "model.safetensors")
     for i, kept in enumerate(_kept(out)):
@@ -376,4 +378,57 @@ def test_magnitude_method_keeps_the_largest_gate_up_row_norms(tiny_dir, tmp_path
         up = weights[f"model.layers.{i}.mlp.up_proj.weight"].double()
         norms = torch.sqrt((gate**2).sum(dim=1) + (up**2).sum(dim=1))
         assert kept == sorted(torch.topk(norms, k).indices.tolist()), i
-    assert _plan(out)["method"] == "magnitude"
+    assert _plan(out)["selection"] == "magnitude"
+
+
+def test_a_config_file_sets_the_options_and_flags_override_it(tiny_dir, tmp_path):
+    """``--config`` holds the same keys as the flags; a flag given as well wins; the run goes through the
+    one pipeline (shard-wise from the safetensors files: no dense model is built)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_dir}\ncompression_ratio: 0.5\nselection: random\nseed: 3\n"
+                      f"output_dir: {tmp_path / 'from-config'}\n")
+    _compress("--config", config)
+    _compress("--config", config, "--seed", 4, "--output_dir", tmp_path / "flags")
+    a, b = _plan(tmp_path / "from-config"), _plan(tmp_path / "flags")
+    assert (a["selection"], a["seed"], a["compression_ratio"], a["shardwise"]) == ("random", 3, 0.5, True)
+    assert b["seed"] == 4 and a["kept_indices"] != b["kept_indices"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("selecton: peak\n", r"unknown key 'selecton'; accepted: model, output_dir, "),
+    ("selection: peek\n", r"selection must be one of sample, topk, random, magnitude, peak, got 'peek'"),
+    ("- peak\n", "must be a mapping of options"),
+])
+def test_a_bad_config_file_is_a_one_line_error_naming_the_key(text, match, tiny_dir, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    res = run_fit("--config", str(config), "--model", str(tiny_dir), "--output_dir", str(tmp_path / "o"), extra=[],
+                  module="prunenet.compress")
+    assert re.search(match, one_line_error(res, code=2))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_policy_selection_needs_a_policy_and_a_closed_form_one_refuses_it(policy_dir, tiny_dir, tmp_path):
+    with pytest.raises(ConfigurationError, match="--selection topk needs --policy"):
+        compress(str(tiny_dir), str(tmp_path / "a"), 0.3, selection="topk")
+    with pytest.raises(ConfigurationError, match="--policy is used only by --selection sample or topk, got "
+                                                 "--selection peak"):
+        compress(str(tiny_dir), str(tmp_path / "b"), 0.3, policy=str(policy_dir), selection="peak")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("method, selection, now", [("prunenet", "sample", "sample"), ("prunenet", "uniform", "random"),
+                                                    ("random", None, "random"), ("peak", None, "peak")])
+def test_a_format_1_plan_reads_in_todays_vocabulary_and_replays(method, selection, now, tiny_dir, tmp_path):
+    """Plans written before the one vocabulary (``method`` + ``selection``) are read as today's and replay."""
+    from prunenet.plan import load_plan
+
+    _compress("--selection", "peak", "--model", tiny_dir, "--compression_ratio", 0.3, "--output_dir", tmp_path / "p")
+    old = _plan(tmp_path / "p")
+    old.update(format="prunenet/1", method=method, selection=selection)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert load_plan(tmp_path / "old.json")["selection"] == now and "method" not in load_plan(tmp_path / "old.json")
+    _compress("--from_plan", tmp_path / "old.json", "--model", tiny_dir, "--output_dir", tmp_path / "r")
+    replayed = _plan(tmp_path / "r")
+    assert replayed["selection"] == now and replayed["format"] == "prunenet/2"
+    assert replayed["kept_indices"] == old["kept_indices"]

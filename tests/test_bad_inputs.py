@@ -20,7 +20,6 @@ from prunenet.artifacts import PLAN_FILE, POLICY_FILE
 from prunenet.compress import compress, replay
 from prunenet.errors import ConfigurationError, PruneNetWarning
 from prunenet.plan import ffn_fingerprint
-from prunenet.selection import select_kept_rows
 from prunenet.slicing import slice_model
 from tests.conftest import REPO, fit_in_process, one_line_error, run_fit_many
 from tests.tiny import save_tiny, tiny_llama, tiny_model
@@ -62,8 +61,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     llama = save_tiny(tiny_llama(seed=0), root / "llama", tokenizer=True)
     other_llama = save_tiny(tiny_llama(seed=3), root / "llama-other-weights")
     plans = root / "plans"
-    compress(str(gemma), str(plans / "gemma"), 0.3, method="random")
-    compress(str(llama), str(plans / "llama"), 0.3, method="random")
+    compress(str(gemma), str(plans / "gemma"), 0.3, selection="random")
+    compress(str(llama), str(plans / "llama"), 0.3, selection="random")
     mixed = _plan(plans / "llama")
     mixed["kept_indices"]["1"] = mixed["kept_indices"]["1"][:-3]  # layer 1 keeps 22 rows, layers 0 and 2 keep 25
     (plans / "mixed.json").write_text(json.dumps(mixed))
@@ -136,14 +135,14 @@ def compress_runs(models, tmp_path_factory):
     llama = str(models["llama"])
     replay_args = ["--model", llama, "--from_plan"]
     jobs = {
-        "output-dangling-symlink": ["--method", "random", "--model", llama, "--output_dir", str(links["dangling"])],
-        "output-symlink-loop": ["--method", "random", "--model", llama, "--output_dir", str(links["loop"])],
+        "output-dangling-symlink": ["--selection", "random", "--model", llama, "--output_dir", str(links["dangling"])],
+        "output-symlink-loop": ["--selection", "random", "--model", llama, "--output_dir", str(links["loop"])],
         "plan-of-another-family": [*replay_args, str(models["gemma-plan"]), "--output_dir", str(root / "o1")],
         "plan-with-mixed-widths": [*replay_args, str(models["mixed-plan"]), "--output_dir", str(root / "o2")],
-        "ratio-given-twice": ["--method", "random", "--model", llama, "--compression_ratio", "0.3,0.30000001",
+        "ratio-given-twice": ["--selection", "random", "--model", llama, "--compression_ratio", "0.3,0.30000001",
                               "--output_dir", str(root / "o3")],
-        "mistyped-local-path": ["--method", "random", "--model", MISTYPED, "--output_dir", str(root / "o4")],
-        "write-through-symlink": ["--method", "random", "--model", llama, "--output_dir", str(links["to-real"])],
+        "mistyped-local-path": ["--selection", "random", "--model", MISTYPED, "--output_dir", str(root / "o4")],
+        "write-through-symlink": ["--selection", "random", "--model", llama, "--output_dir", str(links["to-real"])],
         "replay-on-other-weights": ["--model", str(models["other-llama"]), "--from_plan", str(models["llama-plan"]),
                                     "--output_dir", str(root / "replayed")],
     }
@@ -292,7 +291,7 @@ def test_second_fit_of_the_same_module_rewrites_the_results(tiny_dir, tmp_path, 
     assert saved["meta"]["episodes"] == 3
     for name, value in cli.model.policy.state_dict().items():
         assert torch.equal(saved["state_dict"][name], value), name
-    fresh = select_kept_rows(cli.model.policy, cli.model.states, cli.model.kept_width, "sample", 0)
+    fresh = cli.model.kept_indices("sample")
     assert plan["kept_indices"] == {str(i): idx.tolist() for i, idx in enumerate(fresh)}
 
 
@@ -385,20 +384,21 @@ def _float_settings(models) -> dict[str, object]:
     """Every float hyperparameter of fit, compress, recover and evaluate -> a callable that sets it to a value
     (building what checks it, nothing else)."""
     from prunenet.evaluation import EvalSettings
-    from prunenet.learner import BaselineLearner
+    from prunenet.learner import BaselineLearner, PaperLearner
     from prunenet.module import PruneNetModule
     from prunenet.recovery import RecoveryDataModule, RecoveryModule
 
     llama, plans = str(models["llama"]), models["llama-plan"].parent
     fit = {f"fit.{k}": (lambda v, k=k: PruneNetModule(llama, **{k: v}))
-           for k in ("compression_ratio", "learning_rate", "weight_decay", "gamma", "protect_outliers")}
+           for k in ("compression_ratio", "learning_rate", "weight_decay", "protect_outliers")}
     recover = {f"recover.{k}": (lambda v, k=k: RecoveryModule(str(plans), **{k: v}))
                for k in ("lora_alpha", "lora_dropout", "learning_rate", "weight_decay")}
     return {**fit, **recover,
             "fit.learner.momentum": lambda v: BaselineLearner(momentum=v),
+            "fit.learner.gamma": lambda v: PaperLearner(gamma=v),
             "recover.data.val_fraction": lambda v: RecoveryDataModule(val_fraction=v),
-            "compress.compression_ratio": lambda v: compress(llama, str(plans.parent / "never"), v, method="random"),
-            "compress.protect_outliers": lambda v: compress(llama, str(plans.parent / "never"), 0.3, method="random",
+            "compress.compression_ratio": lambda v: compress(llama, str(plans.parent / "never"), v, selection="random"),
+            "compress.protect_outliers": lambda v: compress(llama, str(plans.parent / "never"), 0.3, selection="random",
                                                             protect_outliers=v),
             "evaluate.limit": lambda v: EvalSettings(tasks=["piqa"], limit=v)}
 

@@ -129,19 +129,17 @@ def test_load_records_keys_cells_later_line_wins_and_names_a_bad_line(tmp_path):
         load_records(path, ("method", "seed"))
 
 
-def test_config_method_names_what_a_fit_config_keeps():
-    """The zero-shot table marks the shipped default by the benchmark method that keeps the same rows;
-    a config no method reproduces exactly is marked nowhere rather than wrongly."""
+def test_config_method_names_what_a_compress_config_keeps():
+    """The quality benchmarks mark the shipped default (configs/compress/<model>.yaml) in their tables."""
     from benchmarks.common import CONFIGS, PROTECT, config_method, default_method
     from benchmarks.quality import METHODS
 
-    assert config_method({"slicing": {"selection": "peak"}, "model": {"protect_outliers": 0.05}}) == "peak"
-    assert config_method({"slicing": {"selection": "uniform"}, "model": {"protect_outliers": PROTECT}}) \
-        == "random+protect"
-    assert config_method({"slicing": {"selection": "uniform"}}) == "random"
-    assert config_method({"slicing": {"selection": "uniform"}, "model": {"protect_outliers": 0.05}}) is None
-    assert config_method({"slicing": {"selection": "sample"}}) is None
-    assert config_method({}) is None  # the fit's own default: the policy's sample
+    assert config_method({"selection": "peak", "protect_outliers": 0.05}) == "peak"
+    assert config_method({"selection": "random", "protect_outliers": PROTECT}) == "random+protect"
+    assert config_method({"selection": "random"}) == "random"
+    assert config_method({"selection": "random", "protect_outliers": 0.05}) is None
+    assert config_method({"selection": "sample"}) is None
+    assert config_method({}) == "peak"  # compress's own default without a policy
     assert all(default_method(model) in METHODS for model in CONFIGS)
 
 

@@ -94,12 +94,12 @@ def test_a_wrong_spectrum_in_the_cache_is_a_miss_and_the_fit_is_unchanged(tiny_d
     assert len(computed) == 2  # layers 0 and 1 recomputed, the others read back
     # Exact equality: the same code on the same weights computes both runs' spectra and rewards.
     for i in range(cold.num_layers):
-        assert torch.equal(again._reference[i], cold._reference[i])
+        assert torch.equal(again.reward.references[i], cold.reward.references[i])
     assert [h["ks_mean"] for h in again.history] == [h["ks_mean"] for h in cold.history]
     for a, b in zip(again.kept_indices(), cold.kept_indices()):
         assert torch.equal(a, b)
     # the recomputed entry was rewritten, and is now a hit of the right length
-    n = cold._reference[0].numel()
+    n = cold.reward.references[0].numel()
     assert reference_cache.load(cold.ffn_sha256(), cold.reward.cache_key, 0, n=n).shape == (n,)
 
 
@@ -257,7 +257,7 @@ def test_an_unusable_cache_folder_is_one_error_line(tmp_path):
         for module, args in (
                 ("prunenet.evaluate", ["--model", "smollm2-135m", "--tasks", "piqa", "--limit", "2",
                                        "--output", str(out / "eval.json")]),
-                ("prunenet.compress", ["--method", "peak", "--model", "smollm2-135m", "--compression_ratio", "0.3",
+                ("prunenet.compress", ["--selection", "peak", "--model", "smollm2-135m", "--compression_ratio", "0.3",
                                        "--output_dir", str(out / "pruned")])):
             cmd, environment = cli_command(args, module=module, env=env)
             res = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True, check=False,

@@ -168,7 +168,7 @@ def pruned_smollm2(tmp_path_factory):
     from prunenet.compress import main
 
     out = tmp_path_factory.mktemp("pruned") / "smollm2-r0.3"
-    main(["--method", "random", "--model", "smollm2-135m", "--compression_ratio", "0.3", "--output_dir", str(out)])
+    main(["--selection", "random", "--model", "smollm2-135m", "--compression_ratio", "0.3", "--output_dir", str(out)])
     return next(p.parent for p in out.rglob("prunenet.json"))
 
 

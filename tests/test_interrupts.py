@@ -151,7 +151,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_and_loses_nothi
     previous.mkdir()
     (previous / "model.safetensors").write_bytes(b"the previous result")
     before = _snapshot(previous)
-    compress = ["--method", "peak", "--model", str(tiny_dir), "--compression_ratio", "0.3"]
+    compress = ["--selection", "peak", "--model", str(tiny_dir), "--compression_ratio", "0.3"]
     fit = [f"--model.model_name_or_path={tiny_dir}", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
            f"--trainer.default_root_dir={tmp_path / 'logs'}", f"--slicing.output_dir={tmp_path / 'fit-out'}",
            *extra_args]

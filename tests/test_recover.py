@@ -34,7 +34,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("recover")
     dense = save_tiny(tiny_llama(seed=0), root / "dense", tokenizer=True)
-    compress(str(dense), str(root / "pruned"), 0.3, method="random")
+    compress(str(dense), str(root / "pruned"), 0.3, selection="random")
     text = root / "train.txt"
     text.write_text(_words(60, 50))
     return {"root": root, "dense": dense, "pruned": root / "pruned", "text": text}

@@ -150,7 +150,7 @@ def test_awkward_random_matrices_match_float64_svdvals(n, d, k, rank, dtype):
     w = w.to(dtype)
     kept = torch.randperm(n, generator=g)[:k].sort().values
     reference = singular_values(w, dtype)
-    context = R.KSGateReward(dtype).context(w, reference)
+    context = R.KSGateReward(str(dtype).removeprefix("torch.")).context(w, reference)
     (sv,) = kept_singular_values([w], [kept], dtype, "gram", [context])
     assert reference.shape == (min(n, d),) and sv.shape == (min(k, d),)
     assert bool((sv[:-1] >= sv[1:]).all()) and bool((sv >= 0).all())
@@ -214,16 +214,16 @@ def test_bad_arguments_are_one_line_errors():
         kept_singular_values([w, w], [torch.arange(2)])
     with pytest.raises(ValueError, match="gram_singular_values expects"):
         gram_singular_values(w)
-    with pytest.raises(ValueError, match="spectra method"):
-        R.KSGateReward(method="eig")
+    with pytest.raises(ValueError, match="spectra_method must be one of gram, svdvals, got 'eig'"):
+        R.KSGateReward(spectra_method="eig")
 
 
 def test_module_rejects_unknown_spectra_method(tiny_dir):
     from prunenet.errors import ConfigurationError
     from prunenet.module import PruneNetModule
 
-    with pytest.raises(ConfigurationError, match="spectra_method must be one of"):
-        PruneNetModule(str(tiny_dir), spectra_method="eig")
+    with pytest.raises(ConfigurationError, match="model.reward.init_args.spectra_method must be one of"):
+        PruneNetModule(str(tiny_dir), reward={"class_path": "ks_gate", "init_args": {"spectra_method": "eig"}})
 
 
 # ----------------------------------------------------------------------------- the fit
@@ -235,7 +235,8 @@ def _fit(model: str, root, spectra_method: str, episodes: int, monkeypatch, **kw
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
     L.seed_everything(0, verbose=False)
-    module = PruneNetModule(model, compression_ratio=0.3, spectra_method=spectra_method, **kwargs)
+    module = PruneNetModule(model, compression_ratio=0.3, **kwargs,
+                            reward={"class_path": "ks_gate", "init_args": {"spectra_method": spectra_method}})
     trainer = L.Trainer(max_epochs=episodes, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                         default_root_dir=str(root))

@@ -48,7 +48,7 @@ def select_rows(selection: str, k: int, seed: int = 0, states=None, peaks=None, 
     """Kept rows per layer by a closed-form selection (``selection.SELECTIONS``) from per-layer inputs given
     as lists (states (n, d), peaks (n,), row_norms (n,); what the selector needs), through the library's
     Selector: one sorted LongTensor (k,) per layer."""
-    from prunenet.selection import LayerInputs, build_selector, select_layers
+    from prunenet.selectors import LayerInputs, build_selector, select_layers
 
     given = next(x for x in (states, peaks, row_norms) if x is not None)
     layers = [LayerInputs(index=i, size=int(given[i].shape[0]), state=None if states is None else states[i],

@@ -16,7 +16,7 @@ from prunenet.artifacts import check_output_dir
 from prunenet.export import Exported, use_shardwise
 from prunenet.pipeline import prune
 from prunenet.errors import ConfigurationError
-from prunenet.selection import POLICY_SELECTIONS, SELECTIONS, build_selector, validate_selection
+from prunenet.selectors import POLICY_SELECTIONS, SELECTIONS, build_selector, validate_selection
 
 
 class StructuralSlicing(CheckpointExporter):

@@ -10,10 +10,10 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-from prunenet.errors import PruneNetError, PruneNetWarning
+from prunenet.errors import ConfigurationError, PruneNetError, PruneNetWarning
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -230,3 +230,43 @@ def is_user_error(exc: BaseException) -> bool:
         return True
     lightning_exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
     return lightning_exceptions is not None and isinstance(exc, lightning_exceptions.MisconfigurationException)
+
+
+#: LightningCLI ``parser_kwargs`` of PruneNet's entry points: a refused flag or config key raises (and
+#: :func:`parse_errors_in_one_line` turns it into one line) instead of printing the usage and exiting.
+PARSER_KWARGS = {"exit_on_error": False}
+
+
+@contextlib.contextmanager
+def parse_errors_in_one_line() -> Iterator[None]:
+    """Around building a LightningCLI with :data:`PARSER_KWARGS`: jsonargparse's refusal (a misspelt key or
+    class, a value of the wrong type; several indented lines) becomes one :class:`ConfigurationError` line
+    that names the key and the reason.
+
+    Raises:
+        ConfigurationError: for any parse error.
+    """
+    from jsonargparse import ArgumentError
+
+    try:
+        yield
+    except ArgumentError as exc:
+        raise ConfigurationError(one_line_parse_error(str(exc))) from None
+
+
+def one_line_parse_error(text: str) -> str:
+    """jsonargparse's multi-line message in one line: ``<key> (<inner key>): <the specific reasons>``."""
+    import re
+
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    text = re.sub(r'(Type \S+ expects [^:]*: )?Parser key "[^"]+":', "", text)
+    text = re.sub(r"\.? Got value: Namespace\(.*", "", text)
+    # The wrappers and the "not a short name" branch of a ``str | class`` union say nothing specific.
+    skip = ("Does not validate against", "Given value", "Expected a <class 'str'>", "Subtypes", "Errors", "Type ", "tip:",
+            "usage:")
+    parts = [line.strip().lstrip("- ").strip().rstrip(":") for line in text.splitlines()]
+    reasons = [part for part in parts if part and not part.startswith(skip)]
+    message = "; ".join(dict.fromkeys(reasons)) or "invalid value"
+    if not keys:
+        return message
+    return f"{keys[0]}{f' ({chr(46).join(keys[1:])})' if keys[1:] else ''}: {message}"

@@ -29,8 +29,8 @@ from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
 from prunenet.export import export, use_shardwise
 from prunenet.pipeline import prune
 from prunenet.plan import read_plan, same_ffn
-from prunenet.selection import (POLICY_SELECTIONS, SELECTIONS, build_selector, check_protect_fraction, kept_width,
-                                validate_selection)
+from prunenet.selection import check_protect_fraction, kept_width
+from prunenet.selectors import POLICY_SELECTIONS, SELECTIONS, build_selector, validate_selection
 from prunenet.slicing import check_kept
 from prunenet.states import SelectionInputs
 
@@ -89,7 +89,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     config = loading.load_config(model, trust_remote_code=trust_remote_code)
     adapter = get_adapter(config)
     n, d = adapter.intermediate_size(config), adapter.hidden_size(config)
-    widths = [kept_width(n, r, round_to) for r in ratios]  # validate every ratio before any work
+    for r in ratios:  # every ratio is checked before any work
+        kept_width(n, r, round_to)
     sweep = len(ratios) > 1
     targets = [Path(output_dir) / f"r{r:g}" for r in ratios] if sweep else [Path(output_dir)]
     if len(set(targets)) != len(targets):  # would write one folder twice (and fail half-way without overwrite)

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks import PostPruningEvaluation, SpectrumMonitor, StopOnSignal, StructuralSlicing
 from prunenet.artifacts import check_writable, missing_folders, remove_empty, resolve_output_path
-from prunenet.cli import run_main
+from prunenet.cli import PARSER_KWARGS, parse_errors_in_one_line, run_main
 from prunenet.data import LayerDataModule
 from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError
@@ -49,16 +49,17 @@ def build_cli(args: list[str] | None = None) -> PruneNetCLI:
     trainer, callbacks); no work, nothing written beyond what the constructors check.
 
     Raises:
-        ConfigurationError: a bad value, or a name no plug point has (``selection: peek``, ``policy: foo``).
-        SystemExit: jsonargparse's own refusal of an unknown key or a value of the wrong type.
+        ConfigurationError: a bad value, a name no plug point has (``selection: peek``, ``policy: foo``), an
+            unknown key or class, a value of the wrong type (jsonargparse's refusal, in one line).
     """
     # A policy checkpoint every episode (small: the LLM is not in it), so --ckpt_path last resumes.
     # SIGINT / SIGTERM stop after the episode in progress; that last.ckpt is what resume needs.
     callbacks = [ModelCheckpoint(save_last=True, every_n_epochs=1), StopOnSignal(save_state=False)]
     defaults = dict(TRAINER_DEFAULTS, callbacks=callbacks)
-    return PruneNetCLI(PruneNetModule, LayerDataModule, run=False, seed_everything_default=0,
-                       trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
-                       subclass_mode_model=False, subclass_mode_data=False)
+    with parse_errors_in_one_line():
+        return PruneNetCLI(PruneNetModule, LayerDataModule, run=False, seed_everything_default=0,
+                           trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
+                           subclass_mode_model=False, subclass_mode_data=False, parser_kwargs=PARSER_KWARGS)
 
 
 def main(args: list[str] | None = None) -> PruneNetCLI:

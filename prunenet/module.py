@@ -40,9 +40,8 @@ from prunenet.plan import ffn_fingerprint, package_versions
 from prunenet.policy import DEFAULT_POLICY, RowPolicy
 from prunenet.resume import PLUG_POINTS, RESULT_HPARAMS, canonical_source, load_run_state, save_run_state
 from prunenet.reward import Reward
-from prunenet.selection import (POLICY_SELECTIONS, RANDOM_REFERENCE_EPISODE, build_selector, check_protect_fraction,
-                                draw_kept, free_probabilities, kept_width, layer_generator, protected_rows,
-                                uniform_kept, validate_ratio, validate_selection)
+from prunenet.selection import RANDOM_REFERENCE_EPISODE, check_protect_fraction, draw_kept, free_probabilities, kept_width, layer_generator, protected_rows, uniform_kept, validate_ratio
+from prunenet.selectors import POLICY_SELECTIONS, build_selector, validate_selection
 from prunenet.states import SelectionInputs, StreamedStates, load_ffn_states, load_output_peaks
 
 

@@ -23,7 +23,8 @@ from prunenet import loading
 from prunenet.arch import get_adapter
 from prunenet.export import Exported, export
 from prunenet.policy import RowPolicy
-from prunenet.selection import Selector, check_protect_fraction, kept_width, protected_rows, select_layers
+from prunenet.selection import check_protect_fraction, kept_width, protected_rows
+from prunenet.selectors import Selector, select_layers
 from prunenet.states import SelectionInputs
 
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import PostPruningEvaluation, RecoveryExport, StopOnSignal
-from prunenet.cli import run_main
+from prunenet.cli import PARSER_KWARGS, parse_errors_in_one_line, run_main
 from prunenet.errors import ConfigurationError
 from prunenet.fit import check_devices, check_log_dirs, check_trainer, no_logs_when_refused
 from prunenet.recovery import RECOVERY_HPARAMS, RecoveryDataModule, RecoveryModule
@@ -53,9 +53,10 @@ def main(args: list[str] | None = None) -> RecoverCLI:
     # SIGINT / SIGTERM stop after the step in progress and save it: --ckpt_path last resumes exactly there.
     callbacks = [checkpoints, LearningRateMonitor(logging_interval="step"), StopOnSignal(save_state=True)]
     defaults = dict(TRAINER_DEFAULTS, callbacks=callbacks)
-    cli = RecoverCLI(RecoveryModule, RecoveryDataModule, run=False, seed_everything_default=0,
-                     trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
-                     subclass_mode_model=False, subclass_mode_data=False)
+    with parse_errors_in_one_line():
+        cli = RecoverCLI(RecoveryModule, RecoveryDataModule, run=False, seed_everything_default=0,
+                         trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args,
+                         subclass_mode_model=False, subclass_mode_data=False, parser_kwargs=PARSER_KWARGS)
     check_budget(cli.trainer.max_steps, cli.config.trainer.max_epochs)
     check_trainer(cli.trainer)
     check_devices(cli.trainer, cli.model)

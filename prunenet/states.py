@@ -275,7 +275,7 @@ class SelectionInputs:
 
     def layers(self, needs: frozenset[str] | set[str]):
         """Yield one ``selection.LayerInputs`` per layer with the fields in ``needs`` set."""
-        from prunenet.selection import LayerInputs
+        from prunenet.selectors import LayerInputs
 
         states = self.states  # the layer count and n come from the states, which every plan fingerprints
         for i in range(len(states)):

@@ -175,10 +175,13 @@ def test_every_config_builds_the_classes_it_names(config, tiny_dir, tmp_path):
     source = yaml.safe_load(config.read_text())
     cli = build_cli(["--config", str(config), f"--model.model_name_or_path={tiny_dir}", "--trainer.accelerator=cpu",
                      f"--trainer.default_root_dir={tmp_path}"])
+    from prunenet import plugins
+
     model = source.get("model", {})
     for key in ("policy", "reward", "learner"):
-        if key in model:
-            assert getattr(cli.model, key).name == model[key], key
+        if key in model:  # a short name or a class_path with init_args: what was built is what the config says
+            assert plugins.describe(getattr(cli.model, key)) == plugins.canonical(key, model[key]), key
+    assert source.get("trainer", {}).get("max_epochs", 1) >= 1  # a fit config trains (compress runs do not)
     slicing = [c for c in cli.trainer.callbacks if isinstance(c, StructuralSlicing)]
     assert len(slicing) == 1 and slicing[0].selection == source.get("slicing", {}).get("selection", "sample")
     assert not any(tmp_path.iterdir())  # building writes nothing
@@ -197,6 +200,38 @@ def test_a_config_naming_no_plug_point_fails_to_build(section, key, bad, tiny_di
     with pytest.raises(ConfigurationError, match=rf"{key} must be one of .*{bad}"):
         build_cli(["--config", str(path), f"--model.model_name_or_path={tiny_dir}",
                    f"--trainer.default_root_dir={tmp_path / 'logs'}"])
+
+
+def test_plug_points_take_a_class_path_and_init_args_from_flags(tiny_dir, tmp_path):
+    """``--model.learner.class_path=... --model.learner.init_args.momentum=...`` on top of the paper's config,
+    as LightningCLI does for any class; the short names of the config keep working beside it."""
+    from prunenet.fit import build_cli
+    from prunenet.learner import BaselineLearner
+    from prunenet.policy import RowMLP
+
+    cli = build_cli(["--config", str(REPO / "configs" / "paper.yaml"), f"--model.model_name_or_path={tiny_dir}",
+                     "--model.learner.class_path=prunenet.learner.BaselineLearner",
+                     "--model.learner.init_args.momentum=0.75", "--model.policy=row_mlp",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    assert isinstance(cli.model.learner, BaselineLearner) and cli.model.learner.momentum == 0.75
+    assert isinstance(cli.model.policy, RowMLP) and cli.model.policy.width == 16
+    cli = build_cli([f"--model.model_name_or_path={tiny_dir}", "--model.policy.class_path=prunenet.policy.RowMLP",
+                     "--model.policy.init_args.width=32", f"--trainer.default_root_dir={tmp_path}"])
+    assert isinstance(cli.model.policy, RowMLP) and cli.model.policy.hidden.out_features == 32
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model.learner.class_path=prunenet.learner.BaselineLearnr"], "BaselineLearnr"),
+    (["--model.learner.class_path=prunenet.learner.BaselineLearner", "--model.learner.init_args.momentun=0.5"],
+     "momentun"),
+    (["--model.policy.class_path=prunenet.policy.RowMLP", "--model.policy.init_args.width=wide"], "wide"),
+    (["--model.compresion_ratio=0.2"], "compresion_ratio"),
+])
+def test_a_misspelt_class_or_key_is_a_one_line_error_before_any_work(flags, needle, tiny_dir, tmp_path):
+    res = run_fit(f"--model.model_name_or_path={tiny_dir}", f"--trainer.default_root_dir={tmp_path / 'logs'}",
+                  f"--slicing.output_dir={tmp_path / 'out'}", *flags, extra=[])
+    assert needle in one_line_error(res, code=2)
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -15,8 +15,8 @@ from prunenet.artifacts import PLAN_FILE
 from prunenet.compress import main as compress_main
 from prunenet.errors import ConfigurationError
 from benchmarks.common import select_rows
-from prunenet.selection import (FINAL_EPISODE, LayerInputs, build_selector, draw_kept, kept_width, layer_generator,
-                                protected_rows, select_layers, uniform_kept)
+from prunenet.selection import FINAL_EPISODE, draw_kept, kept_width, layer_generator, protected_rows, uniform_kept
+from prunenet.selectors import LayerInputs, build_selector, select_layers
 from prunenet.states import load_output_peaks
 from tests.conftest import fit_in_process, one_line_error, run_fit
 from tests.tiny import TINY_FAMILIES, tiny_model

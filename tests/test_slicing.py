@@ -14,7 +14,8 @@ from prunenet.artifacts import PLAN_FILE, POLICY_FILE, atomic_write_dir
 from prunenet.errors import ConfigurationError, InvalidProbabilitiesError, OutputExistsError
 from prunenet.export import save_pruned
 from prunenet.policy import SparsityPredictor
-from prunenet.selection import SELECTIONS, LayerInputs, build_selector, kept_width, sample_rows, select_layers
+from prunenet.selection import kept_width, sample_rows
+from prunenet.selectors import SELECTIONS, LayerInputs, build_selector, select_layers
 from prunenet.slicing import count_parameters, slice_model
 from tests.conftest import assert_logits_match, assert_same_weights
 from tests.tiny import tiny_llama

@@ -1,0 +1,221 @@
+"""Selectors: the one plug point of the final selection, "given a layer's inputs and k, return the kept
+rows", and its one vocabulary (:data:`SELECTIONS`): the trained policy (``sample``, ``topk``), a
+closed-form rule (``peak``) or a baseline (``random``, ``magnitude``). Used by the one pruning pipeline
+(``pipeline.py``) for fit, compress and the benchmarks.
+
+Source: PruneNet Section 3 for ``sample`` (the policy's seeded draw); the protocol and the other
+selectors are ours (the baselines and data-free rules the policy is measured against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from prunenet.errors import ConfigurationError
+from prunenet.policy import RowPolicy
+from prunenet.selection import FINAL_EPISODE, draw_kept, layer_generator, peak_kept, uniform_kept
+
+
+@dataclass
+class LayerInputs:
+    """What a selector may look at for one decoder layer (ours). Fields a selector does not name in
+    :attr:`Selector.needs` may be None.
+
+    Attributes:
+        index: the layer index i.
+        size: n, the FFN intermediate size (rows of the state).
+        state: the FFN input matrix W_i, (n, d), the policy's input.
+        peaks: max |w| of each neuron's FFN output column, (n,) float32 (``ArchAdapter.output_peaks``).
+        row_norms: L2 norm of each neuron's input weights, (n,) float32 (``ArchAdapter.row_norms``).
+    """
+
+    index: int
+    size: int
+    state: torch.Tensor | None = None
+    peaks: torch.Tensor | None = None
+    row_norms: torch.Tensor | None = None
+
+
+class Selector:
+    """The plug point of the final selection (ours): given one layer's inputs and the kept width k,
+    return the kept rows. One subclass per method, registered by its :attr:`name` in :data:`SELECTIONS`,
+    the one vocabulary of selections (fit configs, ``compress --selection``, plans, benchmarks).
+
+    Protected rows (``protect_outliers``) are an option of every selector: they are kept, and the
+    selector chooses the other ``k - len(protected)``.
+
+    Subclasses set ``name``, ``needs`` (the :class:`LayerInputs` fields they read: ``state``,
+    ``peaks``, ``row_norms``), ``uses_policy`` and implement :meth:`select`.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    uses_policy: ClassVar[bool] = False
+    seed: int = 0
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        """The kept rows of one layer.
+
+        Args:
+            layer: the layer's inputs (the fields in :attr:`needs` are set).
+            k: kept width, 1 <= k <= n.
+            protected: rows that must be kept, sorted LongTensor (m,), m <= k, or None.
+        Returns:
+            Sorted LongTensor of shape (k,) on the CPU.
+        """
+        raise NotImplementedError
+
+
+def _scored(score: torch.Tensor, k: int, protected: torch.Tensor | None) -> torch.Tensor:
+    """The protected rows plus the highest-``score`` others, ``k`` in all: sorted LongTensor (k,)."""
+    score = score.float().clone()
+    if protected is not None and protected.numel():
+        score[protected.to(score.device)] = float("inf")
+    return torch.topk(score, k).indices.sort().values.cpu()
+
+
+class SampleSelector(Selector):
+    """The trained policy's seeded draw (paper, Section 3): k rows drawn without replacement from the
+    relaxed-Bernoulli keep probabilities, the generator seeded by (seed, ``FINAL_EPISODE``, layer).
+
+    Args:
+        policy: the trained policy, shape (n, d).
+        seed: the run's seed.
+    """
+
+    name = "sample"
+    needs = frozenset({"state"})
+    uses_policy = True
+
+    def __init__(self, policy: RowPolicy, seed: int = 0) -> None:
+        self.policy, self.seed = policy, int(seed)
+
+    @torch.no_grad()
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        device = next(self.policy.parameters()).device
+        gen = layer_generator(self.seed, FINAL_EPISODE, layer.index, device)  # one stream for eps and the draw
+        p, _ = self.policy(layer.state.to(device), generator=gen)
+        fixed = protected.to(device) if protected is not None else None
+        return draw_kept(p, k, fixed, generator=gen, layer=layer.index)[0].cpu()
+
+
+class TopKSelector(Selector):
+    """The k rows with the largest policy logits (ours: the policy's deterministic choice).
+
+    Args:
+        policy: the trained policy, shape (n, d).
+        seed: recorded only (the choice draws nothing).
+    """
+
+    name = "topk"
+    needs = frozenset({"state"})
+    uses_policy = True
+
+    def __init__(self, policy: RowPolicy, seed: int = 0) -> None:
+        self.policy, self.seed = policy, int(seed)
+
+    @torch.no_grad()
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        device = next(self.policy.parameters()).device
+        return _scored(self.policy.logits(layer.state.to(device)), k, protected)
+
+
+class RandomSelector(Selector):
+    """Uniformly random rows (ours: the baseline every method must beat), seeded by (seed, layer): the
+    first k of a seeded permutation of range(n), protected rows first.
+
+    Args:
+        seed: the draw's seed.
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        return uniform_kept(layer.size, k, layer_generator(self.seed, FINAL_EPISODE, layer.index), protected)
+
+
+class MagnitudeSelector(Selector):
+    """The k neurons with the largest input-weight L2 norm (gated FFNs: gate and up rows together;
+    ours, the usual magnitude baseline). Deterministic."""
+
+    name = "magnitude"
+    needs = frozenset({"row_norms"})
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = 0  # draws nothing: recorded as 0 whatever is asked
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        return _scored(layer.row_norms, k, protected)
+
+
+class PeakSelector(Selector):
+    """The k neurons whose FFN output column has the largest max-|w| (ours, :func:`peak_kept`).
+    Deterministic. The protected rows are the top of the same ranking, so they are among these."""
+
+    name = "peak"
+    needs = frozenset({"peaks"})
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = 0
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        kept = peak_kept(layer.peaks, k)
+        if protected is not None and not bool(torch.isin(protected.cpu(), kept).all()):
+            return _scored(layer.peaks, k, protected)  # protected rows ranked by other peaks: keep them anyway
+        return kept
+
+
+#: Every selection by name: the one vocabulary (``slicing.selection`` of a fit, ``compress --selection``,
+#: the plan's ``selection``, the benchmarks).
+SELECTIONS: dict[str, type[Selector]] = {cls.name: cls for cls in (
+    SampleSelector, TopKSelector, RandomSelector, MagnitudeSelector, PeakSelector)}
+#: The selections that need a trained policy (what a fit's ``slicing.selection`` may be).
+POLICY_SELECTIONS = tuple(name for name, cls in SELECTIONS.items() if cls.uses_policy)
+
+
+def validate_selection(selection: str, name: str = "selection", allowed: Sequence[str] | None = None) -> str:
+    """Return ``selection`` if it is one of ``allowed`` (default: every name in :data:`SELECTIONS`).
+
+    Raises:
+        ConfigurationError: anything else, named by ``name`` (the option the user set).
+    """
+    allowed = tuple(allowed or SELECTIONS)
+    if selection not in allowed:
+        raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}, got {selection!r}")
+    return selection
+
+
+def build_selector(selection: str, *, policy: RowPolicy | None = None, seed: int = 0,
+                   name: str = "selection") -> Selector:
+    """The selector of registry name ``selection``.
+
+    Raises:
+        ConfigurationError: an unknown name, or a policy selection without a policy.
+    """
+    cls = SELECTIONS[validate_selection(selection, name)]
+    if cls.uses_policy:
+        if policy is None:
+            raise ConfigurationError(f"{name} {selection!r} needs a trained policy")
+        return cls(policy, seed)
+    return cls(seed)
+
+
+def select_layers(selector: Selector, layers: Iterable[LayerInputs], k: int,
+                  protected: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Kept rows of every layer by ``selector``: one sorted LongTensor (k,) per layer, on the CPU.
+
+    Args:
+        layers: each layer's inputs, in layer order.
+        k: kept width.
+        protected: per layer, rows always kept (``protected_rows``), or None.
+    """
+    if selector.uses_policy:
+        selector.policy.eval()
+    return [selector.select(layer, k, None if protected is None else protected[layer.index]) for layer in layers]

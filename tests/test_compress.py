@@ -432,3 +432,18 @@ def test_a_format_1_plan_reads_in_todays_vocabulary_and_replays(method, selectio
     replayed = _plan(tmp_path / "r")
     assert replayed["selection"] == now and replayed["format"] == "prunenet/2"
     assert replayed["kept_indices"] == old["kept_indices"]
+
+
+@pytest.mark.parametrize("selection", ["peak", "magnitude", "random"])
+def test_compress_never_builds_the_dense_model(selection, tiny_dir, tmp_path, monkeypatch):
+    """A local safetensors source is read tensor by tensor and sliced shard by shard (the one pipeline):
+    building the model (transformers' loader) would fail here, and the checkpoint still appears."""
+    from prunenet import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compress built the dense model")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    _compress("--selection", selection, "--model", tiny_dir, "--compression_ratio", 0.3, "--output_dir", tmp_path / "o")
+    plan = _plan(tmp_path / "o")
+    assert plan["shardwise"] is True and plan["selection"] == selection and len(plan["kept_indices"]) == LAYERS

@@ -77,6 +77,10 @@ class StructuralSlicing(CheckpointExporter):
     def export(self, pl_module: L.LightningModule) -> Exported:
         """Select, slice and save once per fit (call on rank 0); returns :attr:`exported`."""
         if self.exported is None:
+            if not pl_module.history:  # no episode ran (prunenet.fit refuses such budgets; Python callers may not)
+                raise ConfigurationError("the fit trained no episode, so there is no policy to select with; nothing "
+                                         "was written (train at least one episode, or prune without training: "
+                                         "python -m prunenet.compress)")
             hp = pl_module.hparams
             self.exported = prune(
                 hp.model_name_or_path, build_selector(self.selection, policy=pl_module.policy, seed=pl_module.seed),

@@ -102,6 +102,8 @@ def check_episodes(trainer) -> None:
         raise ConfigurationError(f"trainer.max_epochs must be >= 1 episode, got 0: {hint}")
     if trainer.fit_loop.max_steps == 0:
         raise ConfigurationError(f"trainer.max_steps must not be 0 (one step is one episode): {hint}")
+    if trainer.limit_train_batches == 0:
+        raise ConfigurationError(f"trainer.limit_train_batches must not be 0 (it skips every episode): {hint}")
 
 
 def check_devices(trainer, module) -> None:

@@ -195,4 +195,6 @@ def test_compress_with_peak_keeps_the_largest_output_peaks_and_a_fit_refuses_pea
         fit_in_process([*base, "--slicing.selection=peak"], extra_args, monkeypatch)
     with pytest.raises(ConfigurationError, match="trainer.max_epochs must be >= 1 episode, got 0.*prunenet.compress"):
         fit_in_process([*base, "--trainer.max_epochs=0"], extra_args, monkeypatch)
+    with pytest.raises(ConfigurationError, match="trainer.limit_train_batches must not be 0.*prunenet.compress"):
+        fit_in_process([*base, "--trainer.limit_train_batches=0"], extra_args, monkeypatch)
     assert not (tmp_path / "f").exists() and not (tmp_path / "logs").exists()

@@ -34,6 +34,7 @@ from prunenet import loading, reference_cache
 from prunenet.arch import get_adapter
 from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError
+from prunenet.evaluation.subject import SourceModelSubject
 from prunenet.learner import build_learner
 from prunenet.plan import ffn_fingerprint, package_versions
 from prunenet.policy import DEFAULT_POLICY, build_policy
@@ -48,7 +49,7 @@ from prunenet.states import StreamedStates, load_ffn_states, load_output_peaks
 _SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class PruneNetModule(L.LightningModule):
+class PruneNetModule(L.LightningModule, SourceModelSubject):
     """Trains the PruneNet policy on one model's FFN matrices.
 
     Args:
@@ -299,10 +300,16 @@ class PruneNetModule(L.LightningModule):
                 **{key: self.hparams[key] for key in RESULT_HPARAMS}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_run_state(self, checkpoint)
+        """Add the run state: the episodes, the learner's state (e.g. a running baseline: exact resume)."""
+        save_run_state(checkpoint, self.run_settings(), {"history": list(self.history),
+                                                         "learner": self.learner.state_dict()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_run_state(self, checkpoint)
+        """Restore the run state; with a trainer attached (a resume) the checkpoint's settings must be this run's."""
+        state = load_run_state(checkpoint, {"history": [], "learner": {}},
+                               current=self.run_settings() if self._trainer is not None else None)
+        self.history = list(state["history"])
+        self.learner.load_state_dict(state["learner"])
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -338,12 +345,3 @@ class PruneNetModule(L.LightningModule):
     def algorithm(self) -> dict[str, Any]:
         """The choices that trained this policy: ``policy``, ``reward``, ``learner`` names, ``protect_outliers``."""
         return {key: self.hparams[key] for key in ("policy", "reward", "learner", "protect_outliers")}
-
-    def load_dense_model(self):
-        """A fresh dense copy of the source model (loaded from disk, never deep-copied)."""
-        return loading.load_model(self.hparams.model_name_or_path, dtype=self.hparams.dtype,
-                                  trust_remote_code=self.hparams.trust_remote_code)
-
-    def load_tokenizer(self):
-        """The source model's tokenizer, or None if it has none."""
-        return loading.load_tokenizer(self.hparams.model_name_or_path, self.hparams.trust_remote_code)

@@ -13,10 +13,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks.rank_zero import on_rank_zero
 from prunenet.artifacts import EVAL_JSON, EVAL_MD
 from prunenet.errors import AssetMissingError, EvaluationError
+from prunenet.evaluation.settings import EvalSettings, option_defaults
+from prunenet.evaluation.subject import EvaluationSubject
 from prunenet.export import Exported
 
 if TYPE_CHECKING:
     from prunenet.evaluation.sharding import Shards
+
+#: The schema's defaults (prunenet.evaluation.settings): the arguments below default to them.
+_DEFAULTS = option_defaults()
 
 
 class PostPruningEvaluation(L.Callback):
@@ -39,14 +44,18 @@ class PostPruningEvaluation(L.Callback):
     TensorBoard hparams metrics too. A failure on any rank stops every rank with a one-line error,
     before anything is written.
 
-    Args:
+    The module must implement :class:`~prunenet.evaluation.EvaluationSubject` (``PruneNetModule``
+    and ``RecoveryModule`` do).
+
+    Args (their defaults are :class:`~prunenet.evaluation.EvalSettings`' own, the same as
+    ``prunenet.evaluate``'s; see :func:`~prunenet.evaluation.option_defaults`):
         tasks: task names (``piqa``, ``winogrande``, ``hellaswag``, ``arc_easy``, ``arc_challenge``,
             ``mmlu``, ``boolq``, ``openbookqa``, ``sciq``, ``wikitext``), a list or a comma string;
             null = the five zero-shot tasks of the paper (PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c).
         limit: first N documents of each task (MMLU: of each subject); null = full sets.
         batch_size: lm-eval batch size.
         perplexity: perplexity corpus, ``squad-wiki`` (offline Wikipedia paragraphs) or
-            ``wikitext2`` (network); null / ``none`` for no perplexity.
+            ``wikitext2`` (network); null / ``none`` (the default) for no perplexity.
         perplexity_context_length: tokens per perplexity window.
         perplexity_stride: tokens between window starts (null = context length: no overlap).
         perplexity_max_tokens: only the first N tokens of the text (null = all).
@@ -56,16 +65,19 @@ class PostPruningEvaluation(L.Callback):
         enabled: switch the evaluation off (nothing is checked or run).
 
     Raises:
-        EvaluationError: at construction, for an unknown task or a bad limit / batch size.
+        EvaluationError: at construction, for an unknown task or a bad limit / batch size; at setup,
+            for a module that is not an :class:`~prunenet.evaluation.EvaluationSubject`.
         AssetMissingError: at construction (before any training), when the benchmark data
             package is missing; the message names the install command.
     """
 
     def __init__(self, tasks: list[str] | str | None = None,
-                 limit: int | float | None = None,  # noqa: PYI041 - int (documents) or float (fraction)
-                 batch_size: int = 8, perplexity: str | None = "squad-wiki",
-                 perplexity_context_length: int = 512, perplexity_stride: int | None = None,
-                 perplexity_max_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
+                 limit: int | float | None = _DEFAULTS["limit"],  # noqa: PYI041 - int (documents) or float (fraction)
+                 batch_size: int = _DEFAULTS["batch_size"], perplexity: str | None = _DEFAULTS["perplexity"],
+                 perplexity_context_length: int = _DEFAULTS["perplexity_context_length"],
+                 perplexity_stride: int | None = _DEFAULTS["perplexity_stride"],
+                 perplexity_max_tokens: int | None = _DEFAULTS["perplexity_max_tokens"],
+                 device: str | None = _DEFAULTS["device"], dtype: str | None = _DEFAULTS["dtype"],
                  cache: bool = True, enabled: bool = True) -> None:
         self.enabled = bool(enabled)
         self.cache = bool(cache)
@@ -73,16 +85,14 @@ class PostPruningEvaluation(L.Callback):
         self.result: dict[str, Any] | None = None
         if not self.enabled:
             return
-        from prunenet.evaluation import EvalSettings, PerplexitySettings
         from prunenet.evaluation.data import package_root
-        from prunenet.evaluation.tasks import TASKS, ZERO_SHOT_TASKS
+        from prunenet.evaluation.tasks import TASKS
 
-        ppl = PerplexitySettings.parse(perplexity, context_length=perplexity_context_length,
-                                       stride=perplexity_stride, max_tokens=perplexity_max_tokens)
-        if tasks is None:
-            tasks = list(ZERO_SHOT_TASKS)
-        self.settings = EvalSettings(tasks=list(tasks) if not isinstance(tasks, str) else tasks, limit=limit,
-                                     batch_size=batch_size, device=device, dtype=dtype, perplexity=ppl)
+        self.settings = EvalSettings.from_options(
+            tasks=tasks, limit=limit, batch_size=batch_size, perplexity=perplexity,
+            perplexity_context_length=perplexity_context_length, perplexity_stride=perplexity_stride,
+            perplexity_max_tokens=perplexity_max_tokens, device=device, dtype=dtype)
+        ppl = self.settings.perplexity
         needs_data = any(TASKS[t].local for t in self.settings.tasks) or (ppl is not None and
                                                                             ppl.corpus == "squad-wiki")
         if needs_data:
@@ -103,6 +113,7 @@ class PostPruningEvaluation(L.Callback):
 
         if self.enabled:
             find_exporter(trainer)  # every rank: all refuse together
+            as_subject(pl_module)
         if self.enabled and trainer.is_global_zero and pl_module.load_tokenizer() is None:
             raise EvaluationError(f"{pl_module.hparams.model_name_or_path} has no tokenizer, which lm-eval needs; "
                                   f"add one or pass --evaluation.enabled=false")
@@ -151,9 +162,10 @@ class PostPruningEvaluation(L.Callback):
         shards = shards or Shards()
         start = time.perf_counter()
         folder = exported.path
-        subject = evaluation_subject(pl_module)
+        module = as_subject(pl_module)
+        subject = module.evaluation_subject()
         label, baseline = subject["label"], subject["baseline"]
-        tokenizer = shards.guarded(pl_module.load_tokenizer)
+        tokenizer = shards.guarded(module.load_tokenizer)
         identity = None
         if self.cache:
             identity = eval_cache.model_identity(baseline)
@@ -165,7 +177,7 @@ class PostPruningEvaluation(L.Callback):
         pruned = evaluate_model(lambda: exported.model if exported.model is not None else loading.load_model(folder),
                                 tokenizer, self.settings, identity=None, label=label,
                                 log=rank_zero_info, shards=shards)
-        dense = evaluate_model(pl_module.load_dense_model, tokenizer, self.settings, identity=identity,
+        dense = evaluate_model(module.load_dense_model, tokenizer, self.settings, identity=identity,
                                label="dense", log=rank_zero_info, shards=shards)
         comparison = compare(dense, pruned)
         before = self.before(subject.get("input"), dense)
@@ -246,17 +258,14 @@ class PostPruningEvaluation(L.Callback):
             logger.save()
 
 
-def evaluation_subject(pl_module: L.LightningModule) -> dict[str, Any]:
-    """What is evaluated against what, asked of the module: its ``evaluation_subject()`` when it has one
-    (RecoveryModule), else a fit's (PruneNetModule): the pruned model against its source.
+def as_subject(pl_module: L.LightningModule) -> EvaluationSubject:
+    """The module, checked to implement :class:`~prunenet.evaluation.EvaluationSubject`.
 
-    Returns:
-        ``{"label", "baseline", "baseline_dtype", "compression_ratio", "input"}``: the evaluated model's
-        label, the dense model, the dtype that model is loaded in (``auto``: its own; part of the
-        result cache key), the ratio, and the folder whose ``eval.json`` holds the "before" scores.
+    Raises:
+        EvaluationError: it does not (names what it lacks and what to do).
     """
-    if hasattr(pl_module, "evaluation_subject"):
-        return pl_module.evaluation_subject()
-    hp = pl_module.hparams
-    return {"label": "pruned", "baseline": str(hp.model_name_or_path), "baseline_dtype": str(hp.get("dtype", "auto")),
-            "compression_ratio": float(hp.compression_ratio), "input": None}
+    if not isinstance(pl_module, EvaluationSubject):
+        raise EvaluationError(f"PostPruningEvaluation cannot evaluate a {type(pl_module).__name__}: it does not "
+                              "implement prunenet.evaluation.EvaluationSubject (evaluation_subject, load_tokenizer, "
+                              "load_dense_model); use PruneNetModule or RecoveryModule, or --evaluation.enabled=false")
+    return pl_module

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-from prunenet.errors import ConfigurationError, PruneNetError, PruneNetWarning
+from prunenet.errors import ConfigurationError, PruneNetWarning, is_user_error
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -218,18 +218,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"warning: {message}", file=file or sys.stderr)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """A :class:`PruneNetError`, or Lightning's MisconfigurationException.
-
-    Only a program that has imported Lightning can raise the latter, so Lightning is not imported
-    here: that alone would add seconds to every ``compress`` / ``evaluate`` / ``generate`` start.
-    """
-    if isinstance(exc, PruneNetError):
-        return True
-    lightning_exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
-    return lightning_exceptions is not None and isinstance(exc, lightning_exceptions.MisconfigurationException)
 
 
 #: LightningCLI ``parser_kwargs`` of PruneNet's entry points: a refused flag or config key raises (and

@@ -1,9 +1,12 @@
-"""Typed exceptions raised by library code.
+"""Typed exceptions raised by library code, and :func:`is_user_error`.
 
 Entry points (``prunenet.fit``, ``prunenet.compress``, ``prunenet.evaluate``)
 catch :class:`PruneNetError` and print its one-line message without a
 traceback (set ``PRUNENET_VERBOSE=1`` to see it).
 """
+
+
+import sys
 
 
 class PruneNetError(Exception):
@@ -63,3 +66,15 @@ class DivergedError(PruneNetError):
 class PruneNetWarning(UserWarning):
     """Something the user should know that does not stop the work; entry points print it as one
     ``warning: <message>`` line."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A :class:`PruneNetError`, or Lightning's MisconfigurationException.
+
+    Only a program that has imported Lightning can raise the latter, so Lightning is not imported
+    here: that alone would add seconds to every ``compress`` / ``evaluate`` / ``generate`` start.
+    """
+    if isinstance(exc, PruneNetError):
+        return True
+    lightning_exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return lightning_exceptions is not None and isinstance(exc, lightning_exceptions.MisconfigurationException)

@@ -43,25 +43,31 @@ def _limit(text: str) -> int | float | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from prunenet.evaluation.tasks import TASKS, ZERO_SHOT_TASKS
+    """The command line's options; the evaluation settings' defaults are the schema's
+    (:func:`~prunenet.evaluation.option_defaults`, the same as the fit's evaluation callback)."""
+    from prunenet.evaluation import option_defaults
+    from prunenet.evaluation.tasks import TASKS
 
+    d = option_defaults()
     p = argparse.ArgumentParser(prog="python -m prunenet.evaluate", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="asset name (smollm2-135m, gemma3-270m), local folder or hub id")
-    p.add_argument("--tasks", default=",".join(ZERO_SHOT_TASKS),
-                   help=f"comma-separated, from: {', '.join(TASKS)} (default: the five zero-shot tasks)")
-    p.add_argument("--limit", type=_limit, default=None,
+    p.add_argument("--tasks", default=",".join(d["tasks"]),
+                   help=f"comma-separated, from: {', '.join(TASKS)} (default: %(default)s, the paper's zero-shot tasks)")
+    p.add_argument("--limit", type=_limit, default=d["limit"],
                    help="first N documents of each task (MMLU: of each subject); a fraction in (0, 1); "
-                        "none = full sets (default)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
-    p.add_argument("--perplexity", default="none",
+                        "none = full sets (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=d["batch_size"], help="default: %(default)s")
+    p.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=d["dtype"], help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--perplexity", default=d["perplexity"],
                    help="perplexity corpus: squad-wiki (offline Wikipedia paragraphs), wikitext2 (network), "
-                        "none (default)")
-    p.add_argument("--perplexity_context_length", type=int, default=512)
-    p.add_argument("--perplexity_stride", type=int, default=None, help="default: the context length")
-    p.add_argument("--perplexity_max_tokens", type=int, default=None, help="default: the whole text")
+                        f"none (default: {d['perplexity'] or 'none'})")
+    p.add_argument("--perplexity_context_length", type=int, default=d["perplexity_context_length"],
+                   help="default: %(default)s")
+    p.add_argument("--perplexity_stride", type=int, default=d["perplexity_stride"], help="default: the context length")
+    p.add_argument("--perplexity_max_tokens", type=int, default=d["perplexity_max_tokens"],
+                   help="default: the whole text")
     p.add_argument("--baseline", default=None,
                    help="also evaluate this model and show retention; 'source' = the dense model a pruned "
                         "folder was made from (prunenet.json)")
@@ -96,18 +102,23 @@ def _recorded_ratio(model: str) -> float | None:
         return None
 
 
-def main(argv: list[str] | None = None, exit_when_sharded: bool = False) -> dict[str, Any]:
-    """``python -m prunenet.evaluate``; returns eval.json's dict. ``exit_when_sharded``: launched by
-    torchrun as a command, each rank ends its process right after the report, or after its one-line error (see
+def settings_from(args: argparse.Namespace):
+    """The :class:`~prunenet.evaluation.EvalSettings` of parsed options (every schema option is one of
+    :func:`parser`'s, by the same name)."""
+    from prunenet.evaluation import EvalSettings, option_defaults
+
+    return EvalSettings.from_options(**{name: getattr(args, name) for name in option_defaults()})
+
+
+def main(argv: list[str] | None = None, keep_group: bool = False) -> dict[str, Any]:
+    """``python -m prunenet.evaluate`` without the exit handling (:func:`command` adds it); returns
+    eval.json's dict. ``keep_group``: launched by torchrun, leave the ranks' process group up at the end,
+    for the caller to end the process without gloo's teardown (see
     :func:`~prunenet.evaluation.sharding.from_environment`)."""
-    from prunenet.evaluation import EvalSettings, PerplexitySettings
     from prunenet.evaluation.sharding import from_environment
 
     args = parser().parse_args(argv)
-    ppl = PerplexitySettings.parse(args.perplexity, context_length=args.perplexity_context_length,
-                                   stride=args.perplexity_stride, max_tokens=args.perplexity_max_tokens)
-    settings = EvalSettings(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, device=args.device,
-                            dtype=args.dtype, perplexity=ppl)
+    settings = settings_from(args)
     baseline = source_model(args.model) if args.baseline == "source" else args.baseline
     if args.output:
         out = Path(args.output).expanduser()
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None, exit_when_sharded: bool = False) -> dict
         from prunenet.artifacts import check_writable
 
         check_writable(out.parent, "--output folder")  # created only when the report is written
-    with from_environment(settings.device, exit_at_end=exit_when_sharded) as shards:
+    with from_environment(settings.device, keep_group=keep_group) as shards:
         return _run(args, settings, baseline, out if args.output else None, shards)
 
 
@@ -160,5 +171,12 @@ def _run(args: argparse.Namespace, settings, baseline: str | None, out: Path | N
     return payload
 
 
+def command(argv: list[str] | None = None) -> None:
+    """The command line: :func:`main` under :func:`~prunenet.cli.run_main`, which prints a user error
+    in one line and exits 2, a signal 130 / 143; a rank of a torchrun launch ends its process there,
+    after the report or its error, without gloo's teardown (the group is kept for it)."""
+    run_main(lambda: main(argv, keep_group=True))
+
+
 if __name__ == "__main__":
-    run_main(lambda: main(exit_when_sharded=True))
+    command()

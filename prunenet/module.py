@@ -34,18 +34,20 @@ import torch
 from prunenet import loading, plugins
 from prunenet.arch import get_adapter
 from prunenet.checks import check_float
+from prunenet.evaluation.subject import SourceModelSubject
 from prunenet.learner import Learner
 from prunenet.pipeline import select
 from prunenet.plan import ffn_fingerprint, package_versions
 from prunenet.policy import DEFAULT_POLICY, RowPolicy
 from prunenet.resume import PLUG_POINTS, RESULT_HPARAMS, canonical_source, load_run_state, save_run_state
 from prunenet.reward import Reward
-from prunenet.selection import RANDOM_REFERENCE_EPISODE, check_protect_fraction, draw_kept, free_probabilities, kept_width, layer_generator, protected_rows, uniform_kept, validate_ratio
+from prunenet.selection import (RANDOM_REFERENCE_EPISODE, check_protect_fraction, draw_kept, free_probabilities,
+                                kept_width, layer_generator, protected_rows, uniform_kept, validate_ratio)
 from prunenet.selectors import POLICY_SELECTIONS, build_selector, validate_selection
 from prunenet.states import SelectionInputs, StreamedStates, load_ffn_states, load_output_peaks
 
 
-class PruneNetModule(L.LightningModule):
+class PruneNetModule(L.LightningModule, SourceModelSubject):
     """Trains the PruneNet policy on one model's FFN matrices.
 
     Args:
@@ -268,10 +270,16 @@ class PruneNetModule(L.LightningModule):
                 **self.plug_points()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_run_state(self, checkpoint)
+        """Add the run state: the episodes, the learner's state (e.g. a running baseline: exact resume)."""
+        save_run_state(checkpoint, self.run_settings(), {"history": list(self.history),
+                                                         "learner": self.learner.state_dict()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_run_state(self, checkpoint)
+        """Restore the run state; with a trainer attached (a resume) the checkpoint's settings must be this run's."""
+        state = load_run_state(checkpoint, {"history": [], "learner": {}},
+                               current=self.run_settings() if self._trainer is not None else None)
+        self.history = list(state["history"])
+        self.learner.load_state_dict(state["learner"])
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -324,12 +332,3 @@ class PruneNetModule(L.LightningModule):
                 "reward": self.reward.name or type(self.reward).__name__,
                 "learner": self.learner.name or type(self.learner).__name__,
                 "protect_outliers": self.hparams.protect_outliers, "plug_points": self.plug_points()}
-
-    def load_dense_model(self):
-        """A fresh dense copy of the source model (loaded from disk, never deep-copied)."""
-        return loading.load_model(self.hparams.model_name_or_path, dtype=self.hparams.dtype,
-                                  trust_remote_code=self.hparams.trust_remote_code)
-
-    def load_tokenizer(self):
-        """The source model's tokenizer, or None if it has none."""
-        return loading.load_tokenizer(self.hparams.model_name_or_path, self.hparams.trust_remote_code)

@@ -16,6 +16,13 @@ RESULT_HPARAMS = ("compression_ratio", "policy", "reward", "learner", "protect_o
 PLUG_POINTS = ("policy", "reward", "learner")
 
 
+#: The checkpoint key of a run's record (:func:`save_run_state`), and the settings it holds.
+RUN_RECORD = "prunenet_run"
+RUN_RECORD_KEYS = ("source", "seed", "stage", "data")
+#: A run's state is stored under ``prunenet_<name>`` (:func:`save_run_state`).
+_STATE_PREFIX = "prunenet_"
+
+
 def canonical_source(model_name_or_path: str) -> str:
     """One name per source model: ``asset:<name>``, the absolute real path of a local folder
     (``./m``, ``m`` and a symlink to it are the same), or the hub id as given."""
@@ -34,7 +41,7 @@ def checkpoint_settings(checkpoint: dict[str, Any], keys: tuple[str, ...] = RESU
     recovery's keys). Checkpoints written before the record existed give no seed (None: not compared),
     the source resolved from ``model_name_or_path`` now, and the stage ``fit``."""
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    run = dict(checkpoint.get("prunenet_run") or {})
+    run = dict(checkpoint.get(RUN_RECORD) or {})
     source = run.get("source")
     if source is None and hparams.get("model_name_or_path") is not None:
         source = canonical_source(hparams["model_name_or_path"])
@@ -134,23 +141,39 @@ def _stored_settings(ckpt: Path, keys: tuple[str, ...] = RESULT_HPARAMS) -> dict
     return checkpoint_settings(checkpoint, keys)
 
 
-def save_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
-    """What a ``PruneNetModule`` adds to its Lightning checkpoint: the episode history, the learner's
-    state (e.g. a running baseline: exact resume) and the run's source and seed."""
-    checkpoint["prunenet_history"] = list(module.history)
-    checkpoint["prunenet_learner"] = module.learner.state_dict()
-    checkpoint["prunenet_run"] = {k: v for k, v in module.run_settings().items() if k in ("source", "seed")}
+def save_run_state(checkpoint: dict[str, Any], settings: dict[str, Any], state: dict[str, Any]) -> None:
+    """Write a run's state into its Lightning checkpoint (the one writer; :func:`load_run_state` reads it).
+
+    Args:
+        checkpoint: the dict Lightning saves (``on_save_checkpoint``'s argument).
+        settings: the module's ``run_settings()``; its :data:`RUN_RECORD_KEYS` (source, seed, and a
+            recovery's stage and data) go into the ``prunenet_run`` record that
+            :func:`checkpoint_settings` reads back.
+        state: what the module needs to continue exactly, by name; each value is stored under
+            ``prunenet_<name>`` (a fit: ``history``, ``learner``; a recovery: ``tokens_seen``,
+            ``val_loss_before``, ``rng_state``).
+    """
+    checkpoint[RUN_RECORD] = {k: v for k, v in settings.items() if k in RUN_RECORD_KEYS}
+    for name, value in state.items():
+        checkpoint[_STATE_PREFIX + name] = value
 
 
-def load_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
-    """Restore what ``save_run_state`` stored. prunenet.fit checks the settings before the Trainer
-    starts; the check here covers programmatic resumes (a trainer attached), not inspection.
+def load_run_state(checkpoint: dict[str, Any], defaults: dict[str, Any], current: dict[str, Any] | None = None,
+                   keys: tuple[str, ...] = RESULT_HPARAMS) -> dict[str, Any]:
+    """What :func:`save_run_state` stored: name -> value for each name in ``defaults`` (its default when the
+    checkpoint lacks it, e.g. one written before it was saved).
+
+    Args:
+        checkpoint: the dict Lightning loaded (``on_load_checkpoint``'s argument).
+        defaults: the state names to read, with the value each takes when absent.
+        current: the module's ``run_settings()`` to check the checkpoint against (hyperparameters
+            ``keys``), or None for no check. The entry points check before the Trainer starts
+            (:func:`resolve_ckpt_path`); this covers programmatic resumes.
 
     Raises:
         ConfigurationError: the checkpoint was trained with other settings (names them).
     """
-    differ = module._trainer is not None and settings_mismatch(checkpoint_settings(checkpoint), module.run_settings())
+    differ = current is not None and settings_mismatch(checkpoint_settings(checkpoint, keys), current)
     if differ:
         raise ConfigurationError(f"cannot resume: the checkpoint was trained with {differ}")
-    module.history = list(checkpoint.get("prunenet_history", []))
-    module.learner.load_state_dict(checkpoint.get("prunenet_learner", {}))
+    return {name: checkpoint.get(_STATE_PREFIX + name, default) for name, default in defaults.items()}

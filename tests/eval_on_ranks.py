@@ -9,8 +9,7 @@ import os
 import signal
 import sys
 
-from prunenet.cli import run_main
-from prunenet.evaluate import main
+from prunenet.evaluate import command
 
 if os.environ.get("RANK") == os.environ.get("PRUNENET_TEST_FAIL_RANK"):
     from prunenet.evaluation.lm import RankedHFLM
@@ -23,4 +22,4 @@ if os.environ.get("RANK") == os.environ.get("PRUNENET_TEST_FAIL_RANK"):
     RankedHFLM.loglikelihood = _fail
 
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:], exit_when_sharded=True))  # as prunenet.evaluate's own main
+    command(sys.argv[1:])  # prunenet.evaluate's own entry point

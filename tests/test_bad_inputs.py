@@ -245,6 +245,30 @@ def test_resume_compares_dtypes_by_meaning():
     assert settings_mismatch({"dtype": None, "seed": None}, {"dtype": "auto", "seed": 3}) == ""  # old checkpoints
 
 
+def test_one_writer_and_reader_of_the_run_state():
+    """resume.save_run_state / load_run_state: the fit's and the recovery's state under the same keys as
+    before (prunenet_run, prunenet_<name>), defaults for a checkpoint without them, a mismatch refused."""
+    from prunenet.errors import ConfigurationError
+    from prunenet.resume import checkpoint_settings, load_run_state, save_run_state
+
+    fit = {"source": "asset:smollm2-135m", "seed": 7, "compression_ratio": 0.3}
+    checkpoint = {"hyper_parameters": {"compression_ratio": 0.3}}
+    save_run_state(checkpoint, fit, {"history": [{"episode": 0}], "learner": {"baseline": 1.5}})
+    assert checkpoint["prunenet_run"] == {"source": "asset:smollm2-135m", "seed": 7}
+    assert checkpoint["prunenet_history"] == [{"episode": 0}] and checkpoint["prunenet_learner"] == {"baseline": 1.5}
+    state = load_run_state(checkpoint, {"history": [], "learner": {}, "absent": None}, current=fit,
+                           keys=("compression_ratio",))
+    assert state == {"history": [{"episode": 0}], "learner": {"baseline": 1.5}, "absent": None}
+    with pytest.raises(ConfigurationError, match="cannot resume: .*seed=7 \\(this run: 8\\)"):
+        load_run_state(checkpoint, {}, current={**fit, "seed": 8}, keys=("compression_ratio",))
+    recovery = {"source": "/m", "seed": 0, "stage": "recover", "data": {"block_size": 16}, "lora_r": 8}
+    checkpoint = {"hyper_parameters": {"lora_r": 8}}
+    save_run_state(checkpoint, recovery, {"tokens_seen": 64, "val_loss_before": 2.5, "rng_state": None})
+    assert checkpoint["prunenet_run"] == {"source": "/m", "seed": 0, "stage": "recover", "data": {"block_size": 16}}
+    assert (checkpoint["prunenet_tokens_seen"], checkpoint["prunenet_val_loss_before"]) == (64, 2.5)
+    assert checkpoint_settings(checkpoint, ("lora_r",)) == recovery
+
+
 def test_fingerprints_written_before_the_canonical_form_still_match():
     """Policies and plans of earlier versions hashed bf16/fp16 states in their own dtype."""
     from prunenet.plan import same_ffn

@@ -130,11 +130,8 @@ class _PeerGoneAtTheEnd:
         self.initialized = False
 
 
-@pytest.mark.parametrize("exit_at_end", [False, True])
-def test_a_peer_lost_at_the_final_barrier_is_a_one_line_error(exit_at_end, monkeypatch, capsys):
+def _peer_gone_at_the_end(monkeypatch) -> _PeerGoneAtTheEnd:
     import torch.distributed
-
-    from prunenet.evaluation import sharding
 
     fake = _PeerGoneAtTheEnd()
     for name in ("is_available", "is_initialized", "init_process_group", "get_rank", "get_world_size", "barrier",
@@ -143,22 +140,58 @@ def test_a_peer_lost_at_the_final_barrier_is_a_one_line_error(exit_at_end, monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("PRUNENET_VERBOSE", raising=False)
+    return fake
+
+
+@pytest.mark.parametrize("keep_group", [False, True])
+def test_a_peer_lost_at_the_final_barrier_raises_and_never_exits(keep_group, monkeypatch, capsys):
+    """The library raises the one-line ShardFailed (it never ends the process); it leaves the group
+    unless asked to keep it for the entry point."""
+    from prunenet import cli
+    from prunenet.evaluation import sharding
+
+    fake = _peer_gone_at_the_end(monkeypatch)
+    monkeypatch.setattr(cli, "exit_now", lambda code: pytest.fail(f"library code ended the process ({code})"))
+    with pytest.raises(sharding.ShardFailed, match="lost contact with the other ranks at the end"):
+        with sharding.from_environment(keep_group=keep_group):
+            pass
+    assert capsys.readouterr().err == ""
+    assert fake.initialized == keep_group
+
+
+def test_the_entry_point_ends_a_rank_without_teardown(monkeypatch, capsys):
+    """prunenet.evaluate's command keeps the group; run_main prints the one line and ends the rank with 2
+    through exit_now (gloo's teardown skipped: the group is never destroyed)."""
+    from prunenet import cli
+    from prunenet.evaluation import sharding
+
+    fake = _peer_gone_at_the_end(monkeypatch)
 
     def exit_now(code):  # the real one ends the process: pytest's with it
         raise SystemExit(code)
 
-    monkeypatch.setattr(sharding, "_exit_now", exit_now)
-    expected = pytest.raises(SystemExit) if exit_at_end else pytest.raises(sharding.ShardFailed)
-    with expected as caught:
-        with sharding.from_environment(exit_at_end=exit_at_end):
+    def main():
+        with sharding.from_environment(keep_group=True):
             pass
+
+    monkeypatch.setattr(cli, "exit_now", exit_now)
+    with pytest.raises(SystemExit) as caught:
+        cli.run_main(main)
     err = capsys.readouterr().err.strip().splitlines()
-    if exit_at_end:  # one line, then the exit without teardown
-        assert caught.value.code == 2 and len(err) == 1, err
-        assert err[0].startswith("error: evaluation stopped on rank 0 of 2: lost contact with the other ranks at the end")
-    else:  # a library caller gets the exception, and the group is left
-        assert "lost contact with the other ranks at the end" in str(caught.value) and err == []
-        assert not fake.initialized
+    assert caught.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: evaluation stopped on rank 0 of 2: lost contact with the other ranks at the end")
+    assert fake.initialized  # left to the process's end, not torn down
+
+
+def test_evaluate_command_keeps_the_group_for_run_main(monkeypatch):
+    """``python -m prunenet.evaluate`` is :func:`command`: main with the group kept, under run_main."""
+    import prunenet.evaluate as ev
+
+    seen = {}
+    monkeypatch.setattr(ev, "main", lambda argv=None, keep_group=False: seen.update(argv=argv, keep=keep_group))
+    monkeypatch.setattr(ev, "run_main", lambda work: (seen.update(run_main=True), work()))
+    ev.command(["--model", "m"])
+    assert seen == {"argv": ["--model", "m"], "keep": True, "run_main": True}
 
 
 # ---------------------------------------------------------------------- slow: several processes
@@ -236,7 +269,7 @@ def test_two_process_fit_with_evaluation_writes_one_report(tiny_dir, cache_env, 
             "--trainer.devices=2", "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path / 'runs'}",
             f"--slicing.output_dir={out}", "--spectrum.enabled=false", "--trainer.enable_progress_bar=false",
             "--evaluation.tasks=[piqa,arc_easy]", "--evaluation.limit=4", "--evaluation.batch_size=2",
-            "--evaluation.perplexity_context_length=32", "--evaluation.perplexity_max_tokens=160"]
+            "--evaluation.perplexity=squad-wiki", "--evaluation.perplexity_context_length=32", "--evaluation.perplexity_max_tokens=160"]
     cmd, env = cli_command(args, env=cache_env)
     ranks = _launch(cmd, env, tmp_path, timeout=HANG_S)
     for rank, res in enumerate(ranks):

@@ -16,10 +16,12 @@ from prunenet.evaluation import (
     TASKS,
     ZERO_SHOT_TASKS,
     EvalSettings,
+    EvaluationSubject,
     PerplexitySettings,
     compare,
     evaluate_model,
     markdown,
+    option_defaults,
     retention,
 )
 from prunenet.evaluation import data as eval_data
@@ -378,8 +380,8 @@ def test_model_identity_changes_with_weights(tiny_dir, tmp_path):
 REPORT_KEYS = {"format", "model", "baseline", "compression_ratio", "settings", "comparison", "result",
                "baseline_result", "wall_s"}
 
-class _FakeModule:
-    """What PostPruningEvaluation asks of the LightningModule, on a tiny model."""
+class _FakeModule(EvaluationSubject):
+    """What PostPruningEvaluation asks of the LightningModule (:class:`EvaluationSubject`), on a tiny model."""
 
     def __init__(self, dense_dir):
         from lightning.fabric.utilities.data import AttributeDict
@@ -396,6 +398,10 @@ class _FakeModule:
 
     def load_tokenizer(self):
         return self._loading.load_tokenizer(self.dense_dir)
+
+    def evaluation_subject(self):
+        return {"label": "pruned", "baseline": self.dense_dir, "baseline_dtype": "auto", "compression_ratio": 0.3,
+                "input": None}
 
 
 def _fake_export(out_dir: Path):
@@ -444,8 +450,71 @@ def test_callback_validates_at_construction():
         PostPruningEvaluation(limit=-5)
     cb = PostPruningEvaluation()
     assert cb.settings.tasks == list(ZERO_SHOT_TASKS)
-    assert cb.settings.perplexity.corpus == "squad-wiki"
-    assert PostPruningEvaluation(perplexity=None).settings.perplexity is None
+    assert cb.settings.perplexity is None  # the schema's default: off unless named
+    assert PostPruningEvaluation(perplexity="squad-wiki").settings.perplexity.corpus == "squad-wiki"
+
+
+def test_one_schema_gives_the_callback_and_the_cli_their_defaults():
+    """EvalSettings' defaults are the callback's arguments' and prunenet.evaluate's options', by construction."""
+    import inspect
+
+    import yaml
+
+    from callbacks import PostPruningEvaluation
+    from prunenet.evaluate import parser, settings_from
+
+    assert EvalSettings().tasks == list(ZERO_SHOT_TASKS) and EvalSettings().perplexity is None
+    defaults = option_defaults()
+    params = inspect.signature(PostPruningEvaluation).parameters
+    args = parser().parse_args(["--model", "m"])
+    for name, value in defaults.items():
+        assert params[name].default == (None if name == "tasks" else value), name  # tasks: None = the default
+        assert getattr(args, name) == (",".join(value) if name == "tasks" else value), name
+    assert PostPruningEvaluation().settings == EvalSettings() == settings_from(args) == EvalSettings.from_options()
+    # Every key of a config's evaluation: section is an argument of the callback (LightningCLI builds it).
+    repo = Path(__file__).resolve().parents[1]
+    for config in sorted((repo / "configs").glob("*.yaml")):
+        section = yaml.safe_load(config.read_text()).get("evaluation") or {}
+        assert set(section) <= set(params), (config.name, set(section) - set(params))
+        assert set(section) - {"enabled", "cache"} <= set(defaults), config.name
+        options = {k: v for k, v in section.items() if k in defaults}
+        assert PostPruningEvaluation(**section).settings == EvalSettings.from_options(**options), config.name
+    # The same option on the command line and in the callback gives the same settings.
+    flags = ["--tasks", "piqa,arc_easy", "--limit", "3", "--perplexity", "squad-wiki", "--perplexity_max_tokens", "64"]
+    assert settings_from(parser().parse_args(["--model", "m", *flags])) == PostPruningEvaluation(
+        tasks="piqa,arc_easy", limit=3, perplexity="squad-wiki", perplexity_max_tokens=64).settings
+
+
+def test_unknown_evaluation_option_is_one_line():
+    with pytest.raises(EvaluationError, match="unknown evaluation option.*perplexity_context") as err:
+        EvalSettings.from_options(perplexity_context=32)
+    assert "\n" not in str(err.value)
+
+
+def test_modules_declare_the_evaluation_subject_protocol(tiny_dir):
+    """The fit's and the recovery's modules implement EvaluationSubject; the callback refuses any other
+    module in one line (at setup, before training)."""
+    import lightning as L
+
+    from callbacks.evaluation import as_subject
+    from prunenet.module import PruneNetModule
+    from prunenet.recovery.module import RecoveryModule
+
+    assert issubclass(PruneNetModule, EvaluationSubject) and issubclass(RecoveryModule, EvaluationSubject)
+    module = PruneNetModule(model_name_or_path=str(tiny_dir), compression_ratio=0.5)
+    assert as_subject(module) is module
+    assert module.evaluation_subject() == {"label": "pruned", "baseline": str(tiny_dir), "baseline_dtype": "auto",
+                                           "compression_ratio": 0.5, "input": None}
+    recovery = RecoveryModule(model_name_or_path=str(tiny_dir))
+    subject = as_subject(recovery).evaluation_subject()
+    assert subject["label"] == "recovered" and subject["baseline"] == str(tiny_dir) and subject["input"] is None
+
+    class Other(L.LightningModule):
+        def load_tokenizer(self):  # only part of the protocol
+            return None
+
+    with pytest.raises(EvaluationError, match="Other: it does not implement prunenet.evaluation.EvaluationSubject"):
+        as_subject(Other())
 
 
 def test_fit_cli_has_evaluation_section_and_configs():
@@ -526,8 +595,8 @@ def test_fit_with_evaluation_before_slicing(tiny_dir, tmp_path):
 
     L.seed_everything(0)
     out = tmp_path / "pruned"
-    evaluation = PostPruningEvaluation(tasks=["piqa"], limit=2, batch_size=2, perplexity_context_length=32,
-                                       perplexity_max_tokens=64, device="cpu")
+    evaluation = PostPruningEvaluation(tasks=["piqa"], limit=2, batch_size=2, perplexity="squad-wiki",
+                                       perplexity_context_length=32, perplexity_max_tokens=64, device="cpu")
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path / "logs"),
                         callbacks=[evaluation, StructuralSlicing(output_dir=str(out))], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)

@@ -352,12 +352,12 @@ def test_evaluation_compares_dense_and_recovered_with_before_scores(setup, tmp_p
     from prunenet.evaluation.report import REPORT_FORMAT
 
     flags = ["--evaluation.tasks=[piqa]", "--evaluation.limit=2", "--evaluation.batch_size=2",
-             "--evaluation.perplexity_context_length=32", "--evaluation.perplexity_max_tokens=64",
+             "--evaluation.perplexity=squad-wiki", "--evaluation.perplexity_context_length=32", "--evaluation.perplexity_max_tokens=64",
              "--evaluation.device=cpu", "--evaluation.cache=false"]
     pruned = tmp_path / "pruned"
     shutil.copytree(setup["pruned"], pruned)
-    settings = PostPruningEvaluation(tasks=["piqa"], limit=2, batch_size=2, perplexity_context_length=32,
-                                     perplexity_max_tokens=64, device="cpu").settings
+    settings = PostPruningEvaluation(tasks=["piqa"], limit=2, batch_size=2, perplexity="squad-wiki",
+                                     perplexity_context_length=32, perplexity_max_tokens=64, device="cpu").settings
     from prunenet import loading
     from prunenet.evaluation import evaluate_model
 

@@ -1,5 +1,7 @@
 """Evaluation: lm-eval tasks on packaged data, perplexity, and the dense-vs-pruned report.
 
+* :mod:`~prunenet.evaluation.settings`: :class:`EvalSettings`, the one settings schema and its defaults.
+* :mod:`~prunenet.evaluation.subject`: :class:`EvaluationSubject`, what the evaluation callback asks of a module.
 * :mod:`~prunenet.evaluation.data`: where the benchmark data package's files are.
 * :mod:`~prunenet.evaluation.tasks`: lm-eval's built-in task configs with the data swapped to local files.
 * :mod:`~prunenet.evaluation.perplexity`: token-level perplexity, fixed context length and stride.
@@ -20,24 +22,30 @@ from collections.abc import Callable
 from typing import Any
 
 from prunenet.errors import EvaluationError
-from prunenet.evaluation.harness import EvalSettings, check_limit, evaluate_model
+from prunenet.evaluation.harness import evaluate_model
 from prunenet.evaluation.perplexity import PerplexitySettings
 from prunenet.evaluation.report import compare, markdown, retention
+from prunenet.evaluation.settings import EvalSettings, check_limit, option_defaults
 from prunenet.evaluation.sharding import Shards
+from prunenet.evaluation.subject import EvaluationSubject, SourceModelSubject, Subject
 from prunenet.evaluation.tasks import TASKS, ZERO_SHOT_TASKS, known_tasks, parse_tasks
 
 __all__ = [
     "TASKS",
     "ZERO_SHOT_TASKS",
     "EvalSettings",
+    "EvaluationSubject",
     "PerplexitySettings",
     "Shards",
+    "SourceModelSubject",
+    "Subject",
     "check_limit",
     "compare",
     "evaluate_checkpoint",
     "evaluate_model",
     "known_tasks",
     "markdown",
+    "option_defaults",
     "parse_tasks",
     "retention",
 ]

@@ -15,87 +15,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from prunenet.checks import check_float
-from prunenet.errors import ConfigurationError, EvaluationError
+from prunenet.errors import EvaluationError
 from prunenet.evaluation import cache as eval_cache
-from prunenet.evaluation.perplexity import PerplexitySettings, score_windows, summarize
+from prunenet.evaluation.perplexity import score_windows, summarize
+from prunenet.evaluation.settings import EvalSettings, check_limit  # noqa: F401 - check_limit: re-exported
 from prunenet.evaluation.sharding import RANK_KEYS, Shards
-from prunenet.evaluation.tasks import TASKS, build_task, no_map_bars, parse_tasks, task_manager
+from prunenet.evaluation.tasks import TASKS, build_task, no_map_bars, task_manager
 
 #: lm-eval's bootstrap is only used for non-mean metrics (perplexities); accuracies get closed-form stderr.
 BOOTSTRAP_ITERS = 1000
-
-
-@dataclass
-class EvalSettings:
-    """What to evaluate and how.
-
-    Attributes:
-        tasks: task names (see :data:`prunenet.evaluation.tasks.TASKS`), or a comma string.
-        limit: first N documents of each task (MMLU: of each of its 57 subjects); a float
-            in (0, 1) is a fraction; None = the full set.
-        batch_size: lm-eval batch size (also windows per perplexity batch, capped at 8).
-        device: ``cpu``, ``cuda``, ``cuda:1``...; None = CUDA if available, else CPU.
-        dtype: cast the model to this dtype before evaluating (``float32``, ``bfloat16``...);
-            None keeps the model's dtype.
-        perplexity: perplexity settings, or None for no perplexity.
-    """
-
-    tasks: list[str] = field(default_factory=lambda: ["piqa"])
-    limit: int | float | None = None
-    batch_size: int = 8
-    device: str | None = None
-    dtype: str | None = None
-    perplexity: PerplexitySettings | None = None
-
-    def __post_init__(self) -> None:
-        self.tasks = parse_tasks(self.tasks)
-        self.limit = check_limit(self.limit)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise EvaluationError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.dtype is not None:
-            from prunenet import loading
-            from prunenet.errors import ModelLoadError
-
-            try:
-                loading.parse_dtype(self.dtype)
-            except ModelLoadError as exc:
-                raise EvaluationError(str(exc)) from None
-
-    def resolved_device(self) -> str:
-        """The device to evaluate on: the setting, else ``cuda`` when available, else ``cpu``."""
-        if self.device:
-            return str(self.device)
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as plain JSON-serialisable values (written into reports)."""
-        return {"tasks": list(self.tasks), "limit": self.limit, "batch_size": self.batch_size,
-                "device": self.resolved_device(), "dtype": self.dtype,
-                "perplexity": self.perplexity.to_dict() if self.perplexity else None}
-
-
-def check_limit(limit: Any) -> int | float | None:
-    """None, a positive int (documents per task) or a fraction in (0, 1)."""
-    if limit is None:
-        return None
-    if isinstance(limit, bool):
-        raise EvaluationError(f"limit must be a positive integer, a fraction in (0, 1) or null, got {limit!r}")
-    if isinstance(limit, float) and limit.is_integer() and limit >= 1:
-        limit = int(limit)
-    if isinstance(limit, int) and limit >= 1:
-        return limit
-    if isinstance(limit, float) and not limit.is_integer():  # a fraction: NaN and infinities end here too
-        try:
-            return check_float(limit, "limit", 0.0, 1.0, low_open=True, high_open=True)
-        except ConfigurationError:
-            pass
-    raise EvaluationError(f"limit must be a positive integer, a fraction in (0, 1) or null, got {limit!r}")
 
 
 @contextlib.contextmanager

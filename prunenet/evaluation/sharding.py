@@ -22,8 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prunenet.cli import exit_now as _exit_now  # the process ends without gloo's teardown
-from prunenet.errors import EvaluationError
+from prunenet.errors import EvaluationError, is_user_error
 
 T = TypeVar("T")
 
@@ -104,8 +103,6 @@ class Shards:
                 raise
             with contextlib.suppress(ShardFailed):
                 self._gather((False, one_line(exc)))
-            from prunenet.cli import is_user_error
-
             if isinstance(exc, Exception) and not is_user_error(exc):
                 raise EvaluationError(f"evaluation failed on rank {self.rank} of {self.world_size}: "
                                       f"{one_line(exc)}") from exc
@@ -158,19 +155,23 @@ def current(device: str | None = None, local_rank: int | None = None) -> Shards:
 
 
 @contextlib.contextmanager
-def from_environment(device: str | None = None, exit_at_end: bool = False) -> Iterator[Shards]:
+def from_environment(device: str | None = None, keep_group: bool = False) -> Iterator[Shards]:
     """The shards of a launch by ``torchrun`` (or anything that sets ``WORLD_SIZE``, ``RANK``,
     ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``); a single process without them.
 
     Joins a gloo process group for the exchanges (they carry only Python objects: scores, counts,
-    errors; the models run on each rank's own device) and leaves it at the end. With
-    ``exit_at_end`` (a command line's main, nothing after it), a rank that finished its work ends
-    its process with exit code 0 once every rank has passed the final barrier, and a rank that met a
-    user error (its own, another rank's, or lost contact) prints the one-line error and exits 2, in
-    both cases without gloo's teardown.
+    errors; the models run on each rank's own device). Once the work is done every rank passes a
+    final barrier, so that they leave together. The group is then left (``destroy_process_group``),
+    after the work or an error, unless ``keep_group``: an entry point that ends its process right
+    after (``prunenet.evaluate``'s command, through :func:`prunenet.cli.run_main`) keeps it, because
+    gloo's teardown, in ``destroy_process_group`` or at interpreter exit, sometimes aborts a rank with
+    SIGABRT ("terminate called without an active exception", seen in CI after successful runs and
+    after a peer failed): that entry point ends the process without it
+    (:func:`prunenet.cli.exit_now`). Either way this returns or raises; it never ends the process.
 
     Raises:
         EvaluationError: ``WORLD_SIZE`` > 1 without ``RANK``.
+        ShardFailed: the ranks lost contact at the final barrier.
     """
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
@@ -183,31 +184,11 @@ def from_environment(device: str | None = None, exit_at_end: bool = False) -> It
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo")
-    finished = False
     try:
         shards = current(device, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
         yield shards
         if created:  # leave together: gloo aborts a rank whose peer closed the connection first
             shards.barrier()
-        finished = True
-    except BaseException as exc:
-        from prunenet.cli import Interrupted, report_interruption, report_user_error
-
-        # After a peer died or failed, gloo's teardown (destroy_process_group, or its destructors at
-        # interpreter exit) can abort this rank with SIGABRT ("terminate called without an active
-        # exception", seen in CI) instead of the exit code 2 the error deserves: leave without it.
-        # The same for a signal (torchrun passes it to every rank): 130 / 143 and one line.
-        if created and exit_at_end and isinstance(exc, Interrupted):
-            _exit_now(report_interruption(exc.signum))
-        if created and exit_at_end and report_user_error(exc):
-            _exit_now(2)
-        raise
     finally:
-        if created:
-            if finished and exit_at_end:
-                # Even after the barrier, gloo's teardown (in destroy_process_group or at interpreter
-                # exit) sometimes aborted one rank ("terminate called without an active exception",
-                # seen in CI after a successful run). Every rank is past its last exchange and rank 0
-                # has written the report, so there is nothing left to release: exit without teardown.
-                _exit_now(0)
+        if created and not keep_group:
             dist.destroy_process_group()

@@ -23,6 +23,8 @@ from prunenet import loading
 from prunenet.arch import get_adapter
 from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError, DivergedError
+from prunenet.resume import canonical_source, load_run_state, save_run_state
+from prunenet.evaluation.subject import EvaluationSubject, Subject
 
 METHODS = ("lora", "full")
 #: Hyperparameters that change the result of a recovery (a resumed run must have the same ones).
@@ -83,7 +85,7 @@ def check_finite(tensors: dict[str, torch.Tensor], when: str) -> None:
                             f"{bad[0]}); nothing was saved: lower model.learning_rate or check the input model")
 
 
-class RecoveryModule(L.LightningModule):
+class RecoveryModule(L.LightningModule, EvaluationSubject):
     """Recovery fine-tuning of one checkpoint (typically a pruned one).
 
     Args:
@@ -218,8 +220,6 @@ class RecoveryModule(L.LightningModule):
         """What determines this run's result (a resumed run must match): resolved source, seed, stage,
         the data's :meth:`~RecoveryDataModule.resume_settings` (once attached to a trainer) and
         :data:`RECOVERY_HPARAMS`."""
-        from prunenet.resume import canonical_source
-
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return {"source": canonical_source(self.hparams.model_name_or_path), "stage": "recover",
                 "seed": int(os.environ.get("PL_GLOBAL_SEED", 0)),
@@ -227,25 +227,28 @@ class RecoveryModule(L.LightningModule):
                 **{k: self.hparams[k] for k in RECOVERY_HPARAMS}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trained parameters (LoRA adapters; every weight for ``full``): never the frozen base."""
+        """Keep only the trained parameters (LoRA adapters; every weight for ``full``): never the frozen base;
+        add the run state (:func:`~prunenet.resume.save_run_state`): the tokens seen, the held-out loss
+        before training and torch's RNG state."""
         trained = self.trainable_parameters()
         check_finite(trained, f"after step {self.global_step}")
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-        checkpoint["prunenet_run"] = {k: v for k, v in self.run_settings().items() if k in ("source", "seed", "stage", "data")}
-        checkpoint["prunenet_tokens_seen"] = self.tokens_seen
-        checkpoint["prunenet_val_loss_before"] = self.initial_val_loss
         # LoRA dropout draws from torch's global generator: a resumed run continues its stream exactly.
-        checkpoint["prunenet_rng_state"] = torch.get_rng_state()
+        save_run_state(checkpoint, self.run_settings(), {"tokens_seen": self.tokens_seen,
+                                                         "val_loss_before": self.initial_val_loss,
+                                                         "rng_state": torch.get_rng_state()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint holds every trained parameter; restore the run state."""
         missing = sorted(set(self.trainable_parameters()) - set(checkpoint.get("state_dict", {})))
         if self.model is not None and missing:
             raise ConfigurationError(f"the checkpoint lacks {len(missing)} trained parameters of this run "
                                      f"(e.g. {missing[0]}); was it written with other LoRA targets or method?")
-        self.tokens_seen = int(checkpoint.get("prunenet_tokens_seen", 0))
-        self.initial_val_loss = checkpoint.get("prunenet_val_loss_before")
-        if checkpoint.get("prunenet_rng_state") is not None:
-            torch.set_rng_state(checkpoint["prunenet_rng_state"])
+        state = load_run_state(checkpoint, {"tokens_seen": 0, "val_loss_before": None, "rng_state": None})
+        self.tokens_seen = int(state["tokens_seen"])
+        self.initial_val_loss = state["val_loss_before"]
+        if state["rng_state"] is not None:
+            torch.set_rng_state(state["rng_state"])
 
     # ------------------------------------------------------------------ results
     def merged_model(self) -> torch.nn.Module:
@@ -282,7 +285,7 @@ class RecoveryModule(L.LightningModule):
         """The dense model (for the evaluation's baseline column)."""
         return loading.load_model(self.dense_source, trust_remote_code=self.hparams.trust_remote_code)
 
-    def evaluation_subject(self) -> dict[str, Any]:
+    def evaluation_subject(self) -> Subject:
         """For PostPruningEvaluation: the recovered model against the dense source; the input folder's
         ``eval.json`` gives the "before recovery" scores when it has them."""
         plan = self.input_plan()

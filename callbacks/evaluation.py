@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,11 +152,10 @@ class PostPruningEvaluation(L.Callback):
                 rank failed).
         """
         from prunenet import loading
-        from prunenet.artifacts import atomic_write_text
         from prunenet.evaluation import Shards
         from prunenet.evaluation import cache as eval_cache
         from prunenet.evaluation import compare, evaluate_model, markdown
-        from prunenet.evaluation.report import report
+        from prunenet.evaluation.report import report, write_report
 
         shards = shards or Shards()
         start = time.perf_counter()
@@ -192,8 +190,7 @@ class PostPruningEvaluation(L.Callback):
 
         def write() -> None:
             if shards.is_zero:
-                atomic_write_text(folder / EVAL_JSON, json.dumps(payload, indent=1, default=str) + "\n")
-                atomic_write_text(folder / EVAL_MD, table)
+                write_report(folder / EVAL_JSON, payload, table)
                 rank_zero_info("\n" + table + f"(evaluation wall time {payload['wall_s']:.0f} s; written to "
                                f"{folder / EVAL_JSON} and {folder / EVAL_MD})")
                 if trainer is not None:
@@ -205,18 +202,14 @@ class PostPruningEvaluation(L.Callback):
     def before(self, folder: str | None, dense: dict[str, Any]) -> dict[str, Any] | None:
         """``{"model", "result", "comparison"}`` of the recovery's input from the ``eval.json`` in its folder,
         when that evaluation used the same settings (else None: unknown, not recomputed)."""
-        from pathlib import Path
-
         from prunenet.evaluation import compare
+        from prunenet.evaluation.report import load_report
 
-        if folder is None:
-            return None
-        try:
-            stored = json.loads((Path(folder) / EVAL_JSON).read_text())
-        except (OSError, ValueError):
+        stored = None if folder is None else load_report(folder)
+        if stored is None:
             return None
         settings = {k: v for k, v in (stored.get("settings") or {}).items() if k != "processes"}
-        if settings != self.settings.to_dict() or not isinstance(stored.get("result"), dict):
+        if settings != self.settings.to_dict():
             return None
         return {"model": str(folder), "result": stored["result"], "comparison": compare(dense, stored["result"])}
 

@@ -18,7 +18,6 @@ writes the one report (see :mod:`prunenet.evaluation.sharding`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -138,9 +137,8 @@ def main(argv: list[str] | None = None, keep_group: bool = False) -> dict[str, A
 
 def _run(args: argparse.Namespace, settings, baseline: str | None, out: Path | None, shards) -> dict[str, Any]:
     """Evaluate (this rank's share), then on rank 0 print the table and write ``out``."""
-    from prunenet.artifacts import atomic_write_text
     from prunenet.evaluation import compare, evaluate_checkpoint, markdown
-    from prunenet.evaluation.report import report
+    from prunenet.evaluation.report import report, write_report
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
@@ -163,8 +161,7 @@ def _run(args: argparse.Namespace, settings, baseline: str | None, out: Path | N
         print(table, end="")
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out, json.dumps(payload, indent=1, default=str) + "\n")
-            atomic_write_text(out.with_suffix(".md"), table)
+            write_report(out, payload, table)
             print(f"written: {out} and {out.with_suffix('.md')}", file=sys.stderr)
 
     shards.step(write)  # a failure to write on rank 0 stops every rank

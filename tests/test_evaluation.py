@@ -647,3 +647,21 @@ def test_fit_cli_has_evaluation_section():
     for flag in ("--evaluation.tasks", "--evaluation.limit", "--evaluation.batch_size", "--evaluation.perplexity",
                  "--evaluation.enabled"):
         assert flag in text
+
+
+def test_the_report_has_one_writer_and_one_reader(tmp_path):
+    """``eval.json`` is written with its table by ``write_report`` and read back by ``load_report`` (what the
+    recovery's "before recovery" column uses); anything else at that path reads as no report."""
+    import json
+
+    from prunenet.evaluation.report import REPORT_FORMAT, load_report, report, write_report
+
+    payload = report(model="m", result={"tasks": {}}, baseline=None, baseline_result=None, settings={"limit": 5},
+                     comparison={"rows": []}, wall_s=1.0)
+    md = write_report(tmp_path / "eval.json", payload, "| table |\n")
+    assert md.read_text() == "| table |\n" and load_report(tmp_path) == json.loads(json.dumps(payload))
+    assert load_report(tmp_path / "eval.json")["format"] == REPORT_FORMAT
+    (tmp_path / "eval.json").write_text(json.dumps({**payload, "format": "prunenet-eval/1"}))
+    assert load_report(tmp_path) is None
+    (tmp_path / "eval.json").write_text("{not json")
+    assert load_report(tmp_path) is None and load_report(tmp_path / "missing") is None

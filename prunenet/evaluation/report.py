@@ -10,6 +10,9 @@ dense / pruned (lower is better; no retention).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from typing import Any
 
 from prunenet.evaluation.tasks import ZERO_SHOT_TASKS
@@ -94,6 +97,33 @@ def report(*, model: str, result: dict[str, Any], baseline: str | None, baseline
                "result": result, "baseline_result": baseline_result, "wall_s": round(float(wall_s), 2)}
     if before is not None:
         payload["before_recovery"] = before
+    return payload
+
+
+def write_report(path: str | Path, payload: dict[str, Any], table: str) -> Path:
+    """Write ``eval.json`` (``path``, the :func:`report` payload) and its ``.md`` table beside it, atomically:
+    the one writer of the format. Returns the ``.md`` path."""
+    from prunenet.artifacts import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=str) + "\n")
+    atomic_write_text(path.with_suffix(".md"), table)
+    return path.with_suffix(".md")
+
+
+def load_report(path: str | Path) -> dict[str, Any] | None:
+    """The ``eval.json`` at ``path`` (or in the folder ``path``): the one reader of the format. None when there is
+    none, it does not parse, or it is not a :data:`REPORT_FORMAT` report with a ``result``."""
+    from prunenet.artifacts import EVAL_JSON
+
+    path = Path(path)
+    path = path / EVAL_JSON if path.is_dir() else path
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != REPORT_FORMAT or not isinstance(payload.get("result"), dict):
+        return None
     return payload
 
 

@@ -155,7 +155,7 @@ class PostPruningEvaluation(L.Callback):
         from prunenet.evaluation import Shards
         from prunenet.evaluation import cache as eval_cache
         from prunenet.evaluation import compare, evaluate_model, markdown
-        from prunenet.evaluation.report import report, write_report
+        from prunenet.evaluation.report import prior_result, report, write_report
 
         shards = shards or Shards()
         start = time.perf_counter()
@@ -178,7 +178,7 @@ class PostPruningEvaluation(L.Callback):
         dense = evaluate_model(module.load_dense_model, tokenizer, self.settings, identity=identity,
                                label="dense", log=rank_zero_info, shards=shards)
         comparison = compare(dense, pruned)
-        before = self.before(subject.get("input"), dense)
+        before = prior_result(subject.get("input"), self.settings.to_dict(), dense)
         title = (f"PruneNet evaluation: {baseline}, compression ratio {subject['compression_ratio']} "
                  f"(dense vs {label})")
         table = markdown(comparison, title=title, pruned_label=label,
@@ -199,47 +199,12 @@ class PostPruningEvaluation(L.Callback):
         shards.step(write)  # a failure to write or log on rank 0 stops every rank
         return payload
 
-    def before(self, folder: str | None, dense: dict[str, Any]) -> dict[str, Any] | None:
-        """``{"model", "result", "comparison"}`` of the recovery's input from the ``eval.json`` in its folder,
-        when that evaluation used the same settings (else None: unknown, not recomputed)."""
-        from prunenet.evaluation import compare
-        from prunenet.evaluation.report import load_report
-
-        stored = None if folder is None else load_report(folder)
-        if stored is None:
-            return None
-        settings = {k: v for k, v in (stored.get("settings") or {}).items() if k != "processes"}
-        if settings != self.settings.to_dict():
-            return None
-        return {"model": str(folder), "result": stored["result"], "comparison": compare(dense, stored["result"])}
-
-    def metrics(self, comparison: dict[str, Any]) -> dict[str, float]:
-        """``eval/<task>``, ``eval/dense/<task>``, ``eval/retention``, ``eval/average``, perplexities."""
-        out: dict[str, float] = {}
-        for row in comparison["rows"]:
-            out[f"eval/{row['task']}"] = row["pruned"]
-            if row["dense"] is not None:
-                out[f"eval/dense/{row['task']}"] = row["dense"]
-            if row["retention_pct"] is not None:
-                out[f"eval/retention/{row['task']}"] = row["retention_pct"]
-        avg = comparison.get("average")
-        if avg:
-            out["eval/average"] = avg["pruned"]
-            if avg["dense"] is not None:
-                out["eval/dense/average"] = avg["dense"]
-            if avg["retention_pct"] is not None:
-                out["eval/retention"] = avg["retention_pct"]
-        ppl = comparison.get("perplexity")
-        if ppl:
-            out["eval/perplexity"] = ppl["pruned"]
-            if ppl["dense"] is not None:
-                out["eval/dense/perplexity"] = ppl["dense"]
-        return {k: float(v) for k, v in out.items() if v is not None}
-
     def log_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, comparison: dict[str, Any]) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        metrics = self.metrics(comparison)
+        from prunenet.evaluation.report import scalar_metrics
+
+        metrics = scalar_metrics(comparison)
         params = {k: v for k, v in dict(pl_module.hparams).items() if isinstance(v, (int, float, str, bool))}
         params.update({f"evaluation/{k}": str(v) for k, v in self.settings.to_dict().items()})
         for logger in trainer.loggers:

@@ -431,7 +431,9 @@ def test_callback_writes_report_and_caches_dense(tiny_dir, tmp_path):
     assert "| arc_easy | acc_norm | validation | 3 |" in table and "retention" in table
     assert "Perplexity (squad-wiki, context 32, stride 32, 93 tokens): dense" in table
     assert "first 3 documents of each task" in table
-    metrics = cb.metrics(payload["comparison"])
+    from prunenet.evaluation.report import scalar_metrics
+
+    metrics = scalar_metrics(payload["comparison"])
     assert {"eval/piqa", "eval/arc_easy", "eval/dense/piqa", "eval/perplexity", "eval/dense/perplexity"} <= set(metrics)
     assert module.dense_loads == 1
     # Second run: the dense model is not loaded again.

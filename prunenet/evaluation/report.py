@@ -127,6 +127,43 @@ def load_report(path: str | Path) -> dict[str, Any] | None:
     return payload
 
 
+def prior_result(folder: str | None, settings: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"model", "result", "comparison"}`` of a recovery's input from the ``eval.json`` in its folder, when that
+    evaluation used the same ``settings`` (``EvalSettings.to_dict()``; else None: unknown, not recomputed); the
+    comparison is ``dense`` vs that result."""
+    stored = None if folder is None else load_report(folder)
+    if stored is None:
+        return None
+    if {k: v for k, v in (stored.get("settings") or {}).items() if k != "processes"} != settings:
+        return None
+    return {"model": str(folder), "result": stored["result"], "comparison": compare(dense, stored["result"])}
+
+
+def scalar_metrics(comparison: dict[str, Any]) -> dict[str, float]:
+    """The logger's scalars of a :func:`compare` result: ``eval/<task>``, ``eval/dense/<task>``,
+    ``eval/retention/<task>``, ``eval/average``, ``eval/retention`` (of the average), perplexities."""
+    out: dict[str, float] = {}
+    for row in comparison["rows"]:
+        out[f"eval/{row['task']}"] = row["pruned"]
+        if row["dense"] is not None:
+            out[f"eval/dense/{row['task']}"] = row["dense"]
+        if row["retention_pct"] is not None:
+            out[f"eval/retention/{row['task']}"] = row["retention_pct"]
+    avg = comparison.get("average")
+    if avg:
+        out["eval/average"] = avg["pruned"]
+        if avg["dense"] is not None:
+            out["eval/dense/average"] = avg["dense"]
+        if avg["retention_pct"] is not None:
+            out["eval/retention"] = avg["retention_pct"]
+    ppl = comparison.get("perplexity")
+    if ppl:
+        out["eval/perplexity"] = ppl["pruned"]
+        if ppl["dense"] is not None:
+            out["eval/dense/perplexity"] = ppl["dense"]
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
 def _num(x: float | None, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 

@@ -363,7 +363,7 @@ def test_evaluation_compares_dense_and_recovered_with_before_scores(setup, tmp_p
 
     before = evaluate_model(lambda: loading.load_model(str(pruned)), loading.load_tokenizer(str(pruned)), settings,
                             log=lambda _: None)
-    (pruned / "eval.json").write_text(json.dumps({"settings": settings.to_dict(), "result": before}))
+    (pruned / "eval.json").write_text(json.dumps({"format": REPORT_FORMAT, "settings": settings.to_dict(), "result": before}))
     args = [a for a in _args(pruned, setup["text"], tmp_path, steps=2) if a != "--evaluation.enabled=false"]
     _recover(args + flags, monkeypatch)
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())

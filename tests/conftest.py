@@ -37,6 +37,19 @@ def tiny_dir(tmp_path_factory):
     return save_tiny(tiny_llama(seed=0), tmp_path_factory.mktemp("tiny") / "llama", tokenizer=True)
 
 
+def private_cache(root: Path) -> Path:
+    """A new, empty PRUNENET_CACHE folder at ``root`` (no reference spectra, no evaluation results)
+    that still finds the converted embedded models and GGUF files of the real cache, if it has them:
+    converting SmolLM2 again takes ~15 s and is not what such a test is about."""
+    from prunenet.cache import cache_dir
+
+    root.mkdir(parents=True)
+    for sub in ("models", "gguf"):
+        if (cache_dir() / sub).is_dir():
+            (root / sub).symlink_to(cache_dir() / sub)
+    return root
+
+
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)

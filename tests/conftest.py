@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +35,19 @@ SUBPROCESS_THREADS = "1"
 def tiny_dir(tmp_path_factory):
     """A tiny LLaMA (n=37, d=24, GQA, tied embeddings) saved with a tokenizer; do not modify."""
     return save_tiny(tiny_llama(seed=0), tmp_path_factory.mktemp("tiny") / "llama", tokenizer=True)
+
+
+def private_cache(root: Path) -> Path:
+    """A new, empty PRUNENET_CACHE folder at ``root`` (no reference spectra, no evaluation results)
+    that still finds the converted embedded models and GGUF files of the real cache, if it has them:
+    converting SmolLM2 again takes ~15 s and is not what such a test is about."""
+    from prunenet.cache import cache_dir
+
+    root.mkdir(parents=True)
+    for sub in ("models", "gguf"):
+        if (cache_dir() / sub).is_dir():
+            (root / sub).symlink_to(cache_dir() / sub)
+    return root
 
 
 class _Collect(logging.Handler):
@@ -218,26 +231,33 @@ def run_fit(*args: str, extra: list[str], timeout: int = HANG_S, module: str = "
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+#: Imported by ``run_fit_many``'s shared start-up beyond the module's own imports: the libraries a run
+#: imports once it reaches a model (the tiny models are LLaMAs; never Lightning: compress and generate
+#: do not import it).
+WARM = ["torch", "safetensors.torch", "transformers.models.llama.modeling_llama"]
+
+
 def run_fit_many(jobs: dict[str, list[str]], extra: list[str], logdir: Path, timeout: int = HANG_S,
                  module: str = "prunenet.fit", env: dict[str, str] | None = None) -> dict[str, subprocess.CompletedProcess]:
-    """Run several ``python -m <module>`` processes at once (each is mostly import time); output goes to files."""
-    procs = {}
-    with contextlib.ExitStack() as files:
-        for name, args in jobs.items():
-            cmd, environment = cli_command(args, extra, module, env)
-            out = files.enter_context(open(logdir / f"{name}.stdout", "w"))
-            err = files.enter_context(open(logdir / f"{name}.stderr", "w"))
-            procs[name] = (cmd, subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=out, stderr=err, text=True))
-        deadline = time.monotonic() + timeout
-        for _, proc in procs.values():
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return {name: subprocess.CompletedProcess(cmd, proc.returncode, (logdir / f"{name}.stdout").read_text(),
+    """Run several ``python -m <module>`` processes at once; output goes to files.
+
+    They share one start-up (``tests/cli_zygote.py``): one process imports what ``<module>`` imports,
+    then forks one child per job, which runs ``<module>`` as ``__main__`` with its own arguments, its
+    own stdout and stderr and its own exit code, as ``python -m <module> *args *extra`` would (each
+    run is otherwise mostly import time). A job still running after ``timeout`` s is killed (-9)."""
+    spec = {"module": module, "timeout": timeout, "result": str(logdir / "zygote-result.json"), "warm": WARM,
+            "jobs": {name: {"argv": [*args, *extra], "stdout": str(logdir / f"{name}.stdout"),
+                            "stderr": str(logdir / f"{name}.stderr")} for name, args in jobs.items()}}
+    (logdir / "zygote-spec.json").write_text(json.dumps(spec))
+    cmd, environment = cli_command([str(logdir / "zygote-spec.json")], module="tests.cli_zygote", env=env)
+    zygote = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout + 120,
+                            check=False)
+    assert zygote.returncode == 0, zygote.stderr[-4000:]
+    codes = json.loads((logdir / "zygote-result.json").read_text())
+    return {name: subprocess.CompletedProcess([*cmd[:2], module, *spec["jobs"][name]["argv"]], codes[name],
+                                              (logdir / f"{name}.stdout").read_text(),
                                               (logdir / f"{name}.stderr").read_text())
-            for name, (cmd, proc) in procs.items()}
+            for name in jobs}
 
 
 def one_line_error(res: subprocess.CompletedProcess, code: int | None = 2) -> str:

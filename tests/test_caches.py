@@ -251,19 +251,30 @@ def test_an_unusable_cache_folder_is_one_error_line(tmp_path):
     write nothing (not even the output folders)."""
     blocker = tmp_path / "cache-file"
     blocker.write_text("a file\n")
-    for label, root, needle in (("file", blocker, "is a file"), ("not-writable", NOT_WRITABLE_CACHE, "not writable")):
-        out = tmp_path / label
-        env = {"PRUNENET_CACHE": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        for module, args in (
-                ("prunenet.evaluate", ["--model", "smollm2-135m", "--tasks", "piqa", "--limit", "2",
-                                       "--output", str(out / "eval.json")]),
-                ("prunenet.compress", ["--selection", "peak", "--model", "smollm2-135m", "--compression_ratio", "0.3",
-                                       "--output_dir", str(out / "pruned")])):
-            cmd, environment = cli_command(args, module=module, env=env)
-            res = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True, check=False,
-                                 timeout=HANG_S)
-            line = one_line_error(res)
+    procs = {}
+    try:
+        for label, root, needle in (("file", blocker, "is a file"), ("not-writable", NOT_WRITABLE_CACHE, "not writable")):
+            out = tmp_path / label
+            env = {"PRUNENET_CACHE": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                   "HF_DATASETS_OFFLINE": "1"}
+            for module, args in (
+                    ("prunenet.evaluate", ["--model", "smollm2-135m", "--tasks", "piqa", "--limit", "2",
+                                           "--output", str(out / "eval.json")]),
+                    ("prunenet.compress", ["--selection", "peak", "--model", "smollm2-135m", "--compression_ratio", "0.3",
+                                           "--output_dir", str(out / "pruned")])):
+                cmd, environment = cli_command(args, module=module, env=env)
+                # all four at once (each is mostly start-up); their pipes are read one run after the other
+                procs[(label, module)] = (root, needle, out, subprocess.Popen(
+                    cmd, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for (label, module), (root, needle, out, proc) in procs.items():
+            stdout, stderr = proc.communicate(timeout=HANG_S)
+            line = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
             assert repr(str(root)) in line and needle in line and "PRUNENET_CACHE=" in line, (module, line)
             assert not out.exists(), module
+    finally:
+        for *_, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
     assert blocker.read_text() == "a file\n" and sorted(p.name for p in tmp_path.iterdir()) == ["cache-file"]
     assert not NOT_WRITABLE_CACHE.exists()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,23 +19,49 @@ from tests.tiny import save_tiny, tiny_llama
 pytestmark = pytest.mark.slow
 
 
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=SUBPROCESS_THREADS)
+
+
 def _fit(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=SUBPROCESS_THREADS)
-    return subprocess.run([sys.executable, "-m", "prunenet.fit", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "prunenet.fit", *args], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=HANG_S)
 
 
+def _fit_together(runs: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Several ``python -m prunenet.fit`` runs started at once (each DDP run mostly imports, one rank
+    after the other, so two runs keep both cores busy); output goes to files in ``cwd``."""
+    with contextlib.ExitStack() as stack:  # one port each, told apart while all are held
+        sockets = [stack.enter_context(socket.socket()) for _ in runs]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        ports = [str(s.getsockname()[1]) for s in sockets]
+    procs = {}
+    for (name, args), port in zip(runs.items(), ports):
+        with open(cwd / f"{name}.stdout", "w") as out, open(cwd / f"{name}.stderr", "w") as err:
+            procs[name] = subprocess.Popen([sys.executable, "-m", "prunenet.fit", *args], cwd=cwd,
+                                           env={**_env(), "MASTER_PORT": port}, stdout=out, stderr=err, text=True)
+    try:
+        for proc in procs.values():
+            proc.wait(timeout=HANG_S)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {name: subprocess.CompletedProcess(proc.args, proc.returncode, (cwd / f"{name}.stdout").read_text(),
+                                              (cwd / f"{name}.stderr").read_text()) for name, proc in procs.items()}
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="DDP on CPU needs 2 cores")
-def test_ddp_two_processes_shard_layers_and_write_one_output(tmp_path):
+def test_ddp_two_processes_shard_layers_and_write_one_output(tmp_path, extra_args):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
     model_dir = save_tiny(tiny_llama(num_hidden_layers=5), tmp_path / "tiny", tokenizer=True)
     args = [f"--model.model_name_or_path={model_dir}", "--trainer.max_epochs=2", "--trainer.accelerator=cpu",
             "--trainer.devices=2", "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path / 'runs'}",
-            f"--slicing.output_dir={tmp_path / 'out'}"]
-    if "--evaluation.enabled" in _fit(["--help"], tmp_path).stdout:
-        args.append("--evaluation.enabled=false")
+            f"--slicing.output_dir={tmp_path / 'out'}", *extra_args]
     proc = _fit(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -61,17 +89,17 @@ def test_ddp_two_processes_shard_layers_and_write_one_output(tmp_path):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="DDP on CPU needs 2 cores")
-def test_ddp_same_seed_same_policy(tmp_path):
+def test_ddp_same_seed_same_policy(tmp_path, extra_args):
     model_dir = save_tiny(tiny_llama(num_hidden_layers=4), tmp_path / "tiny")
+    runs = {run: [f"--model.model_name_or_path={model_dir}", "--trainer.max_epochs=2", "--trainer.accelerator=cpu",
+                  "--trainer.devices=2", "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path / run}",
+                  f"--slicing.output_dir={tmp_path / run / 'out'}", "--spectrum.enabled=false", "--seed_everything=7",
+                  *extra_args]
+            for run in ("a", "b")}
+    results = _fit_together(runs, tmp_path)
     kept = []
-    for run in ("a", "b"):
-        args = [f"--model.model_name_or_path={model_dir}", "--trainer.max_epochs=2", "--trainer.accelerator=cpu",
-                "--trainer.devices=2", "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path / run}",
-                f"--slicing.output_dir={tmp_path / run / 'out'}", "--spectrum.enabled=false", "--seed_everything=7"]
-        if "--evaluation.enabled" in _fit(["--help"], tmp_path).stdout:
-            args.append("--evaluation.enabled=false")
-        proc = _fit(args, tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in runs:
+        assert results[run].returncode == 0, (run, results[run].stderr[-3000:])
         kept.append(json.loads((tmp_path / run / "out" / "prunenet.json").read_text())["kept_indices"])
         policy = torch.load(tmp_path / run / "out" / "policy.pt", weights_only=True)["state_dict"]
         kept.append({k: v.tolist() for k, v in policy.items()})

@@ -21,7 +21,7 @@ import pytest
 
 from prunenet.evaluation.perplexity import PerplexitySettings, share, summarize
 from prunenet.evaluation.sharding import Shards
-from tests.conftest import HANG_S, REPO, cli_command, one_line_error
+from tests.conftest import HANG_S, REPO, cli_command, one_line_error, private_cache
 
 TWO_CORES = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU processes need 2 cores")
 
@@ -30,13 +30,7 @@ TWO_CORES = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU proces
 def cache_env(tmp_path):
     """A private PRUNENET_CACHE (so the dense-result cache starts empty) that still finds the converted
     embedded models of the real one."""
-    from prunenet.assets import cache_dir
-
-    root = tmp_path / "cache"
-    root.mkdir()
-    for sub in ("models", "gguf"):
-        if (cache_dir() / sub).is_dir():
-            (root / sub).symlink_to(cache_dir() / sub)
+    root = private_cache(tmp_path / "cache")
     return {"PRUNENET_CACHE": str(root), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -73,6 +67,26 @@ def _launch(argv: list[str], env: dict[str, str], logdir: Path, n: int = 2, time
                     + (logdir / "rank0.err").read_text()[-2000:])
     return [subprocess.CompletedProcess(argv, p.returncode, (logdir / f"rank{r}.out").read_text(),
                                         (logdir / f"rank{r}.err").read_text()) for r, p in enumerate(procs)]
+
+
+def _run_together(commands: dict[str, list[str]], env: dict[str, str], logdir: Path) -> list[subprocess.CompletedProcess]:
+    """Start every command at once; wait for all (killing all after HANG_S, a hang); results in order."""
+    logdir.mkdir()
+    procs = []
+    for name, argv in commands.items():
+        with open(logdir / f"{name}.out", "w") as out, open(logdir / f"{name}.err", "w") as err:
+            procs.append((name, subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err, text=True)))
+    deadline = time.monotonic() + HANG_S
+    try:
+        for _, proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, (logdir / f"{name}.out").read_text(),
+                                        (logdir / f"{name}.err").read_text()) for name, proc in procs]
 
 
 # ---------------------------------------------------------------------- fast: the pieces
@@ -196,12 +210,14 @@ def test_evaluate_command_keeps_the_group_for_run_main(monkeypatch):
 
 # ---------------------------------------------------------------------- slow: several processes
 @pytest.fixture(scope="module")
-def pruned_smollm2(tmp_path_factory):
-    """SmolLM2-135M with 30% of every FFN's neurons removed (random rows, seed 0)."""
+def pruned_tiny(tiny_dir, tmp_path_factory):
+    """The tiny LLaMA with 30% of every FFN's neurons removed (random rows, seed 0): only the gathering
+    is under test, which a real model's scores would not change (tests/test_evaluation_real.py
+    evaluates SmolLM2 itself)."""
     from prunenet.compress import main
 
-    out = tmp_path_factory.mktemp("pruned") / "smollm2-r0.3"
-    main(["--selection", "random", "--model", "smollm2-135m", "--compression_ratio", "0.3", "--output_dir", str(out)])
+    out = tmp_path_factory.mktemp("pruned") / "tiny-r0.3"
+    main(["--selection", "random", "--model", str(tiny_dir), "--compression_ratio", "0.3", "--output_dir", str(out)])
     return next(p.parent for p in out.rglob("prunenet.json"))
 
 
@@ -210,21 +226,21 @@ def _evaluate_args(model: Path, output: Path, *extra: str) -> list[str]:
     # two, so the loglikelihoods are the same bits and only the gathering is under test.
     return ["--model", str(model), "--baseline", "source", "--tasks", "piqa,arc_easy", "--limit", "6",
             "--batch_size", "1", "--device", "cpu", "--perplexity", "squad-wiki", "--perplexity_context_length",
-            "128", "--perplexity_max_tokens", "640", "--output", str(output), *extra]
+            "32", "--perplexity_max_tokens", "160", "--output", str(output), *extra]
 
 
 @pytest.mark.slow
 @TWO_CORES
-def test_two_processes_give_one_report_with_the_one_process_scores(pruned_smollm2, cache_env, tmp_path):
+def test_two_processes_give_one_report_with_the_one_process_scores(pruned_tiny, cache_env, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "prunenet.evaluate"]
     env = {**os.environ, **cache_env}
-    two = subprocess.run([*torchrun, *_evaluate_args(pruned_smollm2, tmp_path / "two" / "eval.json")], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=HANG_S)
-    assert two.returncode == 0, two.stderr[-4000:]
-    cmd, _ = cli_command(_evaluate_args(pruned_smollm2, tmp_path / "one" / "eval.json", "--no_cache"),
+    cmd, _ = cli_command(_evaluate_args(pruned_tiny, tmp_path / "one" / "eval.json", "--no_cache"),
                          module="prunenet.evaluate")
-    one = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
+    # The one-process run (--no_cache: it neither reads nor writes the cache) at the same time as the two.
+    two, one = _run_together({"two": [*torchrun, *_evaluate_args(pruned_tiny, tmp_path / "two" / "eval.json")],
+                              "one": cmd}, env, tmp_path / "logs")
+    assert two.returncode == 0, two.stderr[-4000:]
     assert one.returncode == 0, one.stderr[-4000:]
 
     # Exactly one report (rank 0's), and the table printed once.
@@ -251,14 +267,14 @@ def test_two_processes_give_one_report_with_the_one_process_scores(pruned_smollm
         assert q["windows_per_rank"] == [3, 2] and p["windows_per_rank"] == [5]
 
     # A second two-process run reuses the cache rank 0 wrote: no model is loaded, same numbers.
-    again = subprocess.run([*torchrun, *_evaluate_args(pruned_smollm2, tmp_path / "again" / "eval.json")],
+    again = subprocess.run([*torchrun, *_evaluate_args(pruned_tiny, tmp_path / "again" / "eval.json")],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert again.returncode == 0, again.stderr[-4000:]
     c = json.loads((tmp_path / "again" / "eval.json").read_text())
     for key in ("result", "baseline_result"):
         assert all(t["cached"] for t in c[key]["tasks"].values()) and c[key]["perplexity"]["cached"]
         assert {t: r["score"] for t, r in c[key]["tasks"].items()} == {t: r["score"] for t, r in b[key]["tasks"].items()}
-    assert "Loading weights" not in again.stderr
+    assert "Loading weights" in two.stderr and "Loading weights" not in again.stderr
 
 
 @pytest.mark.slow

@@ -134,15 +134,28 @@ def test_an_evaluation_stopped_by_sigterm_exits_143(tiny_dir, tmp_path):
 # ----------------------------------------------------------------------------- full disks
 
 
-def _limited(args: list[str], module: str, logdir: Path) -> subprocess.CompletedProcess:
-    """``python -m <module> *args`` under ``ulimit -f`` (:data:`FILE_LIMIT`): writes past it fail with EFBIG."""
-    cmd, env = cli_command(args, module=module)
+def _limited(runs: dict[str, tuple[list[str], str]]) -> dict[str, subprocess.CompletedProcess]:
+    """``python -m <module> *args`` for each ``name: (args, module)``, all started at once, each under
+    ``ulimit -f`` (:data:`FILE_LIMIT`): writes past it fail with EFBIG. Their output goes to pipes,
+    which the limit does not apply to (read by one thread each, started after every process is)."""
+    from concurrent.futures import ThreadPoolExecutor
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
 
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S,
-                          preexec_fn=limit, check=False)
+    procs = {}
+    try:
+        for name, (args, module) in runs.items():  # from this thread: preexec_fn is not thread-safe
+            cmd, env = cli_command(args, module=module)
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True, preexec_fn=limit)
+        with ThreadPoolExecutor(len(procs)) as pool:
+            outputs = {name: pool.submit(proc.communicate, timeout=HANG_S) for name, proc in procs.items()}
+        return {name: subprocess.CompletedProcess(proc.args, proc.returncode, *outputs[name].result())
+                for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            _reap(proc)
 
 
 @pytest.mark.slow
@@ -155,12 +168,11 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_and_loses_nothi
     fit = [f"--model.model_name_or_path={tiny_dir}", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
            f"--trainer.default_root_dir={tmp_path / 'logs'}", f"--slicing.output_dir={tmp_path / 'fit-out'}",
            *extra_args]
-    runs = {"compress": _limited([*compress, "--output_dir", str(tmp_path / "nested" / "new")], "prunenet.compress",
-                                 tmp_path),
-            "compress-overwrite": _limited([*compress, "--output_dir", str(previous), "--overwrite"],
-                                           "prunenet.compress", tmp_path),
-            # the fit slices the safetensors shard by shard (prunenet/streaming.py)
-            "fit": _limited(fit, "prunenet.fit", tmp_path)}
+    runs = _limited({"compress": ([*compress, "--output_dir", str(tmp_path / "nested" / "new")], "prunenet.compress"),
+                     "compress-overwrite": ([*compress, "--output_dir", str(previous), "--overwrite"],
+                                            "prunenet.compress"),
+                     # the fit slices the safetensors shard by shard (prunenet/streaming.py)
+                     "fit": (fit, "prunenet.fit")})
     for name, res in runs.items():
         line = one_line_error(res)
         assert "does not fit" in line and "File too large" in line and "it needs about" in line, (name, line)

@@ -34,6 +34,7 @@ import torch
 from prunenet import reward as R
 from prunenet.reward import ks_statistic, spectral_reward
 from prunenet.spectra import full_gram, gram_singular_values, kept_singular_values, singular_values
+from tests.conftest import private_cache
 
 
 def _value_bounds(sv64: torch.Tensor, top: float, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -245,10 +246,11 @@ def _fit(model: str, root, spectra_method: str, episodes: int, monkeypatch, **kw
 
 
 @pytest.mark.slow
-def test_seeded_smollm2_fit_keeps_the_same_rows_as_svdvals(tmp_path, monkeypatch, one_thread):
+def test_seeded_smollm2_fit_keeps_the_same_rows_as_svdvals(smollm2_states, tmp_path, monkeypatch, one_thread):
     """SmolLM2, r = 0.3, 3 episodes, seed 0: the Gram back end and svdvals give the same KS in every
-    layer and episode, hence the same updates and the same kept rows."""
-    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    layer and episode, hence the same updates and the same kept rows. No reference spectrum is cached
+    (each fit computes its own); the model converted for ``smollm2_states`` is reused."""
+    monkeypatch.setenv("PRUNENET_CACHE", str(private_cache(tmp_path / "cache")))
     fast = _fit("smollm2-135m", tmp_path / "a", "gram", 3, monkeypatch)
     slow = _fit("smollm2-135m", tmp_path / "b", "svdvals", 3, monkeypatch)
     assert [h["ks_mean"] for h in fast.history] == [h["ks_mean"] for h in slow.history]

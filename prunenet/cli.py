@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-from prunenet.errors import ConfigurationError, PruneNetWarning, is_user_error
+from prunenet.errors import ConfigurationError, PruneNetError, PruneNetWarning, is_user_error
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -240,6 +240,10 @@ def parse_errors_in_one_line() -> Iterator[None]:
         yield
     except ArgumentError as exc:
         raise ConfigurationError(one_line_parse_error(str(exc))) from None
+    except ValueError as exc:  # a plug point's own check, wrapped by jsonargparse while instantiating
+        if isinstance(exc, PruneNetError):
+            raise
+        raise ConfigurationError(one_line_parse_error(str(exc))) from None
 
 
 def one_line_parse_error(text: str) -> str:
@@ -255,6 +259,9 @@ def one_line_parse_error(text: str) -> str:
     parts = [line.strip().lstrip("- ").strip().rstrip(":") for line in text.splitlines()]
     reasons = [part for part in parts if part and not part.startswith(skip)]
     message = "; ".join(dict.fromkeys(reasons)) or "invalid value"
+    if "dot import path" in message and keys:  # ``--model.learner=baseline --model.learner.init_args.momentum=...``
+        message += (f" (a short name takes no init_args: give the class, --{keys[0]}=<ClassName> or "
+                    f"--{keys[0]}.class_path=<module.ClassName>)")
     if not keys:
         return message
     return f"{keys[0]}{f' ({chr(46).join(keys[1:])})' if keys[1:] else ''}: {message}"

@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of each layer's neurons always kept: those whose output column has the largest "
                              "max-|w| (ours; default: the policy's setting, else 0)")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                        help="replace a non-empty output_dir (--no-overwrite undoes a config's overwrite: true)")
     parser.add_argument("--trust_remote_code", action="store_true")
     return parser
 
@@ -253,16 +254,40 @@ def config_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any
     if not isinstance(values, dict):
         raise ConfigurationError(f"--config {path!r} must be a mapping of options, got {type(values).__name__}")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    out = {}
     for key, value in values.items():
         if key not in actions:
             raise ConfigurationError(f"--config {path!r}: unknown key {key!r}; accepted: {', '.join(actions)}")
-        choices = actions[key].choices
-        if choices is not None and value not in choices:
-            raise ConfigurationError(f"--config {path!r}: {key} must be one of {', '.join(choices)}, got {value!r}")
-    return values
+        action = actions[key]
+        if value is None and action.default is None:  # the option's own "not given"
+            out[key] = None
+            continue
+        if action.nargs == 0:  # a flag: only true or false, never the string "false"
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"--config {path!r}: {key} must be true or false, got {value!r}")
+        elif action.type is not None:  # what the flag's own type accepts (seed: 1.7 is not a seed)
+            if isinstance(value, bool) or (action.type is int and not isinstance(value, int)):
+                raise ConfigurationError(f"--config {path!r}: {key} must be an integer, got {value!r}")
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise ConfigurationError(f"--config {path!r}: {key} must be a number, got {value!r}") from None
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float, list if key == "compression_ratio" else str)):
+            raise ConfigurationError(f"--config {path!r}: {key} must be a string or number, got {value!r}")
+        if action.choices is not None and value not in action.choices:
+            raise ConfigurationError(f"--config {path!r}: {key} must be one of {', '.join(action.choices)}, "
+                                     f"got {value!r}")
+        out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m prunenet.compress``: parse (``--config`` first, flags over it), then :func:`replay` or
+    :func:`compress`, and print the summary table.
+
+    Raises:
+        ConfigurationError: a bad flag or config value (one line through ``cli.run_main``).
+    """
     parser = build_parser()
     config = parser.parse_known_args(argv)[0].config
     if config:

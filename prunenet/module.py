@@ -91,7 +91,9 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
         check_protect_fraction(protect_outliers)
         self.reward = plugins.build("reward", reward)  # the plug points fail before the model is read
         self.learner = plugins.build("learner", learner)
-        self.save_hyperparameters()
+        # The plug points are stored as their canonical records (class_path, init_args), set below once built:
+        # plain data, so a checkpoint loads with weights_only=True whatever object or callable was passed.
+        self.save_hyperparameters(ignore=list(PLUG_POINTS))
         config = loading.load_config(model_name_or_path, trust_remote_code=trust_remote_code)
         self.adapter = get_adapter(config)
         self.config = config
@@ -102,6 +104,7 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
         self.adapter.check_sliceable(config, self.kept_width)  # fail before training, not at the end
         self.num_layers_config = getattr(self.adapter.text_config(config), "num_hidden_layers", None)
         self.policy = plugins.build("policy", policy, self.intermediate_size, self.hidden_size)
+        self.hparams.update(self.plug_points())
         self._states: list[torch.Tensor] | None = None
         self._state_info: dict[str, Any] = {}
         self.fit_started = time.time()

@@ -37,6 +37,7 @@ def _upgrade(plan: Plan) -> Plan:
     if method != "prunenet":
         selection = method
     plan["selection"] = "random" if selection == "uniform" else selection
+    plan["format"] = FORMAT
     return plan
 
 

@@ -18,6 +18,7 @@ canonical record, ``{"class_path": ..., "init_args": {...}}``, for plans, policy
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from typing import Any
@@ -73,8 +74,8 @@ def build(kind: str, spec: Any, *args: Any, option: str | None = None) -> Any:
     """
     _, base, _ = _kind(kind)
     option = option or f"model.{kind}"
-    if isinstance(spec, base):
-        return spec
+    if isinstance(spec, base):  # a copy: an object holds per-model state (a reward's reference spectra)
+        return copy.deepcopy(spec)
     init_args: dict[str, Any] = {}
     if isinstance(spec, str):
         factory = resolve_class(kind, spec, option)
@@ -97,10 +98,20 @@ def build(kind: str, spec: Any, *args: Any, option: str | None = None) -> Any:
 
 
 def describe(obj: Any) -> dict[str, Any]:
-    """The canonical record of a built plug-point object: ``{"class_path": module.Class, "init_args":
-    obj.hparams()}`` (every init argument, defaults included)."""
+    """The canonical record of a built plug-point object: ``{"class_path": module.Class, "init_args": ...}``,
+    its ``__init__`` defaults overridden by what ``obj.hparams()`` reports (so a subclass that does not
+    override ``hparams`` is described as :func:`canonical` describes its name)."""
     cls = type(obj)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(obj.hparams())}
+    kind = next(k for k in _KINDS if isinstance(obj, _kind(k)[1]))
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {**_defaults(cls, _kind(kind)[2]), **dict(obj.hparams())}}
+
+
+def _defaults(cls: type, supplied: tuple[str, ...]) -> dict[str, Any]:
+    """The keyword defaults of ``cls.__init__`` besides the arguments the module supplies."""
+    params = inspect.signature(cls.__init__).parameters
+    return {name: p.default for name, p in params.items()
+            if name not in ("self", *supplied) and p.default is not inspect.Parameter.empty}
 
 
 def canonical(kind: str, spec: Any) -> dict[str, Any] | None:
@@ -121,7 +132,4 @@ def canonical(kind: str, spec: Any) -> dict[str, Any] | None:
         cls, given = resolve_class(kind, spec["class_path"]), dict(spec.get("init_args") or {})
     else:
         return spec
-    params = inspect.signature(cls.__init__).parameters
-    defaults = {name: p.default for name, p in params.items()
-                if name not in ("self", *supplied) and p.default is not inspect.Parameter.empty}
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {**defaults, **given}}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {**_defaults(cls, supplied), **given}}

@@ -47,19 +47,31 @@ def checkpoint_settings(checkpoint: dict[str, Any], keys: tuple[str, ...] = RESU
         source = canonical_source(hparams["model_name_or_path"])
     return {"source": source, "seed": run.get("seed"), "stage": run.get("stage", "fit"),
             **({"data": run["data"]} if "data" in run else {}),  # a recovery's training data
-            **{key: _canonical(key, hparams.get(key)) for key in keys}}
+            **{key: _canonical(key, hparams.get(key), hparams) for key in keys}}
 
 
-def _canonical(key: str, value: Any) -> Any:
-    """A plug point's saved hyperparameter (a short name or a class_path record) as its canonical record."""
+#: Module-level hyperparameters of fits written before the plug points took their own (issue 26): the
+#: plug point whose init argument each one is now.
+_LEGACY_KEYS = {"learner": ("gamma", "use_kld"), "reward": ("spectra_dtype", "spectra_method")}
+
+
+def _canonical(key: str, value: Any, hparams: dict[str, Any]) -> Any:
+    """A plug point's saved hyperparameter (a short name or a class_path record) as its canonical record; an
+    older checkpoint's module-level settings (``gamma``, ``spectra_dtype``, ...) go into the init arguments
+    that hold them now, so a resume with other values is still refused."""
     if key not in PLUG_POINTS:
         return value
     from prunenet import plugins
 
     try:
-        return plugins.canonical(key, value)
+        record = plugins.canonical(key, value)
     except ConfigurationError:  # a class that no longer exists: compared as stored, hence a mismatch
         return value
+    if isinstance(record, dict) and isinstance(record.get("init_args"), dict):
+        for old in _LEGACY_KEYS.get(key, ()):
+            if old in hparams and old in record["init_args"]:
+                record["init_args"][old] = hparams[old]
+    return record
 
 
 def _same(key: str, stored: Any, current: Any) -> bool:

@@ -260,7 +260,8 @@ class SelectionInputs:
 
     @property
     def row_norms(self) -> Sequence[torch.Tensor]:
-        """Per layer, the L2 norm of each neuron's input weights, (n,) float32."""
+        """Per layer, the L2 norm of each neuron's input weights, (n,) float32, from the stored weights (as the
+        peaks: a ``dtype`` to load the model in does not change them)."""
         if self._norms is None:
             self._norms = load_row_norms(self.source, self.trust_remote_code)
         return self._norms

@@ -398,6 +398,8 @@ def test_a_config_file_sets_the_options_and_flags_override_it(tiny_dir, tmp_path
     ("selecton: peak\n", r"unknown key 'selecton'; accepted: model, output_dir, "),
     ("selection: peek\n", r"selection must be one of sample, topk, random, magnitude, peak, got 'peek'"),
     ("- peak\n", "must be a mapping of options"),
+    ("overwrite: 'false'\n", "overwrite must be true or false, got 'false'"),
+    ("seed: 1.7\n", "seed must be an integer, got 1.7"),
 ])
 def test_a_bad_config_file_is_a_one_line_error_naming_the_key(text, match, tiny_dir, tmp_path):
     config = tmp_path / "bad.yaml"

@@ -226,6 +226,9 @@ def test_plug_points_take_a_class_path_and_init_args_from_flags(tiny_dir, tmp_pa
      "momentun"),
     (["--model.policy.class_path=prunenet.policy.RowMLP", "--model.policy.init_args.width=wide"], "wide"),
     (["--model.compresion_ratio=0.2"], "compresion_ratio"),
+    (["--model.learner.class_path=prunenet.learner.PaperLearner", "--model.learner.init_args.gamma=0"],
+     "model.learner.init_args.gamma must be a finite number in (0, 1], got 0.0"),
+    (["--model.learner=baseline", "--model.learner.init_args.momentum=0.5"], "a short name takes no init_args"),
 ])
 def test_a_misspelt_class_or_key_is_a_one_line_error_before_any_work(flags, needle, tiny_dir, tmp_path):
     res = run_fit(f"--model.model_name_or_path={tiny_dir}", f"--trainer.default_root_dir={tmp_path / 'logs'}",

@@ -270,7 +270,8 @@ def test_baseline_learner_advantage_state_and_checkpoint():
 
 def test_plug_points_by_name_and_unknown_names(tiny_dir):
     module = PruneNetModule(str(tiny_dir), policy="row_mlp", reward="ks_gate", learner="paper")
-    assert type(module.policy).__name__ == "RowMLP" and module.hparams.policy == "row_mlp"
+    assert type(module.policy).__name__ == "RowMLP"
+    assert module.hparams.policy == {"class_path": "prunenet.policy.RowMLP", "init_args": {"width": 16}}
     for key, bad in (("policy", "linear"), ("reward", "ks_down"), ("learner", "ppo")):
         with pytest.raises(ConfigurationError, match=rf"model.{key} must be one of .* got '{bad}'"):
             PruneNetModule(str(tiny_dir), **{key: bad})
@@ -298,6 +299,43 @@ def test_plug_points_by_class_path_with_their_own_hyperparameters(tiny_dir):
     for spec in ("baseline", "BaselineLearner", {"class_path": "prunenet.learner.BaselineLearner"}):
         assert plugins.canonical("learner", spec) == plugins.describe(BaselineLearner())
     assert plugins.canonical("policy", "row_mlp") == {"class_path": "prunenet.policy.RowMLP", "init_args": {"width": 16}}
+
+
+def test_plug_points_passed_as_objects_are_saved_as_plain_records(tiny_dir, tmp_path):
+    """Objects and callables given from Python are stored in the hyperparameters as their canonical records, so
+    the checkpoint loads with ``weights_only=True`` (what resume reads); a passed object is copied, not shared."""
+    import functools
+
+    from prunenet.policy import RowMLP
+    from prunenet.resume import _stored_settings
+    from prunenet.reward import KSGateReward
+
+    reward = KSGateReward(spectra_dtype="float64")
+    module = PruneNetModule(str(tiny_dir), reward=reward, policy=functools.partial(RowMLP, width=8))
+    assert module.reward is not reward and module.policy.width == 8
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=LayerDataModule())
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    stored = _stored_settings(tmp_path / "x.ckpt")
+    assert stored is not None and stored["policy"] == {"class_path": "prunenet.policy.RowMLP", "init_args": {"width": 8}}
+    assert stored["reward"]["init_args"]["spectra_dtype"] == "float64"
+
+
+def test_a_checkpoint_from_before_the_plug_points_keeps_its_settings():
+    """Fits saved with module-level gamma / use_kld / spectra_dtype are compared through the init arguments that
+    hold them now: another value is a mismatch, the defaults are not."""
+    from prunenet.resume import checkpoint_settings, settings_mismatch
+
+    hp = {"model_name_or_path": "m", "compression_ratio": 0.3, "policy": "sparsity_predictor", "reward": "ks_gate",
+          "learner": "paper", "gamma": 0.5, "use_kld": True, "spectra_dtype": "float64"}
+    stored = checkpoint_settings({"hyper_parameters": hp})
+    assert stored["learner"]["init_args"] == {"gamma": 0.5, "use_kld": True}
+    assert stored["reward"]["init_args"]["spectra_dtype"] == "float64"
+    now = checkpoint_settings({"hyper_parameters": {**hp, "gamma": 0.99, "use_kld": False, "spectra_dtype": "float32"}})
+    assert "learner=" in settings_mismatch(stored, now) and "reward=" in settings_mismatch(stored, now)
+    assert settings_mismatch(now, {**now, "learner": {"class_path": "prunenet.learner.PaperLearner",
+                                                      "init_args": {"gamma": 0.99, "use_kld": False}}}) == ""
 
 
 #: Kept rows of the tiny LLaMA (seed 0) after a 3-episode fit at r = 0.5 with seed 0, recorded on

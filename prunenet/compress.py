@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from prunenet import loading
 from prunenet.arch import get_adapter
+from prunenet.argconfig import OneLineParser, yaml_defaults
 from prunenet.artifacts import atomic_write_text, check_output_dir, load_policy
 from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
@@ -210,7 +211,7 @@ def summary_table(plans: list[dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m prunenet.compress`` (also the keys a ``--config`` YAML may set)."""
-    parser = argparse.ArgumentParser(prog="python -m prunenet.compress", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m prunenet.compress", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file of these options (keys without the dashes, e.g. "
                                          "configs/compress/smollm2.yaml); flags given as well override it")
     parser.add_argument("--model", help="asset name, folder or hub id of the dense model (required)")
@@ -236,51 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The options a ``--config`` YAML file sets, checked against ``parser``'s keys and choices.
-
-    Raises:
-        ConfigurationError: unreadable file, not a mapping, an unknown key (lists the accepted ones),
-            or a value outside an option's choices.
-    """
-    import yaml
-
-    try:
-        values = yaml.safe_load(Path(path).expanduser().read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"cannot read --config {path!r}: {str(exc).splitlines()[0]}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigurationError(f"--config {path!r} must be a mapping of options, got {type(values).__name__}")
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-    out = {}
-    for key, value in values.items():
-        if key not in actions:
-            raise ConfigurationError(f"--config {path!r}: unknown key {key!r}; accepted: {', '.join(actions)}")
-        action = actions[key]
-        if value is None and action.default is None:  # the option's own "not given"
-            out[key] = None
-            continue
-        if action.nargs == 0:  # a flag: only true or false, never the string "false"
-            if not isinstance(value, bool):
-                raise ConfigurationError(f"--config {path!r}: {key} must be true or false, got {value!r}")
-        elif action.type is not None:  # what the flag's own type accepts (seed: 1.7 is not a seed)
-            if isinstance(value, bool) or (action.type is int and not isinstance(value, int)):
-                raise ConfigurationError(f"--config {path!r}: {key} must be an integer, got {value!r}")
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                raise ConfigurationError(f"--config {path!r}: {key} must be a number, got {value!r}") from None
-        elif isinstance(value, bool) or not isinstance(value, (str, int, float, list if key == "compression_ratio" else str)):
-            raise ConfigurationError(f"--config {path!r}: {key} must be a string or number, got {value!r}")
-        if action.choices is not None and value not in action.choices:
-            raise ConfigurationError(f"--config {path!r}: {key} must be one of {', '.join(action.choices)}, "
-                                     f"got {value!r}")
-        out[key] = value
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m prunenet.compress``: parse (``--config`` first, flags over it), then :func:`replay` or
     :func:`compress`, and print the summary table.
@@ -291,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     config = parser.parse_known_args(argv)[0].config
     if config:
-        parser.set_defaults(**config_defaults(config, parser))
+        parser.set_defaults(**yaml_defaults(config, parser))
     args = parser.parse_args(argv)
     missing = [f"--{key}" for key in ("model", "output_dir") if getattr(args, key) is None]
     if missing:

@@ -23,6 +23,7 @@ import torch
 
 from prunenet.arch import check_finite, get_adapter
 from prunenet.artifacts import EVAL_JSON, EVAL_MD, PLAN_FILE
+from prunenet.cache import MANIFEST
 from prunenet.errors import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -158,7 +159,8 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     new_config.save_pretrained(out)
     # PruneNet's own files of a source that was itself pruned are rewritten, not copied.
-    skip = {INDEX_FILE, "config.json", PLAN_FILE, EVAL_JSON, EVAL_MD, *set(files.values())}
+    # ... and a cached source's manifest (it lists the dense files; the copy is not that folder).
+    skip = {INDEX_FILE, "config.json", PLAN_FILE, EVAL_JSON, EVAL_MD, MANIFEST, *set(files.values())}
     for item in folder.iterdir():
         if item.is_file() and item.name not in skip and not item.name.endswith((".safetensors", ".bin", ".pt")):
             shutil.copy2(item, out / item.name)

@@ -449,3 +449,25 @@ def test_compress_never_builds_the_dense_model(selection, tiny_dir, tmp_path, mo
     _compress("--selection", selection, "--model", tiny_dir, "--compression_ratio", 0.3, "--output_dir", tmp_path / "o")
     plan = _plan(tmp_path / "o")
     assert plan["shardwise"] is True and plan["selection"] == selection and len(plan["kept_indices"]) == LAYERS
+
+
+def test_a_bad_flag_is_one_line_like_every_entry_point(tiny_dir, tmp_path):
+    """argparse's own refusals (a bad choice, a missing option) are one ``error:`` line, not the usage block."""
+    res = run_fit("--model", str(tiny_dir), "--selection", "peek", "--output_dir", str(tmp_path / "o"), extra=[],
+                  module="prunenet.compress")
+    assert "argument --selection: invalid choice: 'peek'" in one_line_error(res, code=2)
+    res = run_fit("--model", str(tiny_dir), extra=[], module="prunenet.compress")
+    assert "the following arguments are required: --output_dir" in one_line_error(res, code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_compressed_folder_carries_no_manifest_of_the_dense_files(tiny_dir, tmp_path):
+    """The cache's manifest lists a converted model's own files; a pruned copy must not claim it."""
+    from prunenet.cache import MANIFEST
+
+    (tmp_path / "src").mkdir()
+    for f in tiny_dir.iterdir():
+        (tmp_path / "src" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "src" / MANIFEST).write_text("{}")
+    _compress("--selection", "peak", "--model", tmp_path / "src", "--output_dir", tmp_path / "o")
+    assert not (tmp_path / "o" / MANIFEST).exists() and (tmp_path / "o" / "config.json").is_file()

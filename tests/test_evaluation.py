@@ -667,3 +667,62 @@ def test_the_report_has_one_writer_and_one_reader(tmp_path):
     assert load_report(tmp_path) is None
     (tmp_path / "eval.json").write_text("{not json")
     assert load_report(tmp_path) is None and load_report(tmp_path / "missing") is None
+
+
+# ----------------------------------------------------------------------------- paired comparisons (issue 27)
+
+
+def test_paired_difference_matches_a_hand_computation():
+    """Five documents: d = pruned - dense = (0, -1, 0, -1, 1); mean -0.2, sample sd sqrt(0.7),
+    stderr sqrt(0.7 / 5); retention 0.4 / 0.6. Exact arithmetic on a handful of floats: 1e-12."""
+    import math
+
+    from prunenet.evaluation.paired import Z95, paired_difference
+
+    dense = {"0": 1, "1": 1, "2": 0, "3": 1, "4": 0}
+    pruned = {"0": 1, "1": 0, "2": 0, "3": 0, "4": 1, "9": 1}  # "9": scored by one model only, left out
+    p = paired_difference(dense, pruned)
+    se = math.sqrt(0.7 / 5)
+    assert p["n"] == 5 and p["difference"] == pytest.approx(-0.2, abs=1e-12)
+    assert p["stderr"] == pytest.approx(se, abs=1e-12)
+    assert p["ci95"] == pytest.approx([-0.2 - Z95 * se, -0.2 + Z95 * se], abs=1e-12)
+    assert p["retention_pct"] == pytest.approx(100 * 0.4 / 0.6, abs=1e-9) and p["within_noise"]
+    # delta method by hand: var_a = var_b = 0.3, cov = -0.05 (var_d = 0.3 + 0.3 + 0.1 = 0.7), R = 2/3
+    r = 0.4 / 0.6
+    se_r = math.sqrt((0.3 + 2 * r * 0.05 + r * r * 0.3) / 5) / 0.6
+    assert p["retention_ci95_pct"] == pytest.approx([100 * (r - Z95 * se_r), 100 * (r + Z95 * se_r)], abs=1e-9)
+    assert paired_difference({"0": 1}, {"0": 0}) is None  # fewer than two common documents
+
+
+def test_the_paired_interval_sees_a_difference_the_independent_ones_do_not():
+    """200 documents, dense right on 120, the pruned model right on the same ones but 12: accuracies
+    0.60 and 0.54 with stderrs ~0.035 each, their ±1.96 intervals overlap; the paired difference -0.06 has
+    stderr ~0.017 and its interval excludes 0."""
+    import math
+
+    from prunenet.evaluation.paired import paired_average, paired_difference
+
+    dense = {str(i): 1.0 if i < 120 else 0.0 for i in range(200)}
+    pruned = {str(i): 1.0 if i < 108 else 0.0 for i in range(200)}
+    independent = [math.sqrt(p * (1 - p) / 199) for p in (0.6, 0.54)]
+    assert 0.60 - 1.96 * independent[0] < 0.54 + 1.96 * independent[1]  # the intervals overlap
+    p = paired_difference(dense, pruned)
+    assert p["difference"] == pytest.approx(-0.06, abs=1e-12)
+    assert p["ci95"][1] < 0 and not p["within_noise"]
+    avg = paired_average([p, paired_difference(dense, dense)])
+    assert avg["difference"] == pytest.approx(-0.03, abs=1e-12) and avg["stderr"] == pytest.approx(p["stderr"] / 2)
+
+
+def test_the_report_prints_the_paired_difference_and_names_what_is_within_noise():
+    from prunenet.evaluation.report import compare, markdown
+
+    def result(scores):
+        return {"settings": {"limit": 4}, "tasks": {"piqa": {
+            "metric": "acc_norm", "split": "validation", "n": 4, "score": sum(scores) / 4, "stderr": 0.2,
+            "per_doc": {str(i): s for i, s in enumerate(scores)}}}}
+
+    comparison = compare(result([1, 1, 0, 1]), result([1, 0, 0, 1]))
+    assert comparison["rows"][0]["paired"]["difference"] == pytest.approx(-0.25, abs=1e-12)
+    table = markdown(comparison)
+    assert "pruned − dense (paired 95% CI)" in table and "| -0.250 [" in table
+    assert "Within noise (the paired 95% interval of pruned − dense contains 0): piqa." in table

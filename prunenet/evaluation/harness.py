@@ -62,6 +62,17 @@ def _float(x: Any) -> float | None:
     return v
 
 
+def per_document(samples: dict[str, list[dict[str, Any]]], metric: str, group: bool) -> dict[str, float]:
+    """Document id -> score (``metric``) from lm-eval's logged samples; a group's ids are ``<subtask>:<id>``."""
+    out = {}
+    for leaf, examples in samples.items():
+        for example in examples:
+            value = _float(example.get(metric))
+            if value is not None:
+                out[f"{leaf}:{example['doc_id']}" if group else str(example["doc_id"])] = value
+    return out
+
+
 def run_task(lm, name: str, limit: float | None) -> dict[str, Any] | None:
     """Evaluate one task with lm-eval on ``lm`` (a :class:`~prunenet.evaluation.lm.RankedHFLM`), this
     rank's share of its documents. Returns the task's result record (see :func:`evaluate_model`) on
@@ -77,7 +88,8 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any] | None:
     out = None
     if lm.begin_task(doc_count(task, limit) if lm.shards.world_size > 1 else None):
         with _quiet_lm_eval(), no_map_bars():
-            out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=False,
+            # log_samples: each document's score, for the paired comparison of two models (paired.py)
+            out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=True,
                                   bootstrap_iters=BOOTSTRAP_ITERS, task_manager=task_manager(s.builtin_dir))
     lm.end_task()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -122,6 +134,7 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any] | None:
     }
     if sharded:
         record["cpu_s_per_rank"] = lm.cpu_s_per_rank
+    record["per_doc"] = per_document(out.get("samples") or {}, s.metric, s.is_group)
     if s.is_group:
         record["subjects"] = {t: _float(out["results"][t].get("acc,none")) for t in sorted(out["results"])
                               if t.startswith("mmlu_")}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from typing import Any
 
+from prunenet.evaluation.paired import paired_average, paired_difference
 from prunenet.evaluation.tasks import ZERO_SHOT_TASKS
 
 
@@ -48,6 +49,9 @@ def compare(dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, A
             "pruned": rec["score"], "pruned_stderr": rec.get("stderr"),
             "retention_pct": retention(d["score"], rec["score"]) if d and rec.get("higher_is_better", True)
             else None,
+            # the same documents scored by both models: their difference with its paired error (paired.py)
+            "paired": paired_difference(d["per_doc"], rec["per_doc"]) if d and d.get("per_doc") and rec.get("per_doc")
+            else None,
         })
     avg_p = average(pruned)
     avg_d = average(dense) if dense else None
@@ -56,6 +60,8 @@ def compare(dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, A
         avg = {"tasks": avg_p["tasks"], "pruned": avg_p["score"],
                "dense": avg_d["score"] if avg_d and avg_d["tasks"] == avg_p["tasks"] else None}
         avg["retention_pct"] = retention(avg["dense"], avg["pruned"])
+        pairs = [r["paired"] for r in rows if r["task"] in avg_p["tasks"] and r["paired"]]
+        avg["paired"] = paired_average(pairs) if len(pairs) == len(avg_p["tasks"]) else None
     ppl = None
     if pruned.get("perplexity"):
         p = pruned["perplexity"]
@@ -164,6 +170,13 @@ def scalar_metrics(comparison: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
+def _paired_cell(p: dict[str, Any] | None) -> str:
+    """``-0.060 [-0.11, -0.01]`` (difference and its 95% interval), or ``—`` without per-document scores."""
+    if not p:
+        return "—"
+    return f"{p['difference']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+
+
 def _num(x: float | None, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -200,12 +213,14 @@ def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: 
             lines.append(f"| {r['task']} | {r['metric']} | {r['split']} | {r['n']} | "
                          f"{_pm(r['pruned'], r['pruned_stderr'])} |")
     else:
-        lines += [f"| task | metric | split | docs | {dense_label} |{mid} {pruned_label} | retention |",
-                  "|---|---|---|---:|---:|" + ("---:|" if mid else "") + "---:|---:|"]
+        lines += [f"| task | metric | split | docs | {dense_label} |{mid} {pruned_label} | retention | "
+                  f"{pruned_label} − {dense_label} (paired 95% CI) |",
+                  "|---|---|---|---:|---:|" + ("---:|" if mid else "") + "---:|---:|---:|"]
         for r in comparison["rows"]:
             lines.append(f"| {r['task']} | {r['metric']} | {r['split']} | {r['n']} | "
                          f"{_pm(r['dense'], r['dense_stderr'])} |{prior_cell(r['task'])} "
-                         f"{_pm(r['pruned'], r['pruned_stderr'])} | {_pct(r['retention_pct'])} |")
+                         f"{_pm(r['pruned'], r['pruned_stderr'])} | {_pct(r['retention_pct'])} | "
+                         f"{_paired_cell(r.get('paired'))} |")
     avg = comparison.get("average")
     if avg:
         label = ("average (5 zero-shot tasks)" if len(avg["tasks"]) == len(ZERO_SHOT_TASKS)
@@ -216,8 +231,13 @@ def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: 
             prior_avg = (before or {}).get("average") or {}
             cell = f" **{_num(prior_avg.get('pruned'))}** |" if mid else ""
             lines.append(f"| **{label}** | | | | **{_num(avg['dense'])}** |{cell} **{_num(avg['pruned'])}** | "
-                         f"**{_pct(avg['retention_pct'])}** |")
+                         f"**{_pct(avg['retention_pct'])}** | {_paired_cell(avg.get('paired'))} |")
     lines.append("")
+    if not single:
+        noise = [r["task"] for r in comparison["rows"] if r.get("paired") and r["paired"]["within_noise"]]
+        if noise:
+            lines += [f"Within noise (the paired 95% interval of {pruned_label} − {dense_label} contains 0): "
+                      f"{', '.join(noise)}.", ""]
     ppl = comparison.get("perplexity")
     if ppl:
         where = (f"{ppl['corpus']}, context {ppl['context_length']}, stride {ppl['stride']}, "

@@ -1,0 +1,67 @@
+"""Paired comparison of two models on the same documents (ours; issue 27): the per-document difference of
+their scores, its standard error and 95% interval, and a retention interval.
+
+Two models answering the same documents are not independent samples: a hard document is hard for both.
+The difference of their accuracies therefore has the standard error of the per-document differences,
+``sd(d) / sqrt(n)``, usually far smaller than the two accuracies' own standard errors combined, so a
+difference that two overlapping ±-intervals would call noise can be a clear one (and the reverse).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: Two-sided 95% normal quantile.
+Z95 = 1.959963984540054
+
+
+def paired_difference(dense: Mapping[str, float], pruned: Mapping[str, float]) -> dict[str, Any] | None:
+    """Pruned minus dense on the documents both scored.
+
+    Args:
+        dense, pruned: document id -> score (0/1 accuracy, or any per-document metric).
+    Returns:
+        ``{"n", "dense", "pruned", "difference", "stderr", "ci95", "retention_pct", "retention_ci95_pct",
+        "within_noise"}``: the means over the common documents, the mean difference with its paired standard
+        error ``sd(d) / sqrt(n)`` (sample sd, n - 1) and normal 95% interval, the retention ``100 * pruned /
+        dense`` with a delta-method 95% interval (None when the dense mean is 0), and whether the difference's
+        interval contains 0. None with fewer than 2 common documents.
+    """
+    common = sorted(set(dense) & set(pruned))
+    n = len(common)
+    if n < 2:
+        return None
+    a = [float(dense[k]) for k in common]
+    b = [float(pruned[k]) for k in common]
+    d = [y - x for x, y in zip(a, b)]
+    ma, mb, md = sum(a) / n, sum(b) / n, sum(d) / n
+    var_d = sum((x - md) ** 2 for x in d) / (n - 1)
+    se = math.sqrt(var_d / n)
+    out: dict[str, Any] = {"n": n, "dense": ma, "pruned": mb, "difference": md, "stderr": se,
+                           "ci95": [md - Z95 * se, md + Z95 * se], "retention_pct": None,
+                           "retention_ci95_pct": None}
+    out["within_noise"] = out["ci95"][0] <= 0.0 <= out["ci95"][1]
+    if ma > 0:
+        # R = mb / ma; Var(R) ~ (Var(mb) - 2 R Cov(ma, mb) + R^2 Var(ma)) / ma^2, the means' (co)variances = / n.
+        r = mb / ma
+        var_a = sum((x - ma) ** 2 for x in a) / (n - 1)
+        var_b = sum((y - mb) ** 2 for y in b) / (n - 1)
+        cov = sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (n - 1)
+        se_r = math.sqrt(max(var_b - 2 * r * cov + r * r * var_a, 0.0) / n) / ma
+        out["retention_pct"] = 100 * r
+        out["retention_ci95_pct"] = [100 * (r - Z95 * se_r), 100 * (r + Z95 * se_r)]
+    return out
+
+
+def paired_average(per_task: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The average over tasks of :func:`paired_difference` results (the tasks' documents are disjoint, so
+    their differences are independent): mean difference, ``sqrt(sum se_t^2) / T``, 95% interval."""
+    if not per_task:
+        return None
+    t = len(per_task)
+    md = sum(p["difference"] for p in per_task) / t
+    se = math.sqrt(sum(p["stderr"] ** 2 for p in per_task)) / t
+    ci = [md - Z95 * se, md + Z95 * se]
+    return {"tasks": t, "difference": md, "stderr": se, "ci95": ci, "within_noise": ci[0] <= 0.0 <= ci[1]}

@@ -72,6 +72,7 @@ class PostPruningEvaluation(L.Callback):
 
     def __init__(self, tasks: list[str] | str | None = None,
                  limit: int | float | None = _DEFAULTS["limit"],  # noqa: PYI041 - int (documents) or float (fraction)
+                 sample: str = _DEFAULTS["sample"],
                  batch_size: int = _DEFAULTS["batch_size"], perplexity: str | None = _DEFAULTS["perplexity"],
                  perplexity_context_length: int = _DEFAULTS["perplexity_context_length"],
                  perplexity_stride: int | None = _DEFAULTS["perplexity_stride"],
@@ -88,7 +89,7 @@ class PostPruningEvaluation(L.Callback):
         from prunenet.evaluation.tasks import TASKS
 
         self.settings = EvalSettings.from_options(
-            tasks=tasks, limit=limit, batch_size=batch_size, perplexity=perplexity,
+            tasks=tasks, limit=limit, sample=sample, batch_size=batch_size, perplexity=perplexity,
             perplexity_context_length=perplexity_context_length, perplexity_stride=perplexity_stride,
             perplexity_max_tokens=perplexity_max_tokens, device=device, dtype=dtype)
         ppl = self.settings.perplexity

@@ -54,8 +54,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=",".join(d["tasks"]),
                    help=f"comma-separated, from: {', '.join(TASKS)} (default: %(default)s, the paper's zero-shot tasks)")
     p.add_argument("--limit", type=_limit, default=d["limit"],
-                   help="first N documents of each task (MMLU: of each subject); a fraction in (0, 1); "
+                   help="N documents of each task (MMLU: of each subject); a fraction in (0, 1); "
                         "none = full sets (default: %(default)s)")
+    p.add_argument("--sample", choices=["spread", "first"], default=d["sample"],
+                   help="which documents --limit takes: spread (a seeded sample over the whole split, stratified "
+                        "by source where a task has sources; the same for every model) or first (the first N); "
+                        "default: %(default)s")
     p.add_argument("--batch_size", type=int, default=d["batch_size"], help="default: %(default)s")
     p.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=d["dtype"], help="float32, bfloat16, float16 (default: the checkpoint's)")

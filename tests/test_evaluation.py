@@ -430,7 +430,7 @@ def test_callback_writes_report_and_caches_dense(tiny_dir, tmp_path):
     table = (folder / "eval.md").read_text()
     assert "| arc_easy | acc_norm | validation | 3 |" in table and "retention" in table
     assert "Perplexity (squad-wiki, context 32, stride 32, 93 tokens): dense" in table
-    assert "first 3 documents of each task" in table
+    assert "3 documents of each task spread over its split" in table
     from prunenet.evaluation.report import scalar_metrics
 
     metrics = scalar_metrics(payload["comparison"])
@@ -726,3 +726,36 @@ def test_the_report_prints_the_paired_difference_and_names_what_is_within_noise(
     table = markdown(comparison)
     assert "pruned − dense (paired 95% CI)" in table and "| -0.250 [" in table
     assert "Within noise (the paired 95% interval of pruned − dense contains 0): piqa." in table
+
+
+# ----------------------------------------------------------------------------- spread samples (issue 27)
+
+
+def test_a_hellaswag_sample_covers_both_sources_in_proportion_and_is_the_same_for_every_model():
+    """HellaSwag's validation split lists its 3,243 ActivityNet documents first: the first 200 are all
+    ActivityNet. The spread sample takes 200 over the split in proportion (3,243 / 10,042 of 200 = 64.6 ->
+    65 ActivityNet, 135 WikiHow), and the same indices whoever asks (dense and pruned evaluate these)."""
+    from prunenet.evaluation.sampling import STRATA, spread_samples
+    from prunenet.evaluation.tasks import build_task, no_map_bars
+
+    with no_map_bars():
+        task = build_task("hellaswag")
+        docs = task.eval_docs
+        sources = [STRATA["hellaswag"](doc) for doc in docs]
+    picked = spread_samples(task, 200)["hellaswag"]
+    assert picked == spread_samples(build_task("hellaswag"), 200)["hellaswag"]  # another model, the same documents
+    assert len(picked) == len(set(picked)) == 200 and picked == sorted(picked)
+    counts = {s: sum(sources[i] == s for i in picked) for s in ("activitynet", "wikihow")}
+    assert counts == {"activitynet": 65, "wikihow": 135}
+    assert set(sources[:200]) == {"activitynet"}  # what --sample first would have taken
+    assert picked[-1] > 9000  # the end of the split is reached
+
+
+def test_spread_indices_allocate_by_largest_remainder_and_draw_within_each_stratum():
+    from prunenet.evaluation.sampling import sample_size, spread_indices
+
+    strata = ["a"] * 7 + ["b"] * 2 + ["c"]
+    picked = spread_indices(strata, 5)  # exact shares 3.5, 1.0, 0.5 -> 3 + 1 + 0, then one more: a (0.5, "a" < "c")
+    assert [strata[i] for i in picked].count("a") == 4 and [strata[i] for i in picked].count("b") == 1
+    assert picked == spread_indices(strata, 5) and spread_indices(strata, 10) == list(range(10))
+    assert sample_size(10, 0.25) == 3 and sample_size(10, 50) == 10 and sample_size(10, 4) == 4

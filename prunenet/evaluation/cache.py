@@ -85,7 +85,8 @@ def _common(identity: dict[str, Any], settings) -> dict[str, Any]:
 
 def task_key(identity: dict[str, Any], task: str, settings) -> str:
     """Cache key (sha256 hex) of one task's result: model identity, dtype, device, versions, task, limit."""
-    return _key({**_common(identity, settings), "task": task, "limit": settings.limit})
+    return _key({**_common(identity, settings), "task": task, "limit": settings.limit,
+                 "sample": settings.sample})
 
 
 def perplexity_key(identity: dict[str, Any], settings) -> str:

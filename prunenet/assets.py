@@ -103,6 +103,24 @@ def is_asset(name: str) -> bool:
     return name in ASSETS
 
 
+def exact_name(model: str) -> str:
+    """What a model is, exactly, for reports: an asset's upstream model, base or instruct, and the GGUF
+    quantisation it was converted from; a pruned folder's source (from its ``prunenet.json``); else ``model``."""
+    if is_asset(model):
+        return ASSETS[model].description
+    plan = Path(str(model)).expanduser() / "prunenet.json"
+    if plan.is_file():
+        import json
+
+        try:
+            source = json.loads(plan.read_text()).get("source_model")
+        except (OSError, ValueError):
+            source = None
+        if source and source != model:
+            return f"{model}: pruned from {exact_name(str(source))}"
+    return str(model)
+
+
 def materialize(name: str) -> Path:
     """Return the cached safetensors folder of asset ``name``, converting the GGUF once.
 

@@ -378,7 +378,7 @@ def test_model_identity_changes_with_weights(tiny_dir, tmp_path):
 # ---------------------------------------------------------------------- callback
 #: eval.json's keys, written alike by the callback and prunenet.evaluate.
 REPORT_KEYS = {"format", "model", "baseline", "compression_ratio", "settings", "comparison", "result",
-               "baseline_result", "wall_s"}
+               "baseline_result", "wall_s", "model_exact", "baseline_exact"}
 
 class _FakeModule(EvaluationSubject):
     """What PostPruningEvaluation asks of the LightningModule (:class:`EvaluationSubject`), on a tiny model."""
@@ -759,3 +759,17 @@ def test_spread_indices_allocate_by_largest_remainder_and_draw_within_each_strat
     assert [strata[i] for i in picked].count("a") == 4 and [strata[i] for i in picked].count("b") == 1
     assert picked == spread_indices(strata, 5) and spread_indices(strata, 10) == list(range(10))
     assert sample_size(10, 0.25) == 3 and sample_size(10, 50) == 10 and sample_size(10, 4) == 4
+
+
+def test_reports_name_the_embedded_models_exactly(tmp_path):
+    """The embedded models are an instruct model and a base model, both dequantized from Q4 GGUFs: reports say so."""
+    import json
+
+    from prunenet.assets import exact_name
+
+    assert exact_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)"
+    assert exact_name("gemma3-270m") == "google/gemma-3-270m (Q4_K_M GGUF, dequantized to float32)"
+    (tmp_path / "prunenet.json").write_text(json.dumps({"source_model": "smollm2-135m"}))
+    assert exact_name(str(tmp_path)) == f"{tmp_path}: pruned from HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, " \
+                                        "dequantized to float32)"
+    assert exact_name("some/hub-id") == "some/hub-id"

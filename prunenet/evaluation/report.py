@@ -98,7 +98,11 @@ def report(*, model: str, result: dict[str, Any], baseline: str | None, baseline
             ``{"model", "result", "comparison"}`` (the comparison is dense vs that model); written as
             the optional ``before_recovery`` field.
     """
+    from prunenet.assets import exact_name
+
     payload = {"format": REPORT_FORMAT, "model": str(model), "baseline": None if baseline is None else str(baseline),
+               "model_exact": exact_name(str(model)),
+               "baseline_exact": None if baseline is None else exact_name(str(baseline)),
                "compression_ratio": compression_ratio, "settings": {**settings, "processes": result.get("processes", 1)},
                "comparison": comparison,
                "result": result, "baseline_result": baseline_result, "wall_s": round(float(wall_s), 2)}

@@ -193,7 +193,7 @@ class PostPruningEvaluation(L.Callback):
             if shards.is_zero:
                 write_report(folder / EVAL_JSON, payload, table)
                 rank_zero_info("\n" + table + f"(evaluation wall time {payload['wall_s']:.0f} s; written to "
-                               f"{folder / EVAL_JSON} and {folder / EVAL_MD})")
+                               f"{folder / EVAL_JSON}, {folder / EVAL_MD} and eval.png)")
                 if trainer is not None:
                     self.log_metrics(trainer, pl_module, comparison)
 

@@ -23,7 +23,7 @@ POLICY_FILE = "policy.pt"
 
 PLAN_FILE = "prunenet.json"
 #: The post-pruning evaluation written next to a pruned model (callbacks/evaluation.py).
-EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+EVAL_JSON, EVAL_MD, EVAL_PNG = "eval.json", "eval.md", "eval.png"
 
 
 def resolve_output_path(output_dir: str | os.PathLike, what: str = "output path") -> Path:

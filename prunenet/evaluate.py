@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace, settings, baseline: str | None, out: Path | N
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_report(out, payload, table)
-            print(f"written: {out} and {out.with_suffix('.md')}", file=sys.stderr)
+            print(f"written: {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}", file=sys.stderr)
 
     shards.step(write)  # a failure to write on rank 0 stops every rank
     return payload

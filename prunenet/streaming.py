@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from prunenet.arch import check_finite, get_adapter
-from prunenet.artifacts import EVAL_JSON, EVAL_MD, PLAN_FILE
+from prunenet.artifacts import EVAL_JSON, EVAL_MD, EVAL_PNG, PLAN_FILE
 from prunenet.cache import MANIFEST
 from prunenet.errors import ModelLoadError
 
@@ -160,7 +160,7 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
     new_config.save_pretrained(out)
     # PruneNet's own files of a source that was itself pruned are rewritten, not copied.
     # ... and a cached source's manifest (it lists the dense files; the copy is not that folder).
-    skip = {INDEX_FILE, "config.json", PLAN_FILE, EVAL_JSON, EVAL_MD, MANIFEST, *set(files.values())}
+    skip = {INDEX_FILE, "config.json", PLAN_FILE, EVAL_JSON, EVAL_MD, EVAL_PNG, MANIFEST, *set(files.values())}
     for item in folder.iterdir():
         if item.is_file() and item.name not in skip and not item.name.endswith((".safetensors", ".bin", ".pt")):
             shutil.copy2(item, out / item.name)

@@ -662,6 +662,7 @@ def test_the_report_has_one_writer_and_one_reader(tmp_path):
                      comparison={"rows": []}, wall_s=1.0)
     md = write_report(tmp_path / "eval.json", payload, "| table |\n")
     assert md.read_text() == "| table |\n" and load_report(tmp_path) == json.loads(json.dumps(payload))
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside them
     assert load_report(tmp_path / "eval.json")["format"] == REPORT_FORMAT
     (tmp_path / "eval.json").write_text(json.dumps({**payload, "format": "prunenet-eval/1"}))
     assert load_report(tmp_path) is None

@@ -195,23 +195,25 @@ class PostPruningEvaluation(L.Callback):
                 rank_zero_info("\n" + table + f"(evaluation wall time {payload['wall_s']:.0f} s; written to "
                                f"{folder / EVAL_JSON}, {folder / EVAL_MD} and eval.png)")
                 if trainer is not None:
-                    self.log_metrics(trainer, pl_module, comparison)
+                    self.log_metrics(trainer, pl_module, comparison, before)
 
         shards.step(write)  # a failure to write or log on rank 0 stops every rank
         return payload
 
-    def log_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, comparison: dict[str, Any]) -> None:
+    def log_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, comparison: dict[str, Any],
+                    before: dict[str, Any] | None = None) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from prunenet.evaluation.report import scalar_metrics
+        from prunenet.evaluation.report import figure, scalar_metrics
 
         metrics = scalar_metrics(comparison)
         params = {k: v for k, v in dict(pl_module.hparams).items() if isinstance(v, (int, float, str, bool))}
         params.update({f"evaluation/{k}": str(v) for k, v in self.settings.to_dict().items()})
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                # Scalars at the last step plus an hparams entry whose metrics are these scores.
+                # Scalars at the last step plus an hparams entry whose metrics are these scores, and eval.png.
                 logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
+                logger.experiment.add_figure("eval", figure(comparison, before), global_step=trainer.global_step)
             else:
                 logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()

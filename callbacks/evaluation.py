@@ -204,7 +204,8 @@ class PostPruningEvaluation(L.Callback):
                     before: dict[str, Any] | None = None) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from prunenet.evaluation.report import figure, scalar_metrics
+        from prunenet.evaluation.figure import figure
+        from prunenet.evaluation.report import scalar_metrics
 
         metrics = scalar_metrics(comparison)
         params = {k: v for k, v in dict(pl_module.hparams).items() if isinstance(v, (int, float, str, bool))}

@@ -244,7 +244,7 @@ def test_two_processes_give_one_report_with_the_one_process_scores(pruned_tiny, 
     assert one.returncode == 0, one.stderr[-4000:]
 
     # Exactly one report (rank 0's), and the table printed once.
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["eval.json", "eval.md"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["eval.json", "eval.md", "eval.png"]
     assert two.stdout.count("## Evaluation of") == 1
     a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert a["settings"]["processes"] == 1 and b["settings"]["processes"] == 2

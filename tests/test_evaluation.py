@@ -774,3 +774,28 @@ def test_reports_name_the_embedded_models_exactly(tmp_path):
     assert exact_name(str(tmp_path)) == f"{tmp_path}: pruned from HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, " \
                                         "dequantized to float32)"
     assert exact_name("some/hub-id") == "some/hub-id"
+
+
+def test_perplexity_of_two_models_on_the_same_windows_is_paired():
+    """Per-window mean NLL, pruned - dense = (1, 1.2, 0.8, 1): difference 1.0 nats/token, sample sd
+    sqrt(0.08 / 3), ratio e; the report prints it beside the perplexities (float arithmetic on 4 values: 1e-12)."""
+    import math
+
+    from prunenet.evaluation.paired import Z95, paired_windows
+    from prunenet.evaluation.report import compare, markdown
+
+    dense, pruned = [2.0, 2.5, 3.0, 2.2], [3.0, 3.7, 3.8, 3.2]
+    w = paired_windows(dense, pruned)
+    se = math.sqrt(0.08 / 3 / 4)
+    assert w["windows"] == 4 and w["nll_difference"] == pytest.approx(1.0, abs=1e-12)
+    assert w["stderr"] == pytest.approx(se, abs=1e-12) and w["ratio"] == pytest.approx(math.e, abs=1e-12)
+    assert w["ratio_ci95"] == pytest.approx([math.exp(1 - Z95 * se), math.exp(1 + Z95 * se)], abs=1e-12)
+    assert not w["within_noise"] and paired_windows(dense, pruned[:3]) is None
+
+    def result(windows):
+        return {"settings": {"limit": None}, "tasks": {}, "perplexity": {
+            "corpus": "squad-wiki", "context_length": 8, "stride": 8, "tokens": 32, "window_nll": windows,
+            "perplexity": math.exp(sum(windows) / 4)}}
+
+    table = markdown(compare(result(dense), result(pruned)))
+    assert "paired over the same 4 windows: mean NLL +1.000 nats/token" in table and "perplexity x2.72" in table

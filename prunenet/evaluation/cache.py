@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-FORMAT = 3  # 2: checked prunenet.cache entries instead of plain JSON files; 3: per-document scores (paired)
+FORMAT = 4  # 2: checked prunenet.cache entries instead of plain JSON files; 3: per-document scores; 4: window NLLs (paired)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 

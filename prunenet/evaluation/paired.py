@@ -65,3 +65,18 @@ def paired_average(per_task: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     se = math.sqrt(sum(p["stderr"] ** 2 for p in per_task)) / t
     ci = [md - Z95 * se, md + Z95 * se]
     return {"tasks": t, "difference": md, "stderr": se, "ci95": ci, "within_noise": ci[0] <= 0.0 <= ci[1]}
+
+
+def paired_windows(dense: Sequence[float | None] | None, pruned: Sequence[float | None] | None) -> dict[str, Any] | None:
+    """Perplexity on the same text: the per-window difference of mean NLL (pruned - dense, nats per token, each
+    window's mean NLL in window order) with its paired interval, and the perplexity ratio ``exp(difference)``
+    with its interval. None without both models' windows (or of different counts)."""
+    if not dense or not pruned or len(dense) != len(pruned):
+        return None
+    p = paired_difference({str(i): x for i, x in enumerate(dense) if x is not None},
+                          {str(i): y for i, y in enumerate(pruned) if y is not None})
+    if p is None:
+        return None
+    return {"windows": p["n"], "nll_difference": p["difference"], "stderr": p["stderr"], "ci95": p["ci95"],
+            "ratio": math.exp(p["difference"]), "ratio_ci95": [math.exp(x) for x in p["ci95"]],
+            "within_noise": p["within_noise"]}

@@ -240,10 +240,11 @@ def summarize(parts: list[dict[str, Any]], settings: PerplexitySettings, wall_s:
     Raises:
         EvaluationError: no token was scored (the text is too short).
     """
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, window_nll = 0.0, 0, []
     for _, nll, n_target in sorted(row for part in parts for row in part["nll"]):
         total_nll += nll
         total_tokens += n_target
+        window_nll.append(nll / n_target if n_target else None)
     if total_tokens == 0:
         raise EvaluationError("perplexity text is too short: no token to predict")
     mean = total_nll / total_tokens
@@ -251,6 +252,8 @@ def summarize(parts: list[dict[str, Any]], settings: PerplexitySettings, wall_s:
             "text_tokens": parts[0]["text_tokens"], "windows": parts[0]["windows"], "wall_s": round(wall_s, 2),
             "cpu_s": round(sum(p["cpu_s"] for p in parts), 2), "processes": len(parts),
             "windows_per_rank": [len(p["nll"]) for p in parts],
+            # each window's mean NLL (nats per token), in window order: two models on the same text are paired
+            "window_nll": window_nll,
             "description": corpus_description(settings.corpus), **settings.to_dict()}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from typing import Any
 
-from prunenet.evaluation.paired import paired_average, paired_difference
+from prunenet.evaluation.paired import paired_average, paired_difference, paired_windows
 from prunenet.evaluation.tasks import ZERO_SHOT_TASKS
 
 
@@ -68,7 +68,8 @@ def compare(dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, A
         d = dense.get("perplexity") if dense else None
         ppl = {"corpus": p["corpus"], "description": p.get("description"), "context_length": p["context_length"],
                "stride": p["stride"], "max_tokens": p.get("max_tokens"), "tokens": p["tokens"],
-               "pruned": p["perplexity"], "dense": d["perplexity"] if d else None}
+               "pruned": p["perplexity"], "dense": d["perplexity"] if d else None,
+               "paired": paired_windows((d or {}).get("window_nll"), p.get("window_nll"))}
     return {"rows": rows, "average": avg, "perplexity": ppl, "limit": pruned["settings"]["limit"],
             "sample": pruned["settings"].get("sample", "first"),
             "processes": pruned.get("processes", 1)}
@@ -266,6 +267,11 @@ def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: 
         else:
             lines.append(f"Perplexity ({where}): {dense_label} {_num(ppl['dense'], 3)} / {middle}"
                          f"{pruned_label} {_num(ppl['pruned'], 3)}")
+        if ppl.get("paired"):
+            w = ppl["paired"]
+            lines.append(f"  paired over the same {w['windows']} windows: mean NLL {w['nll_difference']:+.3f} nats/token "
+                         f"[{w['ci95'][0]:+.3f}, {w['ci95'][1]:+.3f}], perplexity x{w['ratio']:.2f} "
+                         f"[{w['ratio_ci95'][0]:.2f}, {w['ratio_ci95'][1]:.2f}] (95%)")
         if ppl.get("description"):
             lines.append(f"  text: {ppl['description']}")
         lines.append("")

@@ -78,21 +78,26 @@ def _scored(score: torch.Tensor, k: int, protected: torch.Tensor | None) -> torc
     return torch.topk(score, k).indices.sort().values.cpu()
 
 
-class SampleSelector(Selector):
-    """The trained policy's seeded draw (paper, Section 3): k rows drawn without replacement from the
-    relaxed-Bernoulli keep probabilities, the generator seeded by (seed, ``FINAL_EPISODE``, layer).
+class PolicySelector(Selector):
+    """A selection by a trained policy: reads each layer's state and holds the policy.
 
     Args:
         policy: the trained policy, shape (n, d).
         seed: the run's seed.
     """
 
-    name = "sample"
     needs = frozenset({"state"})
     uses_policy = True
 
     def __init__(self, policy: RowPolicy, seed: int = 0) -> None:
         self.policy, self.seed = policy, int(seed)
+
+
+class SampleSelector(PolicySelector):
+    """The trained policy's seeded draw (paper, Section 3): k rows drawn without replacement from the
+    relaxed-Bernoulli keep probabilities, the generator seeded by (seed, ``FINAL_EPISODE``, layer)."""
+
+    name = "sample"
 
     @torch.no_grad()
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,20 +108,11 @@ class SampleSelector(Selector):
         return draw_kept(p, k, fixed, generator=gen, layer=layer.index)[0].cpu()
 
 
-class TopKSelector(Selector):
-    """The k rows with the largest policy logits (ours: the policy's deterministic choice).
-
-    Args:
-        policy: the trained policy, shape (n, d).
-        seed: recorded only (the choice draws nothing).
-    """
+class TopKSelector(PolicySelector):
+    """The k rows with the largest policy logits (ours: the policy's deterministic choice; the seed is
+    recorded only)."""
 
     name = "topk"
-    needs = frozenset({"state"})
-    uses_policy = True
-
-    def __init__(self, policy: RowPolicy, seed: int = 0) -> None:
-        self.policy, self.seed = policy, int(seed)
 
     @torch.no_grad()
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,8 +5,9 @@ perplexity over more seeds is ``benchmarks.quality_perplexity``).
         [--seeds 0,1,2] [--methods peak,random+protect,paper,random,magnitude] [--episodes 20]
 
 For every ratio r, seed s and method, prunes through the product's own commands, so methods
-differ only in which rows are kept, then evaluates the paper's five zero-shot tasks (first
-``--limit`` documents of each) and perplexity with ``prunenet.evaluation``:
+differ only in which rows are kept, then evaluates the paper's five zero-shot tasks (``--limit``
+documents of each, spread over the split by default: ``--sample first`` takes the first ones, as the
+records made before issue 27 did) and perplexity with ``prunenet.evaluation``:
 
 - ``peak``: ``prunenet.compress --selection peak`` (the neurons with the largest output max-|w|;
   deterministic: one run per ratio);
@@ -20,7 +21,10 @@ differ only in which rows are kept, then evaluates the paper's five zero-shot ta
 
 The report marks the method the shipped config (configs/<model>.yaml) selects as the default.
 
-Cells are mean ± std over seeds; each selection is also scored by the paper's objective, the mean
+One row per run; the dense and pruned models answer the same documents, so each row gives the pruned
+minus dense average with its paired 95% interval and the retention with its interval
+(``prunenet.evaluation.paired``), and, where a run of the same cell was evaluated on the first
+documents, that run's average beside it. Each selection is also scored by the paper's objective, the mean
 KS over layers (``benchmarks.selection_ks``). Each finished run is appended to a JSON-lines file
 next to the table and skipped when the command runs again, so an interrupted run continues where it
 stopped; the loop goes seed by seed, so a partial table is balanced across methods.
@@ -37,7 +41,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, default_method, header, load_records, \
-    mean_std, run_measured, table
+    run_measured, table
+from prunenet.assets import exact_name
 
 METHODS = ("peak", "random+protect", "paper", "random", "magnitude")
 
@@ -62,11 +67,14 @@ def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Pa
 def main(argv: list[str] | None = None) -> None:
     from prunenet.evaluation import EvalSettings, PerplexitySettings, evaluate_checkpoint
     from prunenet.evaluation.report import average
+    from prunenet.evaluation.settings import SAMPLES
     from prunenet.evaluation.tasks import ZERO_SHOT_TASKS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(CONFIGS))
     parser.add_argument("--limit", type=int, default=200, help="documents per task (0 = the full sets)")
+    parser.add_argument("--sample", default="spread", choices=SAMPLES,
+                        help="which documents --limit takes: spread over the split (seeded, stratified) or the first")
     parser.add_argument("--ratios", default="0.3,0.2")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="peak,random+protect,paper,random")
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output or REPO / f"benchmarks/results/quality-zeroshot-{args.model.split('-')[0]}.md")
     records_path = output.with_suffix(".jsonl")
     output.parent.mkdir(parents=True, exist_ok=True)
-    settings = EvalSettings(tasks=list(ZERO_SHOT_TASKS), limit=limit, batch_size=args.batch_size,
+    settings = EvalSettings(tasks=list(ZERO_SHOT_TASKS), limit=limit, sample=args.sample, batch_size=args.batch_size,
                             perplexity=PerplexitySettings.parse("squad-wiki", max_tokens=args.ppl_tokens))
 
     def quiet(_msg: str) -> None:
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     from prunenet.plan import load_plan
     from prunenet.states import load_ffn_states
 
-    key_names = ("model", "method", "ratio", "seed", "limit", "episodes", "ppl_tokens")
+    key_names = ("model", "method", "ratio", "seed", "limit", "sample", "episodes", "ppl_tokens")
     records = load_records(records_path, key_names)
     states, _ = load_ffn_states(args.model)
     reference: dict = {}
@@ -108,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                 for method in methods:
                     if method in DETERMINISTIC and seed != seeds[0]:
                         continue
-                    key = (args.model, method, r, seed if method not in DETERMINISTIC else 0, limit, args.episodes,
-                           args.ppl_tokens)
+                    key = (args.model, method, r, seed if method not in DETERMINISTIC else 0, limit, args.sample,
+                           args.episodes, args.ppl_tokens)
                     if key in records:
                         continue
                     t0 = time.perf_counter()
@@ -134,42 +142,60 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_report(output: Path, records: dict, dense: dict, args, argv) -> None:
-    """Write the markdown table: per method and ratio, mean ± std over seeds of every task, the
-    average, retention (pruned average / dense average), perplexity and mean KS."""
+    """Write the markdown table: one row per run (method, ratio, seed) with every task, the average,
+    retention and the pruned - dense average with their paired 95% intervals, the average of the same
+    run on the first documents (records of ``--sample first``, when there are), perplexity and mean KS."""
+    from prunenet.evaluation.paired import paired_average, paired_difference
     from prunenet.evaluation.report import average
     from prunenet.evaluation.tasks import ZERO_SHOT_TASKS
 
     limit = args.limit or None
-    mine = [v for v in records.values() if v["model"] == args.model and v["limit"] == limit
-            and v["episodes"] == args.episodes and v["ppl_tokens"] == args.ppl_tokens]
+
+    def runs(sample: str) -> list[dict]:
+        return [v for v in records.values() if v["model"] == args.model and v["limit"] == limit
+                and v["sample"] == sample and v["episodes"] == args.episodes and v["ppl_tokens"] == args.ppl_tokens]
+
+    mine = runs(args.sample)
+    other = "first" if args.sample == "spread" else "spread"
+    earlier = {(v["method"], v["ratio"], v["seed"]): v["average"] for v in runs(other)}
     dense_avg = average(dense)["score"]
     default = default_method(args.model)
-    rows = [["**dense**", "0", 1, *(f"{100 * dense['tasks'][t]['score']:.1f}" for t in ZERO_SHOT_TASKS),
-             f"{100 * dense_avg:.1f}", "100", f"{dense['perplexity']['perplexity']:.2f}", "0"]]
+    rows = [["**dense**", "0", "", *(f"{100 * dense['tasks'][t]['score']:.1f}" for t in ZERO_SHOT_TASKS),
+             f"{100 * dense_avg:.1f}", "100", "", "", f"{dense['perplexity']['perplexity']:.2f}", "0"]]
     for r in sorted({v["ratio"] for v in mine}, reverse=True):
         for method in METHODS:
-            group = [v for v in mine if v["ratio"] == r and v["method"] == method]
-            if not group:
-                continue
-            res = [g["result"] for g in group]
-            avgs = [g["average"] for g in group]
-            rows.append([f"{method} (default)" if method == default else method, f"{r:g}", len(group),
-                         *(mean_std([x["tasks"][t]["score"] for x in res], 100.0) for t in ZERO_SHOT_TASKS),
-                         mean_std(avgs, 100.0), mean_std([a / dense_avg for a in avgs], 100.0),
-                         mean_std([x["perplexity"]["perplexity"] for x in res], digits=1),
-                         mean_std([g["ks"] for g in group], digits=4)])
+            for run in sorted((v for v in mine if v["ratio"] == r and v["method"] == method), key=lambda v: v["seed"]):
+                res = run["result"]
+                pairs = [paired_difference(dense["tasks"][t].get("per_doc") or {}, res["tasks"][t].get("per_doc") or {})
+                         for t in ZERO_SHOT_TASKS]
+                paired = paired_average(pairs) if all(pairs) else {}
+                ci, ret = paired.get("ci95"), paired.get("retention_ci95_pct")
+                old = earlier.get((method, r, run["seed"]))
+                rows.append([f"{method} (default)" if method == default else method, f"{r:g}",
+                             "" if method in DETERMINISTIC else run["seed"],
+                             *(f"{100 * res['tasks'][t]['score']:.1f}" for t in ZERO_SHOT_TASKS),
+                             f"{100 * run['average']:.1f}",
+                             f"{100 * run['average'] / dense_avg:.1f}" + (f" [{ret[0]:.1f}, {ret[1]:.1f}]" if ret else ""),
+                             f"{100 * paired['difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "—",
+                             "—" if old is None else f"{100 * old:.1f}",
+                             f"{res['perplexity']['perplexity']:.1f}", f"{run['ks']:.4f}"])
     metrics = ", ".join(f"{t}: {dense['tasks'][t]['metric']}" for t in ZERO_SHOT_TASKS)
     ppl = dense["perplexity"]
-    text = f"# Zero-shot accuracy of the pruned model by selection method, {args.model}\n\n" + header(
+    drawn = ("spread over each split (a seeded sample, stratified by source for HellaSwag; the same documents for "
+             "every model)" if args.sample == "spread" else "the first of each split")
+    text = f"# Zero-shot accuracy of the pruned model by selection method, {exact_name(args.model)}\n\n" + header(
         "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
-    text += (f"Zero-shot accuracy in % (first {limit or 'all'} documents of each task; {metrics}); mean ± std "
-             "over seeds (peak and magnitude are deterministic). One task's standard error at 200 documents is about 3.5 "
-             "points, the five-task average's about 1.5. Retention = pruned average / dense average. Perplexity: "
-             f"{ppl['corpus']} ({ppl['tokens']} tokens, context {ppl['context_length']}). KS: mean over layers of "
-             "KS(sv(W_gate), sv(W_gate[kept])), the paper's objective. `(default)`: what configs/compress/"
-             f"{Path(CONFIGS[args.model]).name} selects; `+protect`: protect_outliers {PROTECT:g}; `paper` = "
-             f"configs/paper.yaml, {args.episodes} episodes. No fine-tuning after pruning.\n\n")
-    text += table(["method", "r", "runs", *ZERO_SHOT_TASKS, "avg", "retention %", "perplexity", "KS"], rows)
+    text += (f"Zero-shot accuracy in % on {limit or 'all'} documents a task, {drawn}; {metrics}. One row per run "
+             "(peak and magnitude draw nothing). Retention = pruned average / dense average, with its paired 95% "
+             "interval; `avg − dense`: the pruned minus dense average in points with its paired 95% interval (both "
+             f"models answer the same documents); `{other} {limit}`: the same run's average on the {other} documents "
+             f"(an earlier table), where there is one. Perplexity: {ppl['corpus']} ({ppl['tokens']} tokens, context "
+             f"{ppl['context_length']}). KS: mean over layers of KS(sv(W_gate), sv(W_gate[kept])), the paper's "
+             f"objective. `(default)`: what configs/compress/{Path(CONFIGS[args.model]).name} selects; `+protect`: "
+             f"protect_outliers {PROTECT:g}; `paper` = configs/paper.yaml, {args.episodes} episodes. No fine-tuning "
+             "after pruning.\n\n")
+    text += table(["method", "r", "seed", *ZERO_SHOT_TASKS, "avg", "retention % (95% CI)", "avg − dense (95% CI)",
+                   f"{other} {limit}", "perplexity", "KS"], rows)
     output.write_text(text)
 
 

@@ -59,33 +59,44 @@ def test_method_label(plan, label):
     assert method_label(plan) == label
 
 
-def _result(scores: list[float], ppl: float) -> dict:
+def _result(scores: list[float], ppl: float, per_doc: list[float] | None = None) -> dict:
     tasks = ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge"]
-    return {"tasks": {t: {"task": t, "metric": "acc", "score": s, "n": 10} for t, s in zip(tasks, scores)},
+    docs = {} if per_doc is None else {"per_doc": {str(i): x for i, x in enumerate(per_doc)}}
+    return {"tasks": {t: {"task": t, "metric": "acc", "score": s, "n": 10, **docs} for t, s in zip(tasks, scores)},
             "perplexity": {"perplexity": ppl, "corpus": "squad-wiki", "tokens": 100, "context_length": 32,
                            "stride": 32}}
 
 
-def test_quality_report_means_stds_retention_and_ks(tmp_path):
+def test_quality_report_rows_paired_intervals_and_earlier_sample(tmp_path):
     out = tmp_path / "q.md"
-    dense = _result([0.8] * 5, 10.0)
-    common = {"model": "smollm2-135m", "method": "random", "ratio": 0.3, "limit": 10, "episodes": 20,
-              "ppl_tokens": 100}
+    dense = _result([0.75] * 5, 10.0, per_doc=[1, 1, 1, 0])
+    common = {"model": "smollm2-135m", "method": "random", "ratio": 0.3, "limit": 4, "sample": "spread",
+              "episodes": 20, "ppl_tokens": 100}
     records = {}
-    for seed, score, ppl, ks in ((0, 0.6, 20.0, 0.1), (1, 0.4, 40.0, 0.3)):
-        records[seed] = {**common, "seed": seed, "result": _result([score] * 5, ppl), "ks": ks, "average": score}
-    # another limit: not in this table
+    for seed, docs, ppl, ks in ((0, [1, 0, 1, 0], 20.0, 0.1), (1, [0, 1, 0, 0], 40.0, 0.3)):
+        records[seed] = {**common, "seed": seed, "result": _result([sum(docs) / 4] * 5, ppl, docs), "ks": ks,
+                         "average": sum(docs) / 4}
+    # the same run on the first documents: shown beside it; another limit: not in this table
+    records[7] = {**common, "sample": "first", "seed": 0, "result": _result([0.3] * 5, 1.0), "ks": 0.1,
+                  "average": 0.3}
     records[9] = {**common, "limit": 200, "seed": 0, "result": _result([0.1] * 5, 1.0), "ks": 0.9, "average": 0.1}
-    args = argparse.Namespace(model="smollm2-135m", limit=10, episodes=20, ppl_tokens=100)
-    write_report(out, records, dense, args, ["--limit", "10"])
+    args = argparse.Namespace(model="smollm2-135m", limit=4, sample="spread", episodes=20, ppl_tokens=100)
+    write_report(out, records, dense, args, ["--limit", "4"])
     text = out.read_text()
-    dense_row = next(line for line in text.splitlines() if line.startswith("| **dense**"))
-    random_row = next(line for line in text.splitlines() if line.startswith("| random"))
-    assert "| 80.0 | 100 | 10.00 | 0 |" in dense_row
-    # 2 runs; mean 50, sample std of (60, 40) = 14.1; retention 62.5 ± 17.7; perplexity 30 ± 14.1; KS 0.2 ± 0.1414
-    assert random_row.startswith("| random | 0.3 | 2 | 50.0 ± 14.1 |")
-    assert "| 50.0 ± 14.1 | 62.5 ± 17.7 | 30.0 ± 14.1 | 0.2000 ± 0.1414 |" in random_row
-    assert "first 10 documents" in text
+    lines = text.splitlines()
+    dense_row = next(line for line in lines if line.startswith("| **dense**"))
+    seed0 = next(line for line in lines if line.startswith("| random | 0.3 | 0 |"))
+    seed1 = next(line for line in lines if line.startswith("| random | 0.3 | 1 |"))
+    assert "| 75.0 | 100 |  |  | 10.00 | 0 |" in dense_row
+    # seed 0, per task: d = (0, -1, 0, 0): mean -0.25, sd 0.5, se 0.25; the same in 5 independent tasks:
+    # average se = sqrt(5 * 0.25^2) / 5 = 0.1118, 95%: -25 +- 1.96 * 11.18 = [-46.9, -3.1] points.
+    # Retention 50 / 75 = 66.7%; Var(R) from the averages' (co)variances: var_a = 0.25, var_b = 1/3,
+    # cov = 1/6 per document, / (4 * 5) for the average: se_R = sqrt(1/3 - 2(2/3)(1/6) + (4/9)(1/4)) /
+    # sqrt(20) / 0.75 = 0.1405 -> [39.1, 94.2].
+    assert "| 50.0 | 66.7 [39.1, 94.2] | -25.0 [-46.9, -3.1] | 30.0 | 20.0 | 0.1000 |" in seed0
+    # seed 1: no run on the first documents
+    assert "| 25.0 | 33.3 " in seed1 and "| — | 40.0 | 0.3000 |" in seed1
+    assert "4 documents a task, spread over each split" in text and "first 4" in text
 
 
 def test_quality_perplexity_table_medians_geo_means_and_paired_wins(tmp_path):

@@ -372,7 +372,7 @@ def test_evaluation_compares_dense_and_recovered_with_before_scores(setup, tmp_p
     assert saved["before_recovery"]["model"] == str(pruned)
     assert saved["before_recovery"]["comparison"]["perplexity"]["pruned"] == pytest.approx(before["perplexity"]["perplexity"])
     table = (tmp_path / "out" / "eval.md").read_text()
-    assert "| dense | before recovery | recovered | retention |" in table and "(dense vs recovered)" in table
+    assert "| dense | before recovery | recovered | retention (95% CI) |" in table and "(dense vs recovered)" in table
 
 
 def test_generate_shows_the_recovered_model_too(setup, capsys):

@@ -25,7 +25,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-FORMAT = 4  # 2: checked prunenet.cache entries instead of plain JSON files; 3: per-document scores; 4: window NLLs (paired)
+FORMAT = 5  # 2: checked prunenet.cache entries instead of plain JSON files; 3: per-document scores; 4: window NLLs
+# (paired); 5: requests sharing a context scored from one pass of it (shared_context.py: equal up to rounding)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 

@@ -18,7 +18,9 @@ import time
 from typing import Any
 
 from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
 
+from prunenet.evaluation import shared_context
 from prunenet.evaluation.sharding import Shards
 
 
@@ -85,6 +87,31 @@ class RankedHFLM(HFLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self.requests += len(requests)
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """lm-eval's scoring, except that requests sharing a context run it once
+        (:mod:`prunenet.evaluation.shared_context`); the others go through lm-eval's batched path."""
+        cache_arg = shared_context.cache_argument(self.model)
+        if self.backend != "causal" or cache_arg is None:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        groups, rest = shared_context.split_shared(requests, self.max_length)
+        results: list[Any] = [None] * len(requests)
+        if rest:
+            scored = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm, override_bs)
+            for i, answer in zip(rest, scored, strict=True):
+                results[i] = answer
+        bar = tqdm(total=sum(map(len, groups.values())), disable=disable_tqdm or self.rank != 0,
+                   desc="Running loglikelihood requests (shared contexts)")
+        for context, idx in groups.items():
+            answers = shared_context.score_group(self.model, context, [requests[i][2] for i in idx],
+                                                 self.device, self.softmax_dtype, cache_arg)
+            for i, answer in zip(idx, answers, strict=True):
+                results[i] = answer
+                if requests[i][0] is not None:  # lm-eval's cache hook, as its own loop calls it
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(idx))
+        bar.close()
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         self.requests += len(requests)

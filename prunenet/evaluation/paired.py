@@ -24,7 +24,7 @@ def paired_difference(dense: Mapping[str, float], pruned: Mapping[str, float]) -
         dense, pruned: document id -> score (0/1 accuracy, or any per-document metric).
     Returns:
         ``{"n", "dense", "pruned", "difference", "stderr", "ci95", "retention_pct", "retention_ci95_pct",
-        "within_noise"}``: the means over the common documents, the mean difference with its paired standard
+        "within_noise", "var_dense", "var_pruned", "cov"}``: the means over the common documents, the mean difference with its paired standard
         error ``sd(d) / sqrt(n)`` (sample sd, n - 1) and normal 95% interval, the retention ``100 * pruned /
         dense`` with a delta-method 95% interval (None when the dense mean is 0), and whether the difference's
         interval contains 0. None with fewer than 2 common documents.
@@ -40,31 +40,41 @@ def paired_difference(dense: Mapping[str, float], pruned: Mapping[str, float]) -
     var_d = sum((x - md) ** 2 for x in d) / (n - 1)
     se = math.sqrt(var_d / n)
     out: dict[str, Any] = {"n": n, "dense": ma, "pruned": mb, "difference": md, "stderr": se,
-                           "ci95": [md - Z95 * se, md + Z95 * se], "retention_pct": None,
-                           "retention_ci95_pct": None}
+                           "ci95": [md - Z95 * se, md + Z95 * se],
+                           "var_dense": sum((x - ma) ** 2 for x in a) / (n - 1),
+                           "var_pruned": sum((y - mb) ** 2 for y in b) / (n - 1),
+                           "cov": sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (n - 1)}
     out["within_noise"] = out["ci95"][0] <= 0.0 <= out["ci95"][1]
-    if ma > 0:
-        # R = mb / ma; Var(R) ~ (Var(mb) - 2 R Cov(ma, mb) + R^2 Var(ma)) / ma^2, the means' (co)variances = / n.
-        r = mb / ma
-        var_a = sum((x - ma) ** 2 for x in a) / (n - 1)
-        var_b = sum((y - mb) ** 2 for y in b) / (n - 1)
-        cov = sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (n - 1)
-        se_r = math.sqrt(max(var_b - 2 * r * cov + r * r * var_a, 0.0) / n) / ma
-        out["retention_pct"] = 100 * r
-        out["retention_ci95_pct"] = [100 * (r - Z95 * se_r), 100 * (r + Z95 * se_r)]
+    # the means' (co)variances: the per-document ones / n
+    out.update(_ratio(ma, mb, out["var_dense"] / n, out["var_pruned"] / n, out["cov"] / n))
     return out
+
+
+def _ratio(ma: float, mb: float, var_a: float, var_b: float, cov: float) -> dict[str, Any]:
+    """Retention ``100 * mb / ma`` and its delta-method 95% interval from the means' (co)variances:
+    Var(R) ~ (Var(mb) - 2 R Cov(ma, mb) + R^2 Var(ma)) / ma^2. None for both when ``ma`` is 0."""
+    if ma <= 0:
+        return {"retention_pct": None, "retention_ci95_pct": None}
+    r = mb / ma
+    se_r = math.sqrt(max(var_b - 2 * r * cov + r * r * var_a, 0.0)) / ma
+    return {"retention_pct": 100 * r, "retention_ci95_pct": [100 * (r - Z95 * se_r), 100 * (r + Z95 * se_r)]}
 
 
 def paired_average(per_task: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The average over tasks of :func:`paired_difference` results (the tasks' documents are disjoint, so
-    their differences are independent): mean difference, ``sqrt(sum se_t^2) / T``, 95% interval."""
+    their differences are independent): mean difference, ``sqrt(sum se_t^2) / T``, 95% interval, and the
+    retention of the average (pruned average / dense average, in %) with its delta-method 95% interval."""
     if not per_task:
         return None
     t = len(per_task)
     md = sum(p["difference"] for p in per_task) / t
     se = math.sqrt(sum(p["stderr"] ** 2 for p in per_task)) / t
     ci = [md - Z95 * se, md + Z95 * se]
-    return {"tasks": t, "difference": md, "stderr": se, "ci95": ci, "within_noise": ci[0] <= 0.0 <= ci[1]}
+    out = {"tasks": t, "difference": md, "stderr": se, "ci95": ci, "within_noise": ci[0] <= 0.0 <= ci[1]}
+    # the averages' (co)variances: each task's mean's, / T^2 (independent tasks)
+    moments = [sum(p[k] / p["n"] for p in per_task) / t ** 2 for k in ("var_dense", "var_pruned", "cov")]
+    out.update(_ratio(sum(p["dense"] for p in per_task) / t, sum(p["pruned"] for p in per_task) / t, *moments))
+    return out
 
 
 def paired_windows(dense: Sequence[float | None] | None, pruned: Sequence[float | None] | None) -> dict[str, Any] | None:

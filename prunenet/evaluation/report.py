@@ -205,8 +205,12 @@ def _pm(x: float | None, err: float | None) -> str:
     return f"{x:.4f} ± {err:.4f}" if err is not None else f"{x:.4f}"
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.1f}%"
+def _pct(x: float | None, paired: dict[str, Any] | None = None) -> str:
+    """``81.1%``, with the paired 95% retention interval when there is one: ``81.1% [70.2, 92.0]``."""
+    if x is None:
+        return "—"
+    ci = (paired or {}).get("retention_ci95_pct")
+    return f"{x:.1f}%" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
 
 def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: str = "dense",
@@ -231,13 +235,13 @@ def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: 
             lines.append(f"| {r['task']} | {r['metric']} | {r['split']} | {r['n']} | "
                          f"{_pm(r['pruned'], r['pruned_stderr'])} |")
     else:
-        lines += [f"| task | metric | split | docs | {dense_label} |{mid} {pruned_label} | retention | "
+        lines += [f"| task | metric | split | docs | {dense_label} |{mid} {pruned_label} | retention (95% CI) | "
                   f"{pruned_label} − {dense_label} (paired 95% CI) |",
                   "|---|---|---|---:|---:|" + ("---:|" if mid else "") + "---:|---:|---:|"]
         for r in comparison["rows"]:
             lines.append(f"| {r['task']} | {r['metric']} | {r['split']} | {r['n']} | "
                          f"{_pm(r['dense'], r['dense_stderr'])} |{prior_cell(r['task'])} "
-                         f"{_pm(r['pruned'], r['pruned_stderr'])} | {_pct(r['retention_pct'])} | "
+                         f"{_pm(r['pruned'], r['pruned_stderr'])} | {_pct(r['retention_pct'], r.get('paired'))} | "
                          f"{_paired_cell(r.get('paired'))} |")
     avg = comparison.get("average")
     if avg:
@@ -249,7 +253,7 @@ def markdown(comparison: dict[str, Any], title: str | None = None, dense_label: 
             prior_avg = (before or {}).get("average") or {}
             cell = f" **{_num(prior_avg.get('pruned'))}** |" if mid else ""
             lines.append(f"| **{label}** | | | | **{_num(avg['dense'])}** |{cell} **{_num(avg['pruned'])}** | "
-                         f"**{_pct(avg['retention_pct'])}** | {_paired_cell(avg.get('paired'))} |")
+                         f"**{_pct(avg['retention_pct'], avg.get('paired'))}** | {_paired_cell(avg.get('paired'))} |")
     lines.append("")
     if not single:
         noise = [r["task"] for r in comparison["rows"] if r.get("paired") and r["paired"]["within_noise"]]

@@ -59,13 +59,14 @@ def test_same_loglikelihoods_as_lm_eval(family, tokenizer):
         assert greedy == greedy_ref
 
 
-def test_groups_only_shared_contexts_that_fit():
-    reqs = [(("a", "1"), [5, 6], [7]), (("a", "2"), [5, 6], [8, 9]),   # shared, fits
-            (("b", "1"), [5], [7]),                                      # alone
-            (("c", "1"), [1] * 10, [2]), (("c", "2"), [1] * 10, [3, 4])]  # shared; 12 > 11 tokens
-    groups, rest = shared_context.split_shared(reqs, max_length=10)
-    assert groups == {(5, 6): [0, 1]}
-    assert sorted(rest) == [2, 3, 4]
+def test_groups_only_shared_contexts_that_fit_and_save_tokens():
+    reqs = [(("a", "1"), [5] * 8, [7]), (("a", "2"), [5] * 8, [8, 9]),      # 7 + 3 of 17 tokens: shared
+            (("b", "1"), [5], [7]),                                          # alone
+            (("c", "1"), [1] * 12, [2]), (("c", "2"), [1] * 12, [3, 4]),    # 12 + 2 > 13 tokens: truncated
+            (("d", "1"), [5, 6], [1] * 6), (("d", "2"), [5, 6], [2] * 6)]    # 13 of 14 tokens: not worth it
+    groups, rest = shared_context.split_shared(reqs, max_length=12)
+    assert groups == {(5,) * 8: [0, 1]}
+    assert sorted(rest) == [2, 3, 4, 5, 6]
 
 
 def test_a_model_without_a_cache_interface_uses_lm_eval_path():
@@ -74,3 +75,15 @@ def test_a_model_without_a_cache_interface_uses_lm_eval_path():
             return input_ids
 
     assert shared_context.cache_argument(Plain()) is None
+
+
+def test_batches_longest_first_one_token_contexts_alone():
+    groups = {(1,): [0, 1], (1, 2, 3): [2, 3], (4, 5): [4, 5], (6, 7, 8, 9): [6, 7]}
+
+    class NoPositions(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, cache, use_cache, logits_to_keep):
+            return input_ids
+
+    assert shared_context.batches(groups, 2, tiny_model("llama")) == [[(6, 7, 8, 9), (1, 2, 3)], [(4, 5)], [(1,)]]
+    # positions would count the left padding: one context a batch
+    assert shared_context.batches(groups, 2, NoPositions()) == [[(6, 7, 8, 9)], [(1, 2, 3)], [(4, 5)], [(1,)]]

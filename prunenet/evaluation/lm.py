@@ -102,14 +102,17 @@ class RankedHFLM(HFLM):
                 results[i] = answer
         bar = tqdm(total=sum(map(len, groups.values())), disable=disable_tqdm or self.rank != 0,
                    desc="Running loglikelihood requests (shared contexts)")
-        for context, idx in groups.items():
-            answers = shared_context.score_group(self.model, context, [requests[i][2] for i in idx],
-                                                 self.device, self.softmax_dtype, cache_arg)
-            for i, answer in zip(idx, answers, strict=True):
-                results[i] = answer
-                if requests[i][0] is not None:  # lm-eval's cache hook, as its own loop calls it
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            bar.update(len(idx))
+        # a quarter of the batch size in contexts: as many rows a forward as lm-eval's batches (~4 choices each)
+        for chunk in shared_context.batches(groups, max(1, self.batch_size // 4), self.model):
+            answers = shared_context.score_groups(self.model, [(ctx, [requests[i][2] for i in groups[ctx]])
+                                                               for ctx in chunk],
+                                                  self.device, self.softmax_dtype, cache_arg)
+            for ctx, group_answers in zip(chunk, answers, strict=True):
+                for i, answer in zip(groups[ctx], group_answers, strict=True):
+                    results[i] = answer
+                    if requests[i][0] is not None:  # lm-eval's cache hook, as its own loop calls it
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                bar.update(len(groups[ctx]))
         bar.close()
         return results
 

@@ -57,6 +57,15 @@ def select_rows(selection: str, k: int, seed: int = 0, states=None, peaks=None, 
     return select_layers(build_selector(selection, seed=seed), layers, k, protected)
 
 
+def scored_tokens(tokens: int, context: int = 512) -> int:
+    """Tokens a squad-wiki perplexity on the first ``tokens`` tokens scores with windows of ``context``
+    tokens and no overlap (a window's first token is not scored: 8192 -> 8176, 16384 -> 16352), the text
+    being longer than ``tokens``; what a record without its scored count was measured on."""
+    from prunenet.evaluation.perplexity import windows
+
+    return sum(n for _, _, n in windows(tokens, context, context))
+
+
 def load_records(path: Path, key_names: tuple[str, ...]) -> dict[tuple, dict]:
     """The finished cells of a resumable benchmark: every JSON line of ``path`` keyed by the tuple of
     its ``key_names`` values (a later line with the same key wins). Empty when ``path`` does not exist.

@@ -2,7 +2,7 @@
 (issue 14's quality table; zero-shot is ``benchmarks.quality``).
 
     python -m benchmarks.quality_perplexity --model smollm2-135m [--ratios 0.3,0.2,0.1]
-        [--seeds 0,1,2,3,4] [--tokens 16384] [--episodes 20] [--methods ...]
+        [--seeds 0,1,2,3,4] [--tokens 16384] [--episodes 20] [--methods ...] [--dense_only | --table_only]
 
 Methods (each seed s, each ratio r):
 - ``paper``: the paper's algorithm (``configs/paper.yaml``: sparsity predictor, 1/KS of the gate
@@ -26,8 +26,13 @@ first ``--tokens`` tokens of SQuAD-dev Wikipedia (context 512), with the removed
 the FFN output (the same function as the sliced model: see tests/test_slicing.py), and each
 selection by its mean KS over layers of the gate spectra (the paper's objective).
 
+The dense model (nothing zeroed) is scored once by the same code on the same tokens and recorded as
+the cell :func:`dense_key` (method ``dense``); the table states it beside the cells.
+``--dense_only`` measures just that cell (when not recorded) and rewrites the table.
+
 Each finished cell is appended to a JSON-lines file next to the table and skipped when the command
-runs again, so an interrupted run continues where it stopped.
+runs again, so an interrupted run continues where it stopped. ``--table_only`` rebuilds the table
+from the records, running nothing.
 """
 
 from __future__ import annotations
@@ -43,12 +48,23 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, header, load_records, select_rows, table
+from benchmarks.common import (CONFIGS, DETERMINISTIC, PROTECT, REPO, header, load_records, scored_tokens,
+                               select_rows, table)
 
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
 METHODS = ("paper", "paper+protect", "baseline", "baseline+protect", "learned", "random", "random+protect",
            "magnitude", "peak")
+#: The method name of the dense model's record (nothing removed).
+DENSE = "dense"
+#: Context (and stride) of every perplexity of this benchmark.
+CONTEXT = 512
+
+
+def dense_key(model: str, tokens: int) -> tuple:
+    """The record key of the dense model's perplexity on the first ``tokens`` tokens: ratio 0, seed 0,
+    no episodes, nothing protected."""
+    return (model, 0.0, DENSE, 0, tokens, 0, 0.0)
 
 
 def model_section(path: str | Path) -> dict:
@@ -101,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protect", type=float, default=PROTECT, help="protect_outliers of the +protect methods")
     parser.add_argument("--output", default=None)
     parser.add_argument("--table_only", action="store_true", help="write the table of the finished cells, run none")
+    parser.add_argument("--dense_only", action="store_true",
+                        help="measure only the dense model's perplexity (when not recorded), then write the table")
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -140,10 +158,22 @@ def main(argv: list[str] | None = None) -> None:
     masks = [torch.ones(n) for _ in layers]
     hooks = [adapter.output_module(layer).register_forward_pre_hook(
         lambda _m, a, mask=mask: (a[0] * mask.to(a[0].dtype),) + tuple(a[1:])) for layer, mask in zip(layers, masks)]
-    settings = PerplexitySettings(context_length=512, max_tokens=args.tokens)
+    settings = PerplexitySettings(context_length=CONTEXT, max_tokens=args.tokens)
     start = time.perf_counter()
     try:
-        for r in ratios:
+        key = dense_key(args.model, args.tokens)
+        if key not in done:  # the same hooks with nothing zeroed: the same code on the same tokens
+            for mask in masks:
+                mask.fill_(1.0)
+            result = perplexity(model, tokenizer, settings, progress=False)
+            rec = dict(zip(KEY_NAMES, key), perplexity=result["perplexity"], ppl_tokens=result["tokens"],
+                       nll_mean=result["nll_mean"], wall_s=result["wall_s"])
+            with records_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            done[key] = rec
+            print(f"[{time.perf_counter() - start:6.0f} s] dense: ppl {rec['perplexity']:,.2f} on "
+                  f"{rec['ppl_tokens']:,} tokens", flush=True)
+        for r in ([] if args.dense_only else ratios):
             k = kept_width(n, r)
             for seed in seeds:
                 for method in methods:
@@ -163,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
                         mask[rows] = 1.0
                     ks = statistics.fmean(float(ks_statistic(ref, singular_values(g[rows])))
                                           for ref, g, rows in zip(reference, gates, kept))
-                    ppl = perplexity(model, tokenizer, settings, progress=False)["perplexity"]
-                    rec = dict(zip(KEY_NAMES, key),
-                               ks=ks, perplexity=ppl, select_seconds=round(fit_s, 1))
+                    result = perplexity(model, tokenizer, settings, progress=False)
+                    ppl = result["perplexity"]
+                    rec = dict(zip(KEY_NAMES, key), ks=ks, perplexity=ppl, ppl_tokens=result["tokens"],
+                               select_seconds=round(fit_s, 1))
                     with records_path.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                     done[key] = rec
@@ -180,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 def write_table(output: Path, args, argv, done: dict, protect: float) -> None:
     """The markdown table of every finished cell of this model, tokens and episodes."""
     rows = []
-    for r in sorted({key[1] for key in done if key[0] == args.model}, reverse=True):
+    for r in sorted({key[1] for key in done if key[0] == args.model and key[2] != DENSE}, reverse=True):
         for method in METHODS:
             cells = [v for key, v in done.items() if key[0] == args.model and key[1] == r and key[2] == method
                      and key[4:] == (args.tokens, args.episodes, protect)]
@@ -193,9 +224,15 @@ def write_table(output: Path, args, argv, done: dict, protect: float) -> None:
                              "" if method == "random" or method in DETERMINISTIC else f"{wins} of {len(paired)}"])
     text = f"# Perplexity of the pruned model by selection method, {args.model}\n\n" + header(
         "python -m benchmarks.quality_perplexity " + " ".join(  # the command that produced the cells
-            a for a in (sys.argv[1:] if argv is None else argv) if a != "--table_only")) + "\n"
-    text += (f"Perplexity on the first {args.tokens} tokens of squad-wiki (context 512), the removed FFN neurons "
-             f"zeroed; policies trained {args.episodes} episodes. `paper` = configs/paper.yaml; `+protect`: "
+            a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--table_only", "--dense_only"))) + "\n"
+    dense = done.get(dense_key(args.model, args.tokens))
+    scored = dense["ppl_tokens"] if dense and "ppl_tokens" in dense else scored_tokens(args.tokens, CONTEXT)
+    dense_text = (f"The dense model (nothing zeroed), the same code on the same tokens: perplexity "
+                  f"{dense['perplexity']:,.2f}." if dense else
+                  "The dense model's perplexity on these tokens is not recorded (`--dense_only` measures it).")
+    text += (f"Perplexity on the first {args.tokens:,} tokens of squad-wiki (context {CONTEXT}, {scored:,} tokens "
+             f"scored), the removed FFN neurons zeroed. {dense_text} Policies trained {args.episodes} episodes. "
+             "`paper` = configs/paper.yaml; `+protect`: "
              f"protect_outliers={protect:g}, the neurons with the largest output max-|w| always kept; `baseline`: "
              "the paper's policy trained by the baseline learner; `learned` = configs/learned.yaml. Over seeds: median, geometric mean, min and max of perplexity (lower is better), and "
              "the mean KS of the gate spectra (the paper's objective, lower is closer).\n\n")

@@ -7,7 +7,9 @@ One table, one row per method, one column per model × ratio: median perplexity 
 seeds and how many seeds beat random rows drawn with the same seed; then, per method, the geometric
 mean over the cells of its median perplexity (the rule that picked the shipped default) and the
 issue's conditions, checked cell by cell: median below random rows' and magnitude's, and (at
-r = 0.2 and 0.3) the seed spreads apart, i.e. the method's worst seed below random's best.
+r = 0.2 and 0.3) the seed spreads apart, i.e. the method's worst seed below random's best. The dense
+models' perplexity on the same tokens (their records: ``benchmarks.quality_perplexity --dense_only``)
+is stated above the table.
 Written to ``benchmarks/results/quality-summary.md``.
 """
 
@@ -19,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import DETERMINISTIC, PROTECT, REPO, header, load_records, table
+from benchmarks.common import DETERMINISTIC, PROTECT, REPO, header, load_records, scored_tokens, table
 
 #: Models of the summary, in column order: (benchmark model name, short label, records file).
 MODELS = (("smollm2-135m", "SmolLM2", "quality-perplexity-smollm2.jsonl"),
@@ -29,13 +31,17 @@ RATIOS = (0.3, 0.2, 0.1)
 SPREAD_RATIOS = (0.3, 0.2)
 
 
+#: The dense model's records (:func:`benchmarks.quality_perplexity.dense_key`): not a cell of the table.
+DENSE = "dense"
+
+
 def cells(records: dict[tuple, dict], tokens: int, episodes: int) -> dict[tuple[str, float, str], dict[int, float]]:
     """``{(model, ratio, method): {seed: perplexity}}`` of quality_perplexity records (keyed by its
     ``KEY_NAMES``) measured on ``tokens`` tokens, ``episodes`` episodes and protect_outliers
     :data:`PROTECT`."""
     out: dict[tuple[str, float, str], dict[int, float]] = {}
     for (model, ratio, method, seed, tok, ep, protect), rec in records.items():
-        if (tok, ep, protect) == (tokens, episodes, PROTECT):
+        if (tok, ep, protect) == (tokens, episodes, PROTECT) and method != DENSE:
             out.setdefault((model, ratio, method), {})[seed] = rec["perplexity"]
     return out
 
@@ -107,7 +113,7 @@ def report(found: dict, methods: tuple[str, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    from benchmarks.quality_perplexity import KEY_NAMES, METHODS
+    from benchmarks.quality_perplexity import CONTEXT, KEY_NAMES, METHODS, dense_key
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
@@ -117,13 +123,24 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     results = Path(args.results)
     found: dict = {}
-    for _, _, name in MODELS:
-        found.update(cells(load_records(results / name, KEY_NAMES), args.tokens, args.episodes))
+    dense: dict[str, dict] = {}
+    for model, _, name in MODELS:
+        records = load_records(results / name, KEY_NAMES)
+        found.update(cells(records, args.tokens, args.episodes))
+        if dense_key(model, args.tokens) in records:
+            dense[model] = records[dense_key(model, args.tokens)]
+    # tokens scored: as the dense records say (the older cells do not record it: the same windows)
+    scored = sorted({rec.get("ppl_tokens") or scored_tokens(args.tokens, CONTEXT) for rec in dense.values()}
+                    or {scored_tokens(args.tokens, CONTEXT)})
     text = "# Issue 14's quality table: every model and ratio\n\n" + header(
         " ".join(["python -m benchmarks.quality_summary", *(sys.argv[1:] if argv is None else argv)])) + "\n"
-    text += (f"Perplexity on {args.tokens} tokens of squad-wiki (context 512), no fine-tuning, from the records of "
-             "`benchmarks.quality_perplexity`. Each cell: median (min – max) over seeds, then how many seeds beat "
-             "random rows drawn with the same seed; `[n seeds]` where fewer than 5 were measured. "
+    dense_text = "; ".join(f"{label} {dense[model]['perplexity']:,.2f}" if model in dense else f"{label} not recorded"
+                           for model, label, _ in MODELS)
+    text += (f"Perplexity on the first {args.tokens:,} tokens of squad-wiki (context {CONTEXT}, "
+             f"{' / '.join(f'{n:,}' for n in scored)} tokens scored), no fine-tuning, from the records of "
+             f"`benchmarks.quality_perplexity`. The dense models on the same tokens: {dense_text}. Each cell: median "
+             "(min – max) over seeds, then how many seeds beat random rows drawn with the same seed; `[n seeds]` where "
+             "fewer than 5 were measured. "
              f"{', '.join(DETERMINISTIC)} draw nothing: one value.\n\n")
     text += report(found, METHODS)
     output = Path(args.output) if args.output else results / "quality-summary.md"

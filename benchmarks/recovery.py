@@ -112,11 +112,15 @@ def write_report(path: Path, command: str, records: list[dict], before: dict | N
             rows.append([rec["method"], f"{rec['learning_rate']:g}", rec.get("data", ""), p["step"], f"{p['tokens']:,}", p["train_wall_s"],
                          rec["peak_rss_gib"] if last else "", f"{p['perplexity']:,.1f}",
                          f"{100 * zs['average']:.1f} ± {100 * zs['stderr']:.1f}" if zs else ""])
+    scored = sorted({p["scored_tokens"] for rec in records for p in rec["points"] if "scored_tokens" in p})
     text = (f"# Recovery fine-tuning: perplexity against steps\n\n{header(command)}\n"
-            "Perplexity: squad-wiki, context `--context` (default 512), the first `--tokens` tokens; zero-shot: average of the "
+            "Perplexity: squad-wiki, context `--context` (default 512), the first `--tokens` tokens (the column says "
+            "how many were scored); zero-shot: average of the "
             "five tasks in % ± its standard error (first `--zero_shot_limit` documents each). Wall time: training "
             "only (the probes excluded), on a machine shared with other jobs. Peak RSS: the whole run.\n\n")
-    text += table(["method", "lr", "data", "steps", "tokens", "train wall s", "peak RSS GiB", "perplexity", "zero-shot avg"],
+    text += table(["method", "lr", "data", "steps", "tokens trained", "train wall s", "peak RSS GiB",
+                   f"perplexity ({' / '.join(f'{n:,}' for n in scored)} tokens)" if scored else "perplexity",
+                   "zero-shot avg"],
                   rows)
     path.write_text(text)
 

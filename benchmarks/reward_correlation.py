@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, header, load_records, table
+from benchmarks.common import REPO, header, load_records, scored_tokens, table
 
 #: The fields that name one selection's record; and those of a quality_perplexity cell, in the order
 #: (model, ratio, tokens, seed, method) that lets its random cells stand for selections here.
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     text = f"# Data-free scores vs perplexity, {args.model}, r = {args.ratio:g}\n\n" + header(
         "python -m benchmarks.reward_correlation " + " ".join(sys.argv[1:] if argv is None else argv)) + "\n"
     text += (f"{len(recs)} uniformly random selections (seeds 0..{len(recs) - 1}); perplexity on the first "
-             f"{args.tokens} tokens of squad-wiki, context 512: median {statistics.median(ppl):,.1f}, geometric "
+             f"{args.tokens:,} tokens of squad-wiki, context 512 ({scored_tokens(args.tokens):,} tokens scored): "
+             f"median {statistics.median(ppl):,.1f}, geometric "
              f"mean {geo:,.1f}, min {min(ppl):,.1f}, max {max(ppl):,.1f}. Spearman rank correlation of each "
              "candidate with perplexity over the selections (a useful reward to maximise correlates negatively, "
              "one to minimise positively):\n\n")

@@ -119,6 +119,34 @@ def test_quality_perplexity_table_medians_geo_means_and_paired_wins(tmp_path):
     # random: median 400, geometric mean (100 * 400 * 10000)^(1/3) = 737; protect: median 200, geo 200.
     assert "| 0.3 | random | 400 | 737 | 100 | 10,000 | 3 | 0.1000 |  |" in text
     assert "| 0.3 | random+protect | 200 | 200 | 50 | 800 | 3 | 0.1000 | 2 of 3 |" in text
+    # No dense record: the tokens scored follow from the windows (32 of 512, each scoring 511), and the text
+    # says the dense perplexity is missing.
+    assert "first 16,384 tokens of squad-wiki (context 512, 16,352 tokens scored)" in text
+    assert "dense model's perplexity on these tokens is not recorded" in text
+
+
+def test_quality_perplexity_table_states_the_dense_perplexity_on_the_same_tokens(tmp_path):
+    """The dense model's record (method ``dense``, nothing zeroed) is stated in the table's text with the
+    tokens it scored, is not a row of the table, and a dense record on other tokens is not used."""
+    import argparse
+
+    from benchmarks.quality_perplexity import DENSE, KEY_NAMES, dense_key, write_table
+
+    cell = ("m", 0.3, "random", 0, 4096, 20, 0.01)
+    done = {cell: dict(zip(KEY_NAMES, cell), perplexity=300.0, ks=0.1),
+            dense_key("m", 4096): dict(zip(KEY_NAMES, dense_key("m", 4096)), perplexity=24.3512, ppl_tokens=4088),
+            dense_key("m", 8192): dict(zip(KEY_NAMES, dense_key("m", 8192)), perplexity=23.5552, ppl_tokens=8176)}
+    out = tmp_path / "t.md"
+    write_table(out, argparse.Namespace(model="m", tokens=4096, episodes=20), ["--model", "m", "--dense_only"],
+                done, 0.01)
+    text = out.read_text()
+    assert "--dense_only" not in text
+    assert "first 4,096 tokens of squad-wiki (context 512, 4,088 tokens scored)" in text
+    assert "The dense model (nothing zeroed), the same code on the same tokens: perplexity 24.35." in text
+    assert "23.56" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| 0")]
+    assert len(rows) == 1 and rows[0].startswith("| 0.3 | random | 300 |")
+    assert DENSE not in {line.split(" | ")[1] for line in text.splitlines() if line.startswith("| ")}
 
 
 def test_load_records_keys_cells_later_line_wins_and_names_a_bad_line(tmp_path):
@@ -159,7 +187,7 @@ def test_quality_summary_checks_the_issues_conditions_cell_by_cell(tmp_path):
     seed spreads at r = 0.2/0.3, and a geometric mean only for a method measured in all six cells."""
     import json
 
-    from benchmarks.quality_perplexity import KEY_NAMES
+    from benchmarks.quality_perplexity import KEY_NAMES, dense_key
     from benchmarks.quality_summary import MODELS, main
 
     # Per (model, ratio): random seeds 0..4 at 100..500, magnitude 10,000; "peak" 50 except 300 (equal to
@@ -174,10 +202,16 @@ def test_quality_summary_checks_the_issues_conditions_cell_by_cell(tmp_path):
             for method, seed, ppl in cell:
                 key = (model, ratio, method, seed, 16384, 20, 0.01)
                 records[name].append(dict(zip(KEY_NAMES, key), perplexity=ppl, ks=0.1))
+    # the dense SmolLM2 (none for Gemma): in the text, not a cell
+    records["quality-perplexity-smollm2.jsonl"].append(
+        dict(zip(KEY_NAMES, dense_key("smollm2-135m", 16384)), perplexity=24.3512, ppl_tokens=16352))
     for name, lines in records.items():
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
     text = main(["--results", str(tmp_path)])
     assert (tmp_path / "quality-summary.md").read_text() == text
+    assert "first 16,384 tokens of squad-wiki (context 512, 16,352 tokens scored)" in text
+    assert "The dense models on the same tokens: SmolLM2 24.35; Gemma not recorded." in text
+    assert "| dense |" not in text
     # random's median 300 (100 – 500); protect wins every paired seed (90 < 100, ..., 130 < 500).
     assert "| random+protect | 110 (90 – 130), 5 of 5 |" in text
     # peak: geo-mean (50^5 * 300)^(1/6) = 67.3; equal to random's median (300) is not below it.

@@ -33,7 +33,8 @@ from prunenet.plan import read_plan, same_ffn
 from prunenet.selection import check_protect_fraction, kept_width
 from prunenet.selectors import POLICY_SELECTIONS, SELECTIONS, build_selector, validate_selection
 from prunenet.slicing import check_kept
-from prunenet.states import SelectionInputs
+from prunenet.calibration import CalibrationSettings
+from prunenet.inputs import SelectionInputs
 
 
 def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
@@ -55,7 +56,8 @@ def parse_ratios(text: str | float | Sequence[float]) -> list[float]:
 def compress(model: str, output_dir: str, compression_ratio: float | str | Sequence[float] = 0.3,
              policy: str | None = None, selection: str | None = None, seed: int = 0,
              round_to: int = 1, overwrite: bool = False, dtype: str = "auto",
-             trust_remote_code: bool = False, protect_outliers: float | None = None) -> list[dict[str, Any]]:
+             trust_remote_code: bool = False, protect_outliers: float | None = None,
+             calibration: CalibrationSettings | None = None) -> list[dict[str, Any]]:
     """Prune ``model`` at one or more ratios and save one checkpoint per ratio (``pipeline.prune``; the
     dense model is never built when the source is a local safetensors checkpoint).
 
@@ -72,6 +74,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         round_to: kept width rounded down to a multiple of this.
         protect_outliers: share of each layer's neurons always kept (``selection.protected_rows``);
             None: the policy's own setting with a policy, else 0.
+        calibration: the text ``wanda_sp`` / ``flap`` compute activation statistics on; None: the model's own
+            (``CalibrationSettings()`` with ``seed``).
     Returns:
         One plan dict (``prunenet.json`` contents, without kept indices) per ratio.
     Raises:
@@ -116,7 +120,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
                               f"({meta.get('source_model')}), but {model!r} has {(n, d)}")
     if protect_outliers is None:
         protect_outliers = float(meta.get("protect_outliers") or 0.0)
-    inputs = SelectionInputs(model, dtype, trust_remote_code)
+    inputs = SelectionInputs(model, dtype, trust_remote_code, calibration=calibration or CalibrationSettings(seed=seed))
     selector = build_selector(selection, policy=pol, seed=seed, name="--selection")
     provenance = {}
     if pol is not None:
@@ -224,12 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which rows each layer keeps: sample (the trained --policy's seeded draw, the paper's; "
                              "the default with --policy), topk (the policy's k largest logits), peak (the neurons "
                              "whose output column has the largest max-|w|; the default without --policy), random "
-                             "(uniform, seeded) or magnitude (the largest input-weight L2 norm)")
+                             "(uniform, seeded), magnitude (the largest input-weight L2 norm), or the calibration-based "
+                             "wanda_sp / flap (per-neuron activation statistics on --calibration text) and recon (ours: the kept set "
+                             "whose FFN output on that text is closest to the dense one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and random draws")
     parser.add_argument("--round_to", type=int, default=1, help="round the kept width down to a multiple")
     parser.add_argument("--protect_outliers", type=float, default=None,
                         help="share of each layer's neurons always kept: those whose output column has the largest "
                              "max-|w| (ours; default: the policy's setting, else 0)")
+    parser.add_argument("--calibration", default="self",
+                        help="text for wanda_sp / flap / recon: self (the model's own samples from BOS, no data; default), or "
+                             "a corpus (wiki, lambada, a .txt/.jsonl file, hub:<id>): calibration-based")
+    parser.add_argument("--calibration_samples", type=int, default=64, help="sequences of calibration text")
+    parser.add_argument("--calibration_length", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--calibration_temperature", type=float, default=1.0, help="sampling temperature of self")
+    parser.add_argument("--calibration_top_p", type=float, default=1.0, help="nucleus mass of self's sampling")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                         help="replace a non-empty output_dir (--no-overwrite undoes a config's overwrite: true)")
@@ -260,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         plans = compress(args.model, args.output_dir, args.compression_ratio, args.policy, args.selection,
                          args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code,
-                         args.protect_outliers)
+                         args.protect_outliers,
+                         CalibrationSettings(args.calibration, args.calibration_samples, args.calibration_length,
+                                             args.calibration_temperature, args.calibration_top_p, args.seed))
         print(summary_table(plans), end="")
     print(f"done in {time.perf_counter() - start:.1f} s")
 

@@ -44,7 +44,8 @@ from prunenet.reward import Reward
 from prunenet.selection import (RANDOM_REFERENCE_EPISODE, check_protect_fraction, draw_kept, free_probabilities,
                                 kept_width, layer_generator, protected_rows, uniform_kept, validate_ratio)
 from prunenet.selectors import POLICY_SELECTIONS, build_selector, validate_selection
-from prunenet.states import SelectionInputs, StreamedStates, load_ffn_states, load_output_peaks
+from prunenet.inputs import SelectionInputs
+from prunenet.states import StreamedStates, load_ffn_states, load_output_peaks
 
 
 class PruneNetModule(L.LightningModule, SourceModelSubject):

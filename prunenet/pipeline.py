@@ -4,7 +4,7 @@
 
     prune(source, selector, compression_ratio, output_dir) -> Exported
 
-1. read the per-layer inputs the selector needs, tensor by tensor (``states.SelectionInputs``: streamed
+1. read the per-layer inputs the selector needs, tensor by tensor (``inputs.SelectionInputs``: streamed
    from safetensors where the source is a local checkpoint; no dense model is built);
 2. protected rows (``protect_outliers``) and the kept width ``k = floor((1 - r) n)`` rounded to ``round_to``;
 3. ``selector.select`` per layer (``selection.py``);
@@ -25,7 +25,7 @@ from prunenet.export import Exported, export
 from prunenet.policy import RowPolicy
 from prunenet.selection import check_protect_fraction, kept_width, protected_rows
 from prunenet.selectors import Selector, select_layers
-from prunenet.states import SelectionInputs
+from prunenet.inputs import SelectionInputs
 
 
 def select(selector: Selector, inputs: SelectionInputs, k: int, protect_outliers: float = 0.0) -> list[torch.Tensor]:
@@ -77,6 +77,8 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
     kept = select(selector, inputs, k, protect_outliers)
     extra = {**(provenance or {}), "protect_outliers": float(protect_outliers),
              "source_ffn_sha256": inputs.fingerprint()}
+    if "activations" in selector.needs:  # what text the statistics came from: self-generated or calibration-based
+        extra["calibration"] = inputs.calibration_record
     return export(source, kept, output_dir, selection=selector.name, seed=selector.seed,
                   compression_ratio=compression_ratio, round_to=round_to, extra=extra, policy=policy if selector.uses_policy else None,
                   policy_meta=policy_meta, overwrite=overwrite, shardwise=shardwise, dtype=dtype,

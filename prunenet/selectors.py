@@ -1,6 +1,7 @@
 """Selectors: the one plug point of the final selection, "given a layer's inputs and k, return the kept
 rows", and its one vocabulary (:data:`SELECTIONS`): the trained policy (``sample``, ``topk``), a
-closed-form rule (``peak``) or a baseline (``random``, ``magnitude``). Used by the one pruning pipeline
+closed-form rule (``peak``), a baseline (``random``, ``magnitude``) or a calibration-based anchor scored on
+activation statistics (``wanda_sp``, ``flap``; on self-generated text by default, ``calibration.py``). Used by the one pruning pipeline
 (``pipeline.py``) for fit, compress and the benchmarks.
 
 Source: PruneNet Section 3 for ``sample`` (the policy's seeded draw); the protocol and the other
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -31,6 +32,11 @@ class LayerInputs:
         state: the FFN input matrix W_i, (n, d), the policy's input.
         peaks: max |w| of each neuron's FFN output column, (n,) float32 (``ArchAdapter.output_peaks``).
         row_norms: L2 norm of each neuron's input weights, (n,) float32 (``ArchAdapter.row_norms``).
+        output_norms: L1 (row 0) and L2 (row 1) norms of each neuron's output column, (2, n) float32
+            (``ArchAdapter.output_norms``).
+        activations: moments of each neuron's activation on the calibration text
+            (``calibration.NeuronStats``, (n,) float64 each; with ``gram`` (n, n) when ``output_gram`` is needed).
+        output_gram: W_out^T W_out, (n, n) float32 (``ArchAdapter.output_gram``).
     """
 
     index: int
@@ -38,6 +44,9 @@ class LayerInputs:
     state: torch.Tensor | None = None
     peaks: torch.Tensor | None = None
     row_norms: torch.Tensor | None = None
+    output_norms: torch.Tensor | None = None
+    activations: Any = None
+    output_gram: torch.Tensor | None = None
 
 
 class Selector:
@@ -49,7 +58,7 @@ class Selector:
     selector chooses the other ``k - len(protected)``.
 
     Subclasses set ``name``, ``needs`` (the :class:`LayerInputs` fields they read: ``state``,
-    ``peaks``, ``row_norms``), ``uses_policy`` and implement :meth:`select`.
+    ``peaks``, ``row_norms``, ``output_norms``, ``activations``), ``uses_policy`` and implement :meth:`select`.
     """
 
     name: ClassVar[str] = ""
@@ -168,10 +177,80 @@ class PeakSelector(Selector):
         return kept
 
 
+class WandaSPSelector(Selector):
+    """Wanda-sp (An et al., AAAI 2024, FLAP's structured Wanda baseline; after Sun et al. 2023's Wanda): the
+    k neurons with the largest ||h_j||_2 x ||W_out[:, j]||_1, the activation norm over the calibration tokens
+    times the output column's L1 norm (the mean over output rows of |W_ij| ||X_j||, as its reference code
+    scores a column). Statistics from one pass of the dense model (the reference propagates through the
+    layers already pruned). Deterministic given the calibration text."""
+
+    name = "wanda_sp"
+    needs = frozenset({"activations", "output_norms"})
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)  # the self-generated text's sampling seed
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        return _scored(layer.activations.norm.float() * layer.output_norms[0], k, protected)
+
+
+class FlapSelector(Selector):
+    """FLAP's fluctuation metric (An et al., AAAI 2024, "WIFV"): the k neurons with the largest
+    Var(h_j) x ||W_out[:, j]||_2^2, the activation's variance over the calibration tokens times the squared
+    output column norm, with the same k in every layer (FLAP's uniform "UL-UM" structure; its adaptive
+    per-layer widths and bias compensation are not applied: the export keeps one intermediate size and
+    no added bias). Deterministic given the calibration text."""
+
+    name = "flap"
+    needs = frozenset({"activations", "output_norms"})
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        return _scored(layer.activations.variance.float() * layer.output_norms[1] ** 2, k, protected)
+
+
+class ReconstructionSelector(Selector):
+    """The kept set whose FFN output on the calibration text is closest to the dense layer's (ours).
+
+    With M = G o (W^T W) (G = H^T H the activations' Gram, W the output weight), dropping the set R costs
+    E(R) = sum over tokens ||sum_{j in R} h_j w_j||^2 = 1_R^T M 1_R. The kept set S is built greedily
+    forwards: add, one at a time, the neuron that lowers E most, 2 (M 1)_j - M_jj - 2 sum_{s in S} M_js
+    (protected rows first). A set-level score: two neurons that cancel each other have a small (M 1)_j and
+    are dropped together, which per-neuron scores (wanda_sp, flap) cannot see. Deterministic given the
+    calibration text."""
+
+    name = "recon"
+    needs = frozenset({"activations", "output_gram"})
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        m = layer.activations.gram * layer.output_gram.double()
+        whole = m.sum(dim=1)                                        # (M 1)_j
+        added = torch.zeros(layer.size, dtype=torch.float64)        # sum_{s in S} M_js
+        kept = torch.zeros(layer.size, dtype=torch.bool)
+        order = [] if protected is None else [int(j) for j in protected.tolist()]
+        for step in range(k):
+            if step < len(order):
+                j = order[step]
+            else:
+                gain = torch.where(kept, -torch.inf, 2 * whole - m.diagonal() - 2 * added)
+                j = int(gain.argmax())
+            kept[j] = True
+            added += m[:, j]
+        return kept.nonzero().squeeze(1)
+
+
 #: Every selection by name: the one vocabulary (``slicing.selection`` of a fit, ``compress --selection``,
 #: the plan's ``selection``, the benchmarks).
 SELECTIONS: dict[str, type[Selector]] = {cls.name: cls for cls in (
-    SampleSelector, TopKSelector, RandomSelector, MagnitudeSelector, PeakSelector)}
+    SampleSelector, TopKSelector, RandomSelector, MagnitudeSelector, PeakSelector, WandaSPSelector, FlapSelector,
+    ReconstructionSelector)}
+#: The selections that read activation statistics on calibration text (``calibration.py``).
+CALIBRATED_SELECTIONS = tuple(name for name, cls in SELECTIONS.items() if "activations" in cls.needs)
 #: The selections that need a trained policy (what a fit's ``slicing.selection`` may be).
 POLICY_SELECTIONS = tuple(name for name, cls in SELECTIONS.items() if cls.uses_policy)
 

@@ -183,6 +183,28 @@ def load_row_norms(model_name_or_path: str, trust_remote_code: bool = False) -> 
                      lambda a, weights: a.row_norms_of(weights))
 
 
+def load_output_norms(model_name_or_path: str, trust_remote_code: bool = False) -> list[torch.Tensor]:
+    """Per layer, the L1 and L2 norms of each FFN neuron's output column, shape (2, n) float32 (row 0: L1,
+    row 1: L2; ``ArchAdapter.output_norms``): what Wanda-sp and FLAP weigh activations by. See :func:`per_layer`.
+
+    Raises:
+        ModelLoadError, UnsupportedModelError: see ``loading`` and ``arch``.
+    """
+    return per_layer(model_name_or_path, trust_remote_code, lambda a, layer: [a.output_module(layer)],
+                     lambda a, weights: a.output_norms(weights[0]))
+
+
+def load_output_grams(model_name_or_path: str, trust_remote_code: bool = False) -> list[torch.Tensor]:
+    """Per layer, W_out^T W_out of the FFN output weight, shape (n, n) float32 (``ArchAdapter.output_gram``).
+    See :func:`per_layer`.
+
+    Raises:
+        ModelLoadError, UnsupportedModelError: see ``loading`` and ``arch``.
+    """
+    return per_layer(model_name_or_path, trust_remote_code, lambda a, layer: [a.output_module(layer)],
+                     lambda a, weights: a.output_gram(weights[0]))
+
+
 def per_layer(model_name_or_path: str, trust_remote_code: bool, modules, reduce) -> list[torch.Tensor]:
     """One statistic per decoder layer, from the stored weights of some of its modules.
 
@@ -224,63 +246,3 @@ def per_layer(model_name_or_path: str, trust_remote_code: bool, modules, reduce)
     model = loading.load_model(model_name_or_path, trust_remote_code=trust_remote_code)
     adapter = get_adapter(model.config)
     return [reduce(adapter, [m.weight for m in modules(adapter, layer)]) for layer in adapter.layers(model)]
-
-
-class SelectionInputs:
-    """The per-layer inputs of a selection (``selection.LayerInputs``) of one source model, each kind
-    read once, on first use, by the loaders above (streamed from safetensors where they can be): the
-    states, the output peaks, the row norms. The fit hands over what it already holds.
-
-    Args:
-        source: asset name, folder or hub id.
-        dtype, trust_remote_code, low_memory: see :func:`load_ffn_states`.
-        states, peaks: already loaded per-layer states (n, d) / peaks (n,), if any.
-        fingerprint: the states' ``plan.ffn_fingerprint``, if known.
-    """
-
-    def __init__(self, source: str, dtype: str = "auto", trust_remote_code: bool = False,
-                 low_memory: bool | None = None, *, states: Sequence[torch.Tensor] | None = None,
-                 peaks: Sequence[torch.Tensor] | None = None, fingerprint: str | None = None) -> None:
-        self.source, self.dtype, self.trust_remote_code, self.low_memory = source, dtype, trust_remote_code, low_memory
-        self._states, self._peaks, self._norms, self._fingerprint = states, peaks, None, fingerprint
-
-    @property
-    def states(self) -> Sequence[torch.Tensor]:
-        """Per layer, the FFN input matrix (n, d) in the checkpoint dtype (or ``dtype``)."""
-        if self._states is None:
-            self._states = load_ffn_states(self.source, self.dtype, self.trust_remote_code, self.low_memory)[0]
-        return self._states
-
-    @property
-    def peaks(self) -> Sequence[torch.Tensor]:
-        """Per layer, max |w| of each neuron's output column, (n,) float32."""
-        if self._peaks is None:
-            self._peaks = load_output_peaks(self.source, self.trust_remote_code)
-        return self._peaks
-
-    @property
-    def row_norms(self) -> Sequence[torch.Tensor]:
-        """Per layer, the L2 norm of each neuron's input weights, (n,) float32, from the stored weights (as the
-        peaks: a ``dtype`` to load the model in does not change them)."""
-        if self._norms is None:
-            self._norms = load_row_norms(self.source, self.trust_remote_code)
-        return self._norms
-
-    def fingerprint(self) -> str:
-        """``plan.ffn_fingerprint`` of the states (the plan's ``source_ffn_sha256``)."""
-        if self._fingerprint is None:
-            from prunenet.plan import ffn_fingerprint
-
-            self._fingerprint = ffn_fingerprint(self.states)
-        return self._fingerprint
-
-    def layers(self, needs: frozenset[str] | set[str]):
-        """Yield one ``selection.LayerInputs`` per layer with the fields in ``needs`` set."""
-        from prunenet.selectors import LayerInputs
-
-        states = self.states  # the layer count and n come from the states, which every plan fingerprints
-        for i in range(len(states)):
-            state = states[i]
-            yield LayerInputs(index=i, size=int(state.shape[0]), state=state if "state" in needs else None,
-                              peaks=self.peaks[i] if "peaks" in needs else None,
-                              row_norms=self.row_norms[i] if "row_norms" in needs else None)

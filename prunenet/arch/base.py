@@ -186,6 +186,20 @@ class ArchAdapter:
         what ``selection.protected_rows`` ranks (ours). nn.Linear stores (d, n), Conv1D (n, d)."""
         return weight.detach().abs().amax(dim=1 if self.conv1d else 0).float()
 
+    def output_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """L1 (row 0) and L2 (row 1) norm of each neuron's column in the stored FFN output weight, shape
+        (2, n), float32: what Wanda-sp (L1) and FLAP (squared L2) weigh activations by. nn.Linear stores
+        (d, n), Conv1D (n, d)."""
+        w = weight.detach().float()
+        dim = 1 if self.conv1d else 0
+        return torch.stack([w.abs().sum(dim=dim), w.norm(dim=dim)])
+
+    def output_gram(self, weight: torch.Tensor) -> torch.Tensor:
+        """Inner products of the neurons' output columns, W_out^T W_out, shape (n, n), float32: with the
+        activations' Gram, the error of dropping a set of neurons (``selectors.ReconstructionSelector``)."""
+        w = weight.detach().float()
+        return w @ w.T if self.conv1d else w.T @ w
+
     # ----------------------------------------------------------------- slicing
     def state_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Policy state (n, d) from the stored weight of the first FFN input module

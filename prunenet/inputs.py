@@ -1,0 +1,122 @@
+"""The per-layer inputs of a selection of one source model (ours): what ``selectors.LayerInputs`` carries,
+each kind read once, on first use: the states, output peaks, row norms and output-column norms from the
+stored weights (streamed from safetensors where they can be, ``states.py``), and the activation statistics
+on calibration text (``calibration.py``: the dense model is loaded for them, and only for them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from prunenet.states import load_ffn_states, load_output_grams, load_output_norms, load_output_peaks, load_row_norms
+
+
+class SelectionInputs:
+    """The per-layer inputs of a selection (``selection.LayerInputs``) of one source model, each kind
+    read once, on first use, by the loaders above (streamed from safetensors where they can be): the
+    states, the output peaks, the row norms. The fit hands over what it already holds.
+
+    Args:
+        source: asset name, folder or hub id.
+        dtype, trust_remote_code, low_memory: see ``states.load_ffn_states``.
+        states, peaks: already loaded per-layer states (n, d) / peaks (n,), if any.
+        fingerprint: the states' ``plan.ffn_fingerprint``, if known.
+        calibration: the text the activation statistics are computed on (``calibration.CalibrationSettings``);
+            None: a selector that needs them fails with a ConfigurationError.
+    """
+
+    def __init__(self, source: str, dtype: str = "auto", trust_remote_code: bool = False,
+                 low_memory: bool | None = None, *, states: Sequence[torch.Tensor] | None = None,
+                 peaks: Sequence[torch.Tensor] | None = None, fingerprint: str | None = None,
+                 calibration: Any = None) -> None:
+        self.source, self.dtype, self.trust_remote_code, self.low_memory = source, dtype, trust_remote_code, low_memory
+        self._states, self._peaks, self._norms, self._fingerprint = states, peaks, None, fingerprint
+        self._output_norms, self._output_grams, self._activations, self.calibration = None, None, None, calibration
+        self.gram = False  # whether the activation statistics carry their Gram (set by a selector that needs it)
+        self.calibration_record: dict[str, Any] | None = None
+
+    @property
+    def states(self) -> Sequence[torch.Tensor]:
+        """Per layer, the FFN input matrix (n, d) in the checkpoint dtype (or ``dtype``)."""
+        if self._states is None:
+            self._states = load_ffn_states(self.source, self.dtype, self.trust_remote_code, self.low_memory)[0]
+        return self._states
+
+    @property
+    def peaks(self) -> Sequence[torch.Tensor]:
+        """Per layer, max |w| of each neuron's output column, (n,) float32."""
+        if self._peaks is None:
+            self._peaks = load_output_peaks(self.source, self.trust_remote_code)
+        return self._peaks
+
+    @property
+    def row_norms(self) -> Sequence[torch.Tensor]:
+        """Per layer, the L2 norm of each neuron's input weights, (n,) float32, from the stored weights (as the
+        peaks: a ``dtype`` to load the model in does not change them)."""
+        if self._norms is None:
+            self._norms = load_row_norms(self.source, self.trust_remote_code)
+        return self._norms
+
+    @property
+    def output_norms(self) -> Sequence[torch.Tensor]:
+        """Per layer, the L1 (row 0) and L2 (row 1) norms of each neuron's output column, (2, n) float32."""
+        if self._output_norms is None:
+            self._output_norms = load_output_norms(self.source, self.trust_remote_code)
+        return self._output_norms
+
+    @property
+    def output_grams(self) -> Sequence[torch.Tensor]:
+        """Per layer, W_out^T W_out, (n, n) float32."""
+        if self._output_grams is None:
+            self._output_grams = load_output_grams(self.source, self.trust_remote_code)
+        return self._output_grams
+
+    @property
+    def activations(self) -> Sequence[Any]:
+        """Per layer, ``calibration.NeuronStats`` of the FFN activations on the calibration text (the dense
+        model is loaded, run once and released; the text is cached). Sets :attr:`calibration_record`.
+
+        Raises:
+            ConfigurationError: no calibration settings were given.
+        """
+        if self._activations is None:
+            from prunenet import calibration, loading
+            from prunenet.errors import ConfigurationError
+
+            if self.calibration is None:
+                raise ConfigurationError("this selection needs calibration text (calibration settings), none given")
+            model = loading.load_model(self.source, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+            tokenizer = loading.load_tokenizer(self.source, self.trust_remote_code)
+            tokens = calibration.calibration_tokens(self.source, model, tokenizer, self.calibration)
+            self._activations = calibration.activation_stats(model, tokens, gram=self.gram)
+            self.calibration_record = {**self.calibration.record(), "tokens": int(tokens.numel())}
+            del model
+        return self._activations
+
+    def fingerprint(self) -> str:
+        """``plan.ffn_fingerprint`` of the states (the plan's ``source_ffn_sha256``)."""
+        if self._fingerprint is None:
+            from prunenet.plan import ffn_fingerprint
+
+            self._fingerprint = ffn_fingerprint(self.states)
+        return self._fingerprint
+
+    def layers(self, needs: frozenset[str] | set[str]):
+        """Yield one ``selection.LayerInputs`` per layer with the fields in ``needs`` set (``output_gram``
+        also makes the activation statistics carry their Gram)."""
+        from prunenet.selectors import LayerInputs
+
+        if "output_gram" in needs and not self.gram:
+            self.gram, self._activations = True, None  # computed again, with the Gram
+        states = self.states  # the layer count and n come from the states, which every plan fingerprints
+        for i in range(len(states)):
+            state = states[i]
+            yield LayerInputs(index=i, size=int(state.shape[0]), state=state if "state" in needs else None,
+                              peaks=self.peaks[i] if "peaks" in needs else None,
+                              row_norms=self.row_norms[i] if "row_norms" in needs else None,
+                              output_norms=self.output_norms[i] if "output_norms" in needs else None,
+                              output_gram=self.output_grams[i] if "output_gram" in needs else None,
+                              activations=self.activations[i] if "activations" in needs else None)

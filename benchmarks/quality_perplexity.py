@@ -54,7 +54,11 @@ from benchmarks.common import (CONFIGS, DETERMINISTIC, PROTECT, REPO, header, lo
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
 METHODS = ("paper", "paper+protect", "baseline", "baseline+protect", "learned", "random", "random+protect",
-           "magnitude", "peak")
+           "magnitude", "peak", "wanda_sp", "flap", "recon", "wanda_sp@wiki", "flap@wiki", "recon@wiki")
+#: Calibration text of the calibration-based methods: ``<selection>`` runs on the model's own text (seed s,
+#: ``calibration.CalibrationSettings`` defaults: 64 x 256 tokens sampled from BOS), ``<selection>@wiki`` on
+#: the packaged ``wiki`` corpus (calibration-based; disjoint from the squad-wiki evaluation text).
+CALIBRATION_SOURCES = {"": "self", "wiki": "wiki"}
 #: The method name of the dense model's record (nothing removed).
 DENSE = "dense"
 #: Context (and stride) of every perplexity of this benchmark.
@@ -145,6 +149,22 @@ def main(argv: list[str] | None = None) -> None:
                "baseline": {**paper, "learner": "baseline"}, "learned": learned,
                "baseline+protect": {**paper, "learner": "baseline", "protect_outliers": protect}}
 
+    from prunenet.calibration import CalibrationSettings
+    from prunenet.inputs import SelectionInputs
+    from prunenet.selectors import CALIBRATED_SELECTIONS, build_selector, select_layers
+
+    calibrated: dict[tuple[str, int], SelectionInputs] = {}  # (source, seed) -> inputs: the text and statistics once
+
+    def calibrated_rows(method: str, seed: int, k: int) -> tuple[list[torch.Tensor], dict]:
+        selection, _, corpus = method.partition("@")
+        source = CALIBRATION_SOURCES[corpus]
+        key = (source, seed if source == "self" else 0)
+        if key not in calibrated:
+            calibrated[key] = SelectionInputs(args.model, calibration=CalibrationSettings(source=source, seed=key[1]))
+        inputs = calibrated[key]
+        selector = build_selector(selection, seed=key[1])
+        return select_layers(selector, inputs.layers(selector.needs), k), inputs.calibration_record
+
     model = loading.load_model(args.model)
     tokenizer = loading.load_tokenizer(args.model)
     adapter = get_adapter(model.config)
@@ -177,13 +197,16 @@ def main(argv: list[str] | None = None) -> None:
             k = kept_width(n, r)
             for seed in seeds:
                 for method in methods:
-                    s = 0 if method in DETERMINISTIC else seed
+                    s = 0 if method in DETERMINISTIC or "@" in method else seed  # a corpus: one text
                     key = (args.model, r, method, s, args.tokens, args.episodes, protect)
                     if key in done:
                         continue
                     t0 = time.perf_counter()
+                    extra = {}
                     if method in trained:
                         kept = train_policy(trained[method], r, s, args.episodes)
+                    elif method.partition("@")[0] in CALIBRATED_SELECTIONS:  # the first cell of a text makes it
+                        kept, extra["calibration"] = calibrated_rows(method, s, k)
                     else:
                         kept = select_rows(method.split("+")[0], k, s, states=gates, row_norms=row_norms, peaks=peaks,
                                            protected=protected if method.endswith("+protect") else None)
@@ -196,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                     result = perplexity(model, tokenizer, settings, progress=False)
                     ppl = result["perplexity"]
                     rec = dict(zip(KEY_NAMES, key), ks=ks, perplexity=ppl, ppl_tokens=result["tokens"],
-                               select_seconds=round(fit_s, 1))
+                               select_seconds=round(fit_s, 1), **extra)
                     with records_path.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                     done[key] = rec
@@ -234,7 +257,10 @@ def write_table(output: Path, args, argv, done: dict, protect: float) -> None:
              f"scored), the removed FFN neurons zeroed. {dense_text} Policies trained {args.episodes} episodes. "
              "`paper` = configs/paper.yaml; `+protect`: "
              f"protect_outliers={protect:g}, the neurons with the largest output max-|w| always kept; `baseline`: "
-             "the paper's policy trained by the baseline learner; `learned` = configs/learned.yaml. Over seeds: median, geometric mean, min and max of perplexity (lower is better), and "
+             "the paper's policy trained by the baseline learner; `learned` = configs/learned.yaml; `wanda_sp`, `flap`, "
+             "`recon`: those selections on the model's own text (64 x 256 tokens sampled from BOS with the seed), "
+             "`@wiki`: on 64 x 256 tokens of the packaged wiki corpus (calibration-based). Over seeds: median, "
+             "geometric mean, min and max of perplexity (lower is better), and "
              "the mean KS of the gate spectra (the paper's objective, lower is closer).\n\n")
     text += table(["r", "method", "median ppl", "geo-mean ppl", "min", "max", "seeds", "mean KS",
                    "beats random, same seed"], rows)

@@ -152,6 +152,7 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
     def setup(self, stage: str) -> None:
         # Load (and fingerprint: the reference cache's key) before the first episode, so episodes time episodes only.
         self.states, self.protected, self.ffn_sha256()
+        self.reward.setup(self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code)
 
     def on_fit_start(self) -> None:
         self.fit_started = time.time()

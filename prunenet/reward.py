@@ -91,6 +91,10 @@ class Reward:
         """The reward's init arguments (what ``plugins.describe`` records)."""
         return {}
 
+    def setup(self, source: str, dtype: str = "auto", trust_remote_code: bool = False) -> None:
+        """Before the first episode: the source model (asset, folder or hub id), for a reward that reads more
+        than the states (:class:`ReconstructionReward`). Default: nothing."""
+
     def prepare(self, layers: Sequence[int], weights: Sequence[torch.Tensor], fingerprint: str,
                 keep: bool = True) -> list[Any]:
         """Per layer of ``layers`` (states ``weights``, each (n, d)), what :meth:`rewards` needs.
@@ -207,5 +211,74 @@ class KSGateReward(Reward):
 
 _SPECTRA_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+
+class ReconstructionReward(Reward):
+    """How well the kept neurons reproduce the layer's FFN output on calibration text (ours, issue 28; after
+    Williams et al. 2025 for the text, which is the model's own by default, so no data is needed).
+
+    With G = H^T H the Gram of the FFN activations over the text and W the FFN output weight, dropping the
+    set R leaves the output error E(R) = sum over tokens ||sum_{j in R} h_j w_j||^2 = 1_R^T M 1_R, M =
+    G o (W^T W) (``selectors.ReconstructionSelector`` minimises the same). The diagnostic is the relative
+    error E(R) / 1^T M 1 (the output's energy) and the reward ``-log`` of it: a set-level score that sees
+    neurons that write the same direction, and one that predicts what the layer computes, unlike the
+    spectra of its weights.
+
+    Args:
+        source, samples, length, temperature, top_p, seed: the calibration text
+            (``calibration.CalibrationSettings``; ``self``: the model's own samples from BOS).
+    Raises:
+        ConfigurationError: a bad calibration setting; :meth:`prepare` before :meth:`setup`.
+    """
+
+    name = "reconstruction"
+
+    def __init__(self, source: str = "self", samples: int = 64, length: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0) -> None:
+        from prunenet.calibration import CalibrationSettings
+
+        self.settings = CalibrationSettings(source, samples, length, temperature, top_p, seed)
+        self.inputs: Any = None
+        self.matrices: dict[int, torch.Tensor] = {}
+
+    def hparams(self) -> dict:
+        s = self.settings
+        return {"source": s.source, "samples": s.samples, "length": s.length, "temperature": s.temperature,
+                "top_p": s.top_p, "seed": s.seed}
+
+    def setup(self, source: str, dtype: str = "auto", trust_remote_code: bool = False) -> None:
+        from prunenet.inputs import SelectionInputs
+
+        self.inputs = SelectionInputs(source, dtype, trust_remote_code, calibration=self.settings)
+        self.inputs.gram = True
+
+    def prepare(self, layers: Sequence[int], weights: Sequence[torch.Tensor], fingerprint: str,
+                keep: bool = True) -> list[torch.Tensor]:
+        """Per layer M = G o (W^T W), (n, n) float32 on the states' device (the text generated and run once)."""
+        if self.inputs is None:
+            raise ConfigurationError("the reconstruction reward needs its source model first (Reward.setup)")
+        out = []
+        for i, w in zip(layers, weights):
+            m = self.matrices.get(i)
+            if m is None:
+                m = (self.inputs.activations[i].gram * self.inputs.output_grams[i].double()).float().to(w.device)
+                if keep:
+                    self.matrices[i] = m
+            out.append(m)
+        return out
+
+    def rewards(self, weights: Sequence[torch.Tensor], kept: Sequence[torch.Tensor],
+                prepared: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, float]]:
+        """Per layer ``(relative output error, -log of it)``."""
+        out = []
+        for rows, m in zip(kept, prepared):
+            removed = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)
+            removed[rows.to(m.device)] = 0.0
+            error = ((removed @ m @ removed) / m.sum()).double().clamp_min(1e-12)
+            out.append((error, float(-torch.log(error))))
+        return out
+
+    def release(self) -> None:
+        self.matrices = {}
+
 #: Rewards by short name (``--model.reward``; any class_path of a Reward subclass works too: ``plugins.py``).
-REWARDS = {cls.name: cls for cls in (KSGateReward,)}
+REWARDS = {cls.name: cls for cls in (KSGateReward, ReconstructionReward)}

@@ -177,3 +177,52 @@ def test_recon_keeps_protected_rows_and_k():
     protected = torch.tensor([int(i) for i in range(9) if i not in free.tolist()][:2])
     kept = ReconstructionSelector().select(layer, 5, protected=protected)
     assert len(kept) == 5 and set(protected.tolist()) <= set(kept.tolist()) and kept.tolist() == sorted(kept.tolist())
+
+
+def test_reconstruction_reward_is_the_relative_output_error(tiny_dir, cache_env):
+    """Oracle: the FFN outputs on the same calibration text, recomputed with the removed neurons' activations
+    captured at the output module, ||H_R W_R^T||^2 / ||H W^T||^2."""
+    from prunenet import loading
+    from prunenet.reward import ReconstructionReward
+
+    reward = ReconstructionReward(samples=3, length=8, seed=1)
+    reward.setup(str(tiny_dir))
+    model = loading.load_model(str(tiny_dir))
+    layers = model.model.layers
+    states = [layer.mlp.gate_proj.weight.detach() for layer in layers]
+    prepared = reward.prepare(list(range(len(layers))), states, "unused")
+    kept = [torch.arange(0, 37, 2), torch.arange(10, 37), torch.tensor([0, 5, 36])]
+    results = reward.rewards(states, kept, prepared)
+    tokens = calibration.calibration_tokens(str(tiny_dir), model, loading.load_tokenizer(str(tiny_dir)),
+                                            reward.settings)  # the cached text the reward used
+    captured = []
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0].reshape(-1, 37)))
+             for layer in layers]
+    with torch.no_grad():
+        model(input_ids=tokens, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for layer, h, rows, (error, value) in zip(layers, captured, kept, results):
+        w = layer.mlp.down_proj.weight.detach().double()
+        removed = torch.ones(37, dtype=torch.bool)
+        removed[rows] = False
+        h = h.double()
+        expected = (h[:, removed] @ w[:, removed].T).pow(2).sum() / (h @ w.T).pow(2).sum()
+        # M in float32 (37 x 37 products of float64 sums): 1e-5 relative covers its rounding
+        assert float(error) == pytest.approx(float(expected), rel=1e-5)
+        assert value == pytest.approx(-float(np.log(float(expected))), abs=1e-4)
+
+
+def test_a_fit_trains_with_the_reconstruction_reward(tiny_dir, tmp_path, cache_env, extra_args, monkeypatch):
+    from tests.conftest import fit_in_process
+
+    cli = fit_in_process([f"--model.model_name_or_path={tiny_dir}", "--trainer.max_epochs=2",
+                          f"--trainer.default_root_dir={tmp_path / 'logs'}", f"--slicing.output_dir={tmp_path / 'o'}",
+                          "--model.reward=ReconstructionReward", "--model.reward.init_args.samples=2",
+                          "--model.reward.init_args.length=8", "--model.learner=baseline"], extra_args, monkeypatch)
+    plan = json.loads((tmp_path / "o" / "prunenet.json").read_text())
+    assert plan["selection"] == "sample" and plan["reward"] == "reconstruction" and plan["episodes"] == 2
+    assert plan["plug_points"]["reward"]["init_args"]["samples"] == 2
+    # -log of a relative error in (0, 1]: finite and >= 0
+    assert np.isfinite(plan["final_reward_mean"]) and plan["final_reward_mean"] >= 0
+    assert cli.model.reward.matrices == {}  # released after training

@@ -225,9 +225,11 @@ def activation_stats(model: Any, tokens: torch.Tensor, batch_size: int = 8, prog
 
     def hook(index: int):
         def accumulate(_module, args):
-            h = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            # one batch's H^T H in float64 too: its sums are over ~2k tokens of activations spanning decades
-            g = (h.T @ h).cpu() if gram else None
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            h = x.double()
+            # one batch's H^T H as a float32 GEMM (4x faster than float64 on a CPU; its ~2k-term sums keep ~1e-6
+            # relative accuracy), accumulated over batches in float64
+            g = (x.float().T @ x.float()).double().cpu() if gram else None
             s = stats[index]
             if s is None:
                 stats[index] = NeuronStats(h.shape[0], h.sum(0).cpu(), (h * h).sum(0).cpu(), g)

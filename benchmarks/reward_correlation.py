@@ -26,7 +26,13 @@ Candidates (mean over layers; ours except ``ks_gate``):
   to its layer's median (added after the first 24 SmolLM2 selections were scored: exploratory there,
   a test on Gemma);
 - ``bos_kl`` (a data-free probe, named as such: one forward pass of the lone BOS token, no dataset):
-  KL(dense || pruned) of the next-token distribution after BOS.
+  KL(dense || pruned) of the next-token distribution after BOS;
+- on the model's own text (issue 28: 64 x 256 tokens it samples from BOS, ``prunenet.calibration``; no
+  dataset), from the FFN activations' Gram G = H^T H and the output weight W of each layer:
+  ``recon_error``: the relative FFN output error of dropping the removed set R, 1_R^T (G o W^T W) 1_R /
+  1^T (G o W^T W) 1 (the ``reconstruction`` reward's diagnostic, lower is better);
+  ``ks_output``: KS of the singular values of the FFN output on that text, dense (W G W^T) against pruned
+  (W_S G_SS W_S^T): the paper's spectral divergence applied to what the layer computes.
 """
 
 from __future__ import annotations
@@ -47,8 +53,11 @@ from benchmarks.common import REPO, header, load_records, scored_tokens, table
 #: (model, ratio, tokens, seed, method) that lets its random cells stand for selections here.
 KEY_NAMES = ("model", "ratio", "tokens", "seed")
 QP_KEY_NAMES = ("model", "ratio", "tokens", "seed", "method", "episodes", "protect")
-CANDIDATES = ("ks_gate", "ks_all", "energy_kept", "down_max_kept", "outliers_kept", "peak_dropped", "bos_kl")
-WEIGHT_CANDIDATES = tuple(c for c in CANDIDATES if c != "bos_kl")
+CANDIDATES = ("ks_gate", "ks_all", "energy_kept", "down_max_kept", "outliers_kept", "peak_dropped", "bos_kl",
+              "recon_error", "ks_output")
+#: Candidates on the model's own text (added later: scored again for recorded selections, perplexity reused).
+SELF_CANDIDATES = ("recon_error", "ks_output")
+WEIGHT_CANDIDATES = tuple(c for c in CANDIDATES if c not in ("bos_kl", *SELF_CANDIDATES))
 
 
 def _ffn(adapter, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,6 +89,26 @@ def weight_scores(ffns, kept, reference) -> dict[str, float]:
     scores = {k: statistics.fmean(v) for k, v in out.items()}
     scores["peak_dropped"] = max(out["peak_dropped"])  # the worst layer, not the mean
     return scores
+
+
+def self_scores(grams, downs, kept, reference) -> dict[str, float]:
+    """The candidates on the model's own text of one selection: per layer the activations' Gram ``grams[i]``
+    (n, n) float64, the output weight ``downs[i]`` (d, n), the kept rows ``kept[i]``; ``reference`` caches the
+    dense output spectra."""
+    from prunenet.reward import ks_statistic
+
+    errors, ks = [], []
+    for i, (g, w, rows) in enumerate(zip(grams, downs, kept)):
+        w = w.double()
+        m = g * (w.T @ w)
+        removed = torch.ones(m.shape[0], dtype=torch.float64).index_fill_(0, rows, 0.0)
+        errors.append(float(removed @ m @ removed / m.sum()))
+        if i not in reference:  # singular values of the output Y (T, d): sqrt of the eigenvalues of Y^T Y = W G W^T
+            reference[i] = torch.linalg.eigvalsh(w @ g @ w.T).clamp_min(0).sqrt()
+        ws = w[:, rows]
+        kept_sv = torch.linalg.eigvalsh(ws @ g[rows][:, rows] @ ws.T).clamp_min(0).sqrt()
+        ks.append(float(ks_statistic(reference[i], kept_sv)))
+    return {"recon_error": statistics.fmean(errors), "ks_output": statistics.fmean(ks)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,10 +152,19 @@ def main(argv: list[str] | None = None) -> None:
     hooks = [adapter.output_module(layer).register_forward_pre_hook(
         lambda _m, a, mask=mask: (a[0] * mask.to(a[0].dtype),) + tuple(a[1:])) for layer, mask in zip(layers, masks)]
     reference: dict = {}
-    stale = [seed for seed, rec in done.items() if any(c not in rec for c in WEIGHT_CANDIDATES)]
-    for seed in stale:  # a candidate added later: weight-only, so score the recorded selections again
+    from prunenet.calibration import CalibrationSettings
+    from prunenet.inputs import SelectionInputs
+
+    own = SelectionInputs(args.model, calibration=CalibrationSettings())  # the model's own text, seed 0
+    own.gram = True
+    grams = [s.gram for s in own.activations]
+    downs = [down for _, _, down in ffns]
+    self_reference: dict = {}
+    stale = [seed for seed, rec in done.items() if any(c not in rec for c in (*WEIGHT_CANDIDATES, *SELF_CANDIDATES))]
+    for seed in stale:  # a candidate added later: no perplexity needed, so score the recorded selections again
         kept = select_rows("random", k, seed, states=[g for g, _, _ in ffns])
         done[seed].update(weight_scores(ffns, kept, reference))
+        done[seed].update(self_scores(grams, downs, kept, self_reference))
     if stale:
         others = [json.dumps(rec) for key, rec in recorded.items() if key[:3] != this_run]
         tmp = records_path.with_suffix(".tmp")
@@ -142,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                 mask.zero_()
                 mask[rows] = 1.0
             rec = {"model": args.model, "ratio": args.ratio, "tokens": args.tokens, "seed": seed,
-                   **weight_scores(ffns, kept, reference)}
+                   **weight_scores(ffns, kept, reference), **self_scores(grams, downs, kept, self_reference)}
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=bos).logits[0, -1].double(), -1)
             rec["bos_kl"] = float((dense_logp.exp() * (dense_logp - logp)).sum())

@@ -240,3 +240,24 @@ def test_learner_ks_reads_the_ks_curve_back_from_tensorboard_in_step_order(tmp_p
     TensorBoardLogger(str(tmp_path), name="fit").log_metrics({"ks/mean": 0.2}, step=0)  # a second version
     with pytest.raises(FileNotFoundError, match="found 2"):
         ks_curve(tmp_path)
+
+
+def test_self_text_candidates_match_the_outputs_they_describe():
+    """Oracle: the FFN outputs themselves, Y = H W^T and Y_S = H_S W_S^T (numpy SVD, scipy's KS)."""
+    from benchmarks.reward_correlation import self_scores
+
+    g = torch.Generator().manual_seed(0)
+    hs = [torch.randn(40, 9, generator=g, dtype=torch.float64) for _ in range(2)]
+    ws = [torch.randn(5, 9, generator=g) for _ in range(2)]
+    kept = [torch.tensor([0, 2, 3, 5, 8]), torch.tensor([1, 2, 3, 4, 7, 8])]
+    got = self_scores([h.T @ h for h in hs], ws, kept, reference={})
+    errors, ks = [], []
+    for h, w, rows in zip(hs, ws, kept):
+        h, w = h.numpy(), w.double().numpy()
+        removed = np.setdiff1d(np.arange(9), rows.numpy())
+        y, y_kept = h @ w.T, h[:, rows.numpy()] @ w[:, rows.numpy()].T
+        errors.append(np.square(h[:, removed] @ w[:, removed].T).sum() / np.square(y).sum())
+        ks.append(ks_2samp(np.linalg.svd(y, compute_uv=False), np.linalg.svd(y_kept, compute_uv=False)).statistic)
+    # float64 throughout; the spectra via eigvalsh of 5 x 5 Grams: 1e-9 covers the square roots of small eigenvalues
+    assert got["recon_error"] == pytest.approx(np.mean(errors), rel=1e-9)
+    assert got["ks_output"] == pytest.approx(np.mean(ks), abs=1e-12)

@@ -239,7 +239,9 @@ out, overwrite, ready = Path(sys.argv[1]), sys.argv[2] == "1", Path(sys.argv[3])
 
 def write(tmp):
     (tmp / "model.safetensors").write_bytes(b"partial" * 1000)
-    ready.write_text(str(tmp))
+    # renamed into place: the test polls for the file and must never read it half-written (empty)
+    ready.with_suffix(".part").write_text(str(tmp))
+    ready.with_suffix(".part").rename(ready)
     time.sleep(300)
 
 atomic_write_dir(out, overwrite, write)

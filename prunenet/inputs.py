@@ -13,6 +13,10 @@ import torch
 
 from prunenet.states import load_ffn_states, load_output_grams, load_output_norms, load_output_peaks, load_row_norms
 
+#: The per-layer statistics of the stored weights, by name: ``(source, trust_remote_code) -> one tensor per layer``.
+_WEIGHT_STATS = {"peaks": load_output_peaks, "row_norms": load_row_norms, "output_norms": load_output_norms,
+                 "output_grams": load_output_grams}
+
 
 class SelectionInputs:
     """The per-layer inputs of a selection (``selection.LayerInputs``) of one source model, each kind
@@ -33,8 +37,9 @@ class SelectionInputs:
                  peaks: Sequence[torch.Tensor] | None = None, fingerprint: str | None = None,
                  calibration: Any = None) -> None:
         self.source, self.dtype, self.trust_remote_code, self.low_memory = source, dtype, trust_remote_code, low_memory
-        self._states, self._peaks, self._norms, self._fingerprint = states, peaks, None, fingerprint
-        self._output_norms, self._output_grams, self._activations, self.calibration = None, None, None, calibration
+        self._states, self._fingerprint = states, fingerprint
+        self._weight_stats: dict[str, Sequence[torch.Tensor]] = {} if peaks is None else {"peaks": peaks}
+        self._activations, self.calibration = None, calibration
         self.gram = False  # whether the activation statistics carry their Gram (set by a selector that needs it)
         self.calibration_record: dict[str, Any] | None = None
 
@@ -45,34 +50,32 @@ class SelectionInputs:
             self._states = load_ffn_states(self.source, self.dtype, self.trust_remote_code, self.low_memory)[0]
         return self._states
 
+    def _weight_stat(self, kind: str) -> Sequence[torch.Tensor]:
+        """One of :data:`_WEIGHT_STATS`, read from the stored weights on first use (a ``dtype`` to load the
+        model in does not change them)."""
+        if kind not in self._weight_stats:
+            self._weight_stats[kind] = _WEIGHT_STATS[kind](self.source, self.trust_remote_code)
+        return self._weight_stats[kind]
+
     @property
     def peaks(self) -> Sequence[torch.Tensor]:
         """Per layer, max |w| of each neuron's output column, (n,) float32."""
-        if self._peaks is None:
-            self._peaks = load_output_peaks(self.source, self.trust_remote_code)
-        return self._peaks
+        return self._weight_stat("peaks")
 
     @property
     def row_norms(self) -> Sequence[torch.Tensor]:
-        """Per layer, the L2 norm of each neuron's input weights, (n,) float32, from the stored weights (as the
-        peaks: a ``dtype`` to load the model in does not change them)."""
-        if self._norms is None:
-            self._norms = load_row_norms(self.source, self.trust_remote_code)
-        return self._norms
+        """Per layer, the L2 norm of each neuron's input weights, (n,) float32."""
+        return self._weight_stat("row_norms")
 
     @property
     def output_norms(self) -> Sequence[torch.Tensor]:
         """Per layer, the L1 (row 0) and L2 (row 1) norms of each neuron's output column, (2, n) float32."""
-        if self._output_norms is None:
-            self._output_norms = load_output_norms(self.source, self.trust_remote_code)
-        return self._output_norms
+        return self._weight_stat("output_norms")
 
     @property
     def output_grams(self) -> Sequence[torch.Tensor]:
         """Per layer, W_out^T W_out, (n, n) float32."""
-        if self._output_grams is None:
-            self._output_grams = load_output_grams(self.source, self.trust_remote_code)
-        return self._output_grams
+        return self._weight_stat("output_grams")
 
     @property
     def activations(self) -> Sequence[Any]:

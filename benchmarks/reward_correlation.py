@@ -95,16 +95,16 @@ def self_scores(grams, downs, kept, reference) -> dict[str, float]:
     """The candidates on the model's own text of one selection: per layer the activations' Gram ``grams[i]``
     (n, n) float64, the output weight ``downs[i]`` (d, n), the kept rows ``kept[i]``; ``reference`` caches per
     layer M and the dense output spectrum."""
+    from prunenet.calibration import reconstruction_matrix, relative_output_error
     from prunenet.reward import ks_statistic
 
     errors, ks = [], []
     for i, (g, w, rows) in enumerate(zip(grams, downs, kept)):
         w = w.double()
-        if i not in reference:  # M = G o W^T W, and the dense output's singular values: sqrt of eig(Y^T Y = W G W^T)
-            reference[i] = (g * (w.T @ w), torch.linalg.eigvalsh(w @ g @ w.T).clamp_min(0).sqrt())
+        if i not in reference:  # M, and the dense output's singular values: sqrt of eig(Y^T Y = W G W^T)
+            reference[i] = (reconstruction_matrix(g, w.T @ w), torch.linalg.eigvalsh(w @ g @ w.T).clamp_min(0).sqrt())
         m, dense_sv = reference[i]
-        removed = torch.ones(m.shape[0], dtype=torch.float64).index_fill_(0, rows, 0.0)
-        errors.append(float(removed @ m @ removed / m.sum()))
+        errors.append(float(relative_output_error(m, rows)))
         ws = w[:, rows]
         kept_sv = torch.linalg.eigvalsh(ws @ g[rows][:, rows] @ ws.T).clamp_min(0).sqrt()
         ks.append(float(ks_statistic(dense_sv, kept_sv)))

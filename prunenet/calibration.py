@@ -199,6 +199,22 @@ class NeuronStats:
         return self.total_sq.sqrt()
 
 
+def reconstruction_matrix(gram: torch.Tensor, output_gram: torch.Tensor) -> torch.Tensor:
+    """M = G o (W^T W), (n, n) float64, from the activations' Gram G = H^T H (:attr:`NeuronStats.gram`) and
+    the output weight's W^T W: dropping the neurons R changes the FFN output on the text by
+    sum over tokens ||sum_{j in R} h_j w_j||^2 = 1_R^T M 1_R (ours; the ``recon`` selection and the
+    ``reconstruction`` reward)."""
+    return gram.double() * output_gram.double()
+
+
+def relative_output_error(m: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """1_R^T M 1_R / 1^T M 1 for R the rows not in ``kept`` (LongTensor (k,)): the FFN output error of keeping
+    ``kept``, relative to the output's energy; a 0-dim tensor in ``m``'s dtype and device."""
+    removed = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)
+    removed[kept.to(m.device)] = 0.0
+    return removed @ m @ removed / m.sum()
+
+
 @torch.no_grad()
 def activation_stats(model: Any, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True,
                      gram: bool = False) -> list[NeuronStats]:

@@ -254,13 +254,16 @@ class ReconstructionReward(Reward):
     def prepare(self, layers: Sequence[int], weights: Sequence[torch.Tensor], fingerprint: str,
                 keep: bool = True) -> list[torch.Tensor]:
         """Per layer M = G o (W^T W), (n, n) float32 on the states' device (the text generated and run once)."""
+        from prunenet.calibration import reconstruction_matrix
+
         if self.inputs is None:
             raise ConfigurationError("the reconstruction reward needs its source model first (Reward.setup)")
         out = []
         for i, w in zip(layers, weights):
             m = self.matrices.get(i)
             if m is None:
-                m = (self.inputs.activations[i].gram * self.inputs.output_grams[i].double()).float().to(w.device)
+                m = reconstruction_matrix(self.inputs.activations[i].gram, self.inputs.output_grams[i])
+                m = m.float().to(w.device)
                 if keep:
                     self.matrices[i] = m
             out.append(m)
@@ -269,11 +272,11 @@ class ReconstructionReward(Reward):
     def rewards(self, weights: Sequence[torch.Tensor], kept: Sequence[torch.Tensor],
                 prepared: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, float]]:
         """Per layer ``(relative output error, -log of it)``."""
+        from prunenet.calibration import relative_output_error
+
         out = []
         for rows, m in zip(kept, prepared):
-            removed = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)
-            removed[rows.to(m.device)] = 0.0
-            error = ((removed @ m @ removed) / m.sum()).double().clamp_min(1e-12)
+            error = relative_output_error(m, rows).double().clamp_min(1e-12)
             out.append((error, float(-torch.log(error))))
         return out
 

@@ -228,7 +228,9 @@ class ReconstructionSelector(Selector):
         self.seed = int(seed)
 
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
-        m = layer.activations.gram * layer.output_gram.double()
+        from prunenet.calibration import reconstruction_matrix
+
+        m = reconstruction_matrix(layer.activations.gram, layer.output_gram)
         whole = m.sum(dim=1)                                        # (M 1)_j
         added = torch.zeros(layer.size, dtype=torch.float64)        # sum_{s in S} M_js
         kept = torch.zeros(layer.size, dtype=torch.bool)

@@ -54,7 +54,8 @@ from benchmarks.common import (CONFIGS, DETERMINISTIC, PROTECT, REPO, header, lo
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
 METHODS = ("paper", "paper+protect", "baseline", "baseline+protect", "learned", "random", "random+protect",
-           "magnitude", "peak", "wanda_sp", "flap", "recon", "wanda_sp@wiki", "flap@wiki", "recon@wiki")
+           "magnitude", "peak", "wanda_sp", "flap", "recon", "wanda_sp@wiki", "flap@wiki", "recon@wiki", "features",
+           "features@wiki")
 #: Calibration text of the calibration-based methods: ``<selection>`` runs on the model's own text (seed s,
 #: ``calibration.CalibrationSettings`` defaults: 64 x 256 tokens sampled from BOS), ``<selection>@wiki`` on
 #: the packaged ``wiki`` corpus (calibration-based; disjoint from the squad-wiki evaluation text).
@@ -76,9 +77,9 @@ def model_section(path: str | Path) -> dict:
     return dict(yaml.safe_load((REPO / path).read_text()).get("model") or {})
 
 
-def train_policy(settings: dict, ratio: float, seed: int, episodes: int) -> list[torch.Tensor]:
+def train_policy(settings: dict, ratio: float, seed: int, episodes: int, selection: str = "sample") -> list[torch.Tensor]:
     """Kept rows (one sorted LongTensor per layer) of a policy trained with ``settings`` (a config's
-    model section) at ``ratio`` with ``seed``: the fit's final seeded draw."""
+    model section) at ``ratio`` with ``seed``: the fit's final ``selection`` (the seeded draw, or top-k)."""
     import lightning as L
 
     from prunenet.data import LayerDataModule
@@ -92,7 +93,7 @@ def train_policy(settings: dict, ratio: float, seed: int, episodes: int) -> list
     trainer = L.Trainer(**{**TRAINER_DEFAULTS, "max_epochs": episodes}, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, datamodule=LayerDataModule())
-    return module.kept_indices("sample")
+    return module.kept_indices(selection)
 
 
 def summarise(cells: list[dict]) -> list[str]:
@@ -148,6 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     trained = {"paper": paper, "paper+protect": {**paper, "protect_outliers": protect},
                "baseline": {**paper, "learner": "baseline"}, "learned": learned,
                "baseline+protect": {**paper, "learner": "baseline", "protect_outliers": protect}}
+    # ``features``: the FeaturePolicy trained on the reconstruction reward, both on the model's own text of the
+    # cell's seed (``@wiki``: on the packaged wiki text), selected by top-k
+    features = yaml.safe_load((REPO / "configs/features.yaml").read_text())["model"]
+
+    def features_settings(method: str, seed: int) -> dict:
+        text = {"source": CALIBRATION_SOURCES[method.partition("@")[2]], "seed": seed}
+        return {**features, "model_name_or_path": args.model,
+                **{key: {**features[key], "init_args": {**features[key].get("init_args", {}), **text}}
+                   for key in ("policy", "reward")}}
 
     from prunenet.calibration import CalibrationSettings
     from prunenet.inputs import SelectionInputs
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                     extra = {}
                     if method in trained:
                         kept = train_policy(trained[method], r, s, args.episodes)
+                    elif method.startswith("features"):
+                        kept = train_policy(features_settings(method, s), r, s, args.episodes, "topk")
                     elif method.partition("@")[0] in CALIBRATED_SELECTIONS:  # the first cell of a text makes it
                         kept, extra["calibration"] = calibrated_rows(method, s, k)
                     else:

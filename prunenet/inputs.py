@@ -18,6 +18,11 @@ _WEIGHT_STATS = {"peaks": load_output_peaks, "row_norms": load_row_norms, "outpu
                  "output_grams": load_output_grams}
 
 
+#: The activation statistics last computed in this process, by (source, dtype, trust_remote_code, settings): a
+#: fit's policy features and its reward read the same text once.
+_SHARED: dict[tuple, Any] = {}
+
+
 class SelectionInputs:
     """The per-layer inputs of a selection (``selection.LayerInputs``) of one source model, each kind
     read once, on first use, by the loaders above (streamed from safetensors where they can be): the
@@ -39,7 +44,7 @@ class SelectionInputs:
         self.source, self.dtype, self.trust_remote_code, self.low_memory = source, dtype, trust_remote_code, low_memory
         self._states, self._fingerprint = states, fingerprint
         self._weight_stats: dict[str, Sequence[torch.Tensor]] = {} if peaks is None else {"peaks": peaks}
-        self._activations, self.calibration = None, calibration
+        self._activations, self._features, self.calibration = None, None, calibration
         self.gram = False  # whether the activation statistics carry their Gram (set by a selector that needs it)
         self.calibration_record: dict[str, Any] | None = None
 
@@ -91,13 +96,34 @@ class SelectionInputs:
 
             if self.calibration is None:
                 raise ConfigurationError("this selection needs calibration text (calibration settings), none given")
-            model = loading.load_model(self.source, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
-            tokenizer = loading.load_tokenizer(self.source, self.trust_remote_code)
-            tokens = calibration.calibration_tokens(self.source, model, tokenizer, self.calibration)
-            self._activations = calibration.activation_stats(model, tokens, gram=self.gram)
-            self.calibration_record = {**self.calibration.record(), "tokens": int(tokens.numel())}
-            del model
+            key = (str(self.source), self.dtype, self.trust_remote_code, self.calibration)
+            shared = _SHARED.get(key)
+            if shared is None or (self.gram and shared[0][0].gram is None):
+                model = loading.load_model(self.source, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+                tokenizer = loading.load_tokenizer(self.source, self.trust_remote_code)
+                tokens = calibration.calibration_tokens(self.source, model, tokenizer, self.calibration)
+                shared = (calibration.activation_stats(model, tokens, gram=self.gram), int(tokens.numel()))
+                _SHARED.clear()  # one model's statistics at a time (a Gram is n^2 doubles a layer)
+                _SHARED[key] = shared
+                del model
+            self._activations = shared[0]
+            self.calibration_record = {**self.calibration.record(), "tokens": shared[1]}
         return self._activations
+
+    @property
+    def features(self) -> Sequence[torch.Tensor]:
+        """Per layer, ``features.neuron_features`` of the neurons, (n, F) float32 (computes the activations'
+        Gram if they lack it)."""
+        if self._features is None:
+            from prunenet.calibration import reconstruction_matrix
+            from prunenet.features import neuron_features
+
+            self.gram = True
+            if self._activations is not None and self._activations[0].gram is None:
+                self._activations = None
+            self._features = [neuron_features(a, o, p, reconstruction_matrix(a.gram, g)) for a, o, p, g in
+                              zip(self.activations, self.output_norms, self.peaks, self.output_grams)]
+        return self._features
 
     def fingerprint(self) -> str:
         """``plan.ffn_fingerprint`` of the states (the plan's ``source_ffn_sha256``)."""
@@ -122,4 +148,5 @@ class SelectionInputs:
                               row_norms=self.row_norms[i] if "row_norms" in needs else None,
                               output_norms=self.output_norms[i] if "output_norms" in needs else None,
                               output_gram=self.output_grams[i] if "output_gram" in needs else None,
-                              activations=self.activations[i] if "activations" in needs else None)
+                              activations=self.activations[i] if "activations" in needs else None,
+                              features=self.features[i] if "features" in needs else None)

@@ -142,6 +142,15 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
             return None
         return [protected_rows(x, self.hparams.protect_outliers) for x in self.output_peaks]
 
+    @cached_property
+    def features(self) -> list[torch.Tensor] | None:
+        """Per layer, a FeaturePolicy's input: the neurons' activation features on its calibration text, (n, F)."""
+        return None if self.policy.input == "state" else list(self.selection_inputs().features)
+
+    def policy_input(self, layer: int, weight: torch.Tensor) -> torch.Tensor:
+        """What the policy scores in ``layer``: its state ``weight`` (n, d) or its features (n, F)."""
+        return weight if self.features is None else self.features[layer].to(weight.device)
+
     def _fixed(self, layer: int) -> torch.Tensor | None:
         return None if self.protected is None else self.protected[layer].to(self.device)
     @property
@@ -151,7 +160,7 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
 
     def setup(self, stage: str) -> None:
         # Load (and fingerprint: the reference cache's key) before the first episode, so episodes time episodes only.
-        self.states, self.protected, self.ffn_sha256()
+        self.states, self.protected, self.ffn_sha256(), self.features
         self.reward.setup(self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code)
 
     def on_fit_start(self) -> None:
@@ -188,7 +197,7 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
             for i, w in zip(chunk, weights):
                 gen = layer_generator(self.seed, self.current_epoch, i, self.device)
                 with self.timed("policy forward"):
-                    z = self.policy.detached_logits(w, prepared).requires_grad_()
+                    z = self.policy.detached_logits(self.policy_input(i, w), prepared).requires_grad_()
                     p = self.policy.keep_probabilities(z, generator=gen)
                 with self.timed("sampling"):
                     kept, drawn = draw_kept(p.detach(), self.kept_width, self._fixed(i), generator=gen, layer=i)
@@ -206,7 +215,7 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
                     # a surrogate with the same parameter gradient: the one backward of the episode then
                     # gives the gradient of sum_i L_i (the paper's policy holds no float32 copy of W_i).
                     (dz,) = torch.autograd.grad(step_loss, z)
-                    surrogate = surrogate + self.policy.surrogate(w, dz, prepared)
+                    surrogate = surrogate + self.policy.surrogate(self.policy_input(i, w), dz, prepared)
                 loss = loss + step_loss.detach()
                 ks_all[i], reward_all[i], trained[i] = ks, r, 1.0
             del weights, draws
@@ -298,7 +307,8 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
     def selection_inputs(self) -> SelectionInputs:
         """The source model's per-layer selection inputs, from what this module already read."""
         return SelectionInputs(self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code,
-                               states=self.states, peaks=self.__dict__.get("output_peaks"), fingerprint=self.ffn_sha256())
+                               states=self.states, peaks=self.__dict__.get("output_peaks"), fingerprint=self.ffn_sha256(),
+                               calibration=getattr(self.policy, "settings", None))
 
     def kept_indices(self, selection: str = "sample") -> list[torch.Tensor]:
         """Kept rows per layer, sorted (k,) LongTensors, chosen by the trained policy: ``sample`` (the paper's

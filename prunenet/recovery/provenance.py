@@ -70,7 +70,8 @@ def recovery_record(module: RecoveryModule, started: float) -> dict[str, Any]:
     hp, trainer = module.hparams, module.trainer
     data = getattr(trainer, "datamodule", None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-    hyper = {k: hp[k] for k in ("method", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler", "dtype")}
+    hyper = {k: hp[k] for k in ("method", "loss", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler",
+                                "dtype")}
     if hp.method == "lora":
         hyper.update(lora_r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
                      lora_targets=hp.lora_targets, lora_target_modules=len(module.target_modules))

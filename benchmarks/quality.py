@@ -17,7 +17,11 @@ records made before issue 27 did) and perplexity with ``prunenet.evaluation``:
 - ``paper``: ``prunenet.fit --config configs/paper.yaml`` (the paper's algorithm, ``--episodes``
   episodes) with seed s;
 - ``random``: ``prunenet.compress --selection random --seed s`` (uniform rows);
-- ``magnitude``: ``prunenet.compress --selection magnitude`` (deterministic: one run per ratio).
+- ``magnitude``: ``prunenet.compress --selection magnitude`` (deterministic: one run per ratio);
+- ``recon``, ``wanda_sp``, ``flap``: ``prunenet.compress --selection <method> --seed s`` (on the model's own
+  text, 64 x 256 tokens sampled from BOS with seed s);
+- ``features``: ``prunenet.fit --config configs/features.yaml`` with seed s, its policy and reward on the
+  model's own text of seed s (the learned policy's top k).
 
 The report marks the method the shipped config (configs/<model>.yaml) selects as the default.
 
@@ -44,14 +48,15 @@ from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, default_met
     run_measured, table
 from prunenet.assets import exact_name
 
-METHODS = ("peak", "random+protect", "paper", "random", "magnitude")
+METHODS = ("peak", "random+protect", "paper", "random", "magnitude", "recon", "wanda_sp", "flap", "features")
 
 
 def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Path) -> Path:
     """Prune ``model`` at ratio ``r`` by ``method`` with ``seed`` into a folder under ``work``; return it."""
     out = work / f"{method}-r{r:g}-s{seed}"
-    if method == "paper":
-        run_measured(["-m", "prunenet.fit", "--config", "configs/paper.yaml", f"--model.model_name_or_path={model}",
+    if method in ("paper", "features"):
+        text = [f"--model.{kind}.init_args.seed={seed}" for kind in ("policy", "reward")] if method == "features" else []
+        run_measured(["-m", "prunenet.fit", "--config", f"configs/{method}.yaml", f"--model.model_name_or_path={model}", *text,
                       f"--model.compression_ratio={r}", f"--seed_everything={seed}", f"--trainer.max_epochs={episodes}",
                       f"--trainer.default_root_dir={work / 'runs'}", f"--slicing.output_dir={out}",
                       "--slicing.overwrite=true", "--evaluation.enabled=false", "--spectrum.enabled=false",

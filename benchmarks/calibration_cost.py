@@ -6,8 +6,8 @@ selection keeps the head of, the policy features, and one reconstruction reward 
 
 The Gram G = H^T H is formed from ``--tokens`` random activations (what the activation pass accumulates per
 layer), W^T W from a random output weight. Times are one layer's, with the ``--layers`` total beside them;
-memory is what one layer's float64 M and G hold. Prints a markdown table (and writes it to
-benchmarks/results/calibration-cost.md).
+memory is what one layer's float64 M and G hold. Prints the rows and writes a markdown table
+(``--output``, default benchmarks/results/calibration-cost.md).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--output", default=str(REPO / "benchmarks/results/calibration-cost.md"))
     args = parser.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
              f"Memory per layer: G and M {gib:.2f} GiB each in float64 ({gib * args.layers:.0f} GiB for "
              f"{args.layers} layers each); the fit holds M in float32 ({gib / 2 * args.layers:.0f} GiB).", "",
              table(["step", "one layer", f"{args.layers} layers"], rows)]
-    (REPO / "benchmarks/results/calibration-cost.md").write_text("\n".join(lines) + "\n")
+    Path(args.output).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -104,3 +104,13 @@ def test_a_fit_trains_a_feature_policy_on_the_reconstruction_reward(tiny_dir, tm
                    "--calibration_samples", "2", "--calibration_length", "8", "--output_dir", str(tmp_path / "c")])
     again = json.loads((tmp_path / "c" / "prunenet.json").read_text())
     assert again["kept_indices"] == plan["kept_indices"]
+
+
+def test_the_cost_benchmark_times_every_step(tmp_path):
+    from benchmarks.calibration_cost import main
+
+    out = tmp_path / "cost.md"
+    main(["--n", "40", "--d", "8", "--tokens", "64", "--layers", "2", "--output", str(out)])
+    text = out.read_text()
+    for step in ("Gram", "greedy order of the first k = 28", "policy features", "one reconstruction reward"):
+        assert step in text

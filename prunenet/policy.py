@@ -223,7 +223,8 @@ class RowMLP(RowPolicy):
 class FeaturePolicy(RowPolicy):
     """A linear policy on the activation features of each neuron (ours, issue 28): ``z = X theta + c`` with X the
     layer's (n, F) z-scored :data:`features.FEATURES` on calibration text (the model's own by default), theta
-    (F,) and c shared by all layers. It starts from one feature's ranking (``init``, e.g. ``wanda_sp``'s),
+    (F,) and c shared by all layers. It starts from one feature's ranking (``init``: by default ``recon_rank``,
+    the greedy reconstruction order, so its top k is the ``recon`` selection before any episode),
     scaled by ``scale``, and learns how to weigh the others, including the set-level ``alignment`` and
     ``recon_rank``. Small (F + 1 parameters): use a learning rate near 0.05.
 
@@ -239,7 +240,7 @@ class FeaturePolicy(RowPolicy):
     name = "features"
     input = "features"
 
-    def __init__(self, intermediate_size: int, hidden_size: int, init: str = "wanda_sp", scale: float = 2.0,
+    def __init__(self, intermediate_size: int, hidden_size: int, init: str = "recon_rank", scale: float = 2.0,
                  source: str = "self", samples: int = 64, length: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0) -> None:
         from prunenet.calibration import CalibrationSettings

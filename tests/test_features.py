@@ -12,7 +12,7 @@ from prunenet.calibration import NeuronStats, reconstruction_matrix
 from prunenet.errors import ConfigurationError
 from prunenet.features import FEATURES, greedy_order, neuron_features
 from prunenet.policy import FeaturePolicy
-from prunenet.selectors import LayerInputs, TopKSelector, WandaSPSelector
+from prunenet.selectors import LayerInputs, ReconstructionSelector, TopKSelector, WandaSPSelector
 from tests.conftest import private_cache
 
 
@@ -64,12 +64,14 @@ def test_features_are_z_scored_and_rank_as_their_definitions():
 
 
 def test_a_feature_policy_starts_as_its_init_feature_and_refuses_bad_values():
-    _, _, stats, norms, peaks, m = _layer(4)
-    layer = LayerInputs(index=0, size=7, activations=stats, output_norms=norms,
+    _, w, stats, norms, peaks, m = _layer(4)
+    layer = LayerInputs(index=0, size=7, activations=stats, output_norms=norms, output_gram=w.T @ w,
                         features=neuron_features(stats, norms, peaks, m))
-    policy = FeaturePolicy(7, 5)
+    policy = FeaturePolicy(7, 5, init="wanda_sp")
     assert torch.equal(TopKSelector(policy).select(layer, 4), WandaSPSelector().select(layer, 4))
     assert policy.hparams()["init"] == "wanda_sp" and policy.hparams()["samples"] == 64
+    # the default starts as the recon selection: the greedy order's first k
+    assert torch.equal(TopKSelector(FeaturePolicy(7, 5)).select(layer, 4), ReconstructionSelector().select(layer, 4))
     with pytest.raises(ConfigurationError, match="init must be one of act_rms, .*got 'nope'"):
         FeaturePolicy(7, 5, init="nope")
     with pytest.raises(ConfigurationError, match="scale must be a number > 0, got 0"):
@@ -93,7 +95,7 @@ def test_a_fit_trains_a_feature_policy_on_the_reconstruction_reward(tiny_dir, tm
     assert plan["selection"] == "topk" and plan["policy"] == "features" and plan["episodes"] == 3
     theta = cli.model.policy.theta.detach()
     start = torch.zeros(len(FEATURES))
-    start[FEATURES.index("wanda_sp")] = 2.0
+    start[FEATURES.index("recon_rank")] = 2.0
     assert not torch.equal(theta, start)  # three AdamW steps of lr 0.1 moved it
     # the same features through the slicing's selection inputs (the text and statistics read once)
     assert len(cli.model.features) == 3 and cli.model.features[0].shape == (37, len(FEATURES))

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from prunenet import loading
 from prunenet.arch import get_adapter
+from prunenet.arch.bias import bias_mode
 from prunenet.argconfig import OneLineParser, yaml_defaults
 from prunenet.artifacts import atomic_write_text, check_output_dir, load_policy
 from prunenet.cli import run_main
@@ -34,6 +35,7 @@ from prunenet.selection import check_protect_fraction, kept_width
 from prunenet.selectors import POLICY_SELECTIONS, SELECTIONS, build_selector, validate_selection
 from prunenet.slicing import check_kept
 from prunenet.calibration import CalibrationSettings
+from prunenet.compensation import planned_biases
 from prunenet.inputs import SelectionInputs
 
 
@@ -57,7 +59,7 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
              policy: str | None = None, selection: str | None = None, seed: int = 0,
              round_to: int = 1, overwrite: bool = False, dtype: str = "auto",
              trust_remote_code: bool = False, protect_outliers: float | None = None,
-             calibration: CalibrationSettings | None = None) -> list[dict[str, Any]]:
+             calibration: CalibrationSettings | None = None, bias_compensation: bool = False) -> list[dict[str, Any]]:
     """Prune ``model`` at one or more ratios and save one checkpoint per ratio (``pipeline.prune``; the
     dense model is never built when the source is a local safetensors checkpoint).
 
@@ -74,10 +76,11 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         round_to: kept width rounded down to a multiple of this.
         protect_outliers: share of each layer's neurons always kept (``selection.protected_rows``);
             None: the policy's own setting with a policy, else 0.
-        calibration: the text ``wanda_sp`` / ``flap`` compute activation statistics on; None: the model's own
-            (``CalibrationSettings()`` with ``seed``).
+        calibration: the text ``wanda_sp`` / ``flap`` / ``recon`` and the bias compensation compute activation
+            statistics on; None: the model's own (``CalibrationSettings()`` with ``seed``).
+        bias_compensation: FLAP's output bias of the removed neurons (``pipeline.prune``), any selection.
     Returns:
-        One plan dict (``prunenet.json`` contents, without kept indices) per ratio.
+        One plan dict (``prunenet.json`` contents, without kept indices and biases) per ratio.
     Raises:
         ConfigurationError, PolicyError, OutputExistsError, ModelLoadError, UnsupportedModelError.
     """
@@ -93,6 +96,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
                                  f"got --selection {selection}; drop --policy or choose one of those")
     config = loading.load_config(model, trust_remote_code=trust_remote_code)
     adapter = get_adapter(config)
+    if bias_compensation:
+        bias_mode(adapter, config)
     n, d = adapter.intermediate_size(config), adapter.hidden_size(config)
     for r in ratios:  # every ratio is checked before any work
         kept_width(n, r, round_to)
@@ -137,8 +142,9 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         start = time.perf_counter()
         exported = prune(model, selector, r, target, round_to=round_to, protect_outliers=protect_outliers,
                          inputs=inputs, provenance=provenance, policy=pol, policy_meta=meta or None,
-                         overwrite=overwrite, shardwise=shardwise, dtype=dtype, trust_remote_code=trust_remote_code)
-        summary = {k_: v for k_, v in exported.plan.items() if k_ != "kept_indices"}
+                         overwrite=overwrite, shardwise=shardwise, dtype=dtype, trust_remote_code=trust_remote_code,
+                         bias_compensation=bias_compensation)
+        summary = {k_: v for k_, v in exported.plan.items() if k_ not in ("kept_indices", "compensation_biases")}
         summary.update(output_dir=str(target), seconds=round(time.perf_counter() - start, 2))
         plans.append(summary)
     if sweep:
@@ -155,7 +161,8 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
     A model whose FFN weights differ from the plan's source (another fingerprint) is sliced with a
     warning: the same neurons, chosen for other weights. The new ``prunenet.json`` records what was
     done now (this model, its fingerprint, today's versions) and, under ``replayed_from``, the plan's
-    path and its own source.
+    path and its own source. A plan with ``bias_compensation`` is replayed with its stored biases
+    (``compensation.planned_biases``; no calibration pass).
 
     Raises:
         ConfigurationError: unreadable plan, or a plan that does not fit the model (says which fact differs).
@@ -178,6 +185,7 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
                                  f"but {model!r} has {d}; {hint}")
     layers = getattr(adapter.text_config(config), "num_hidden_layers", None)
     check_kept(kept, n, layers if layers is not None else len(kept))
+    biases = planned_biases(plan, adapter, config, len(kept), d, repr(str(path)))
     source = loading.resolve(model)
     check_output_dir(output_dir, overwrite, source)
     shardwise = use_shardwise(model, None, dtype)
@@ -187,10 +195,12 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
     if planned and not same_ffn(planned, inputs.states, fingerprint):
         warnings.warn(f"{model!r} has other FFN weights than the plan's source {plan.get('source_model')!r} "
                       f"(FFN SHA-256 {fingerprint[:12]} vs {planned[:12]}): the same neurons are kept, but they "
-                      "were chosen for other weights", PruneNetWarning, stacklevel=2)
+                      f"were chosen{' and compensated' if biases else ''} for other weights", PruneNetWarning,
+                      stacklevel=2)
     replayed_from = {key: plan.get(key) for key in ("source_model", "model_type", "source_ffn_sha256", "versions")}
     carried = {key: plan[key] for key in ("policy", "reward", "learner", "plug_points", "protect_outliers",
-                                          "episodes", "final_reward_mean",
+                                          "episodes", "final_reward_mean", "calibration", "bias_compensation",
+                                          "compensation_biases",
                                           "policy_source_model", "policy_trained_ratio", "policy_learner",
                                           "policy_reward", "policy_episodes", "policy_ffn_sha256") if key in plan}
     if "policy_ffn_sha256" in plan:  # whether the policy was trained on other weights than this model's
@@ -198,7 +208,7 @@ def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False,
     new_plan = export(model, kept, output_dir, selection=plan.get("selection"),
                       compression_ratio=plan.get("compression_ratio", 0.0), round_to=plan.get("round_to", 1),
                       seed=plan.get("seed", 0), overwrite=overwrite, shardwise=shardwise, dtype=dtype,
-                      trust_remote_code=trust_remote_code,
+                      trust_remote_code=trust_remote_code, biases=biases,
                       extra={**carried, "source_ffn_sha256": fingerprint,
                              "replayed_from": {"path": str(path), **replayed_from}}).plan
     return new_plan
@@ -238,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protect_outliers", type=float, default=None,
                         help="share of each layer's neurons always kept: those whose output column has the largest "
                              "max-|w| (ours; default: the policy's setting, else 0)")
+    parser.add_argument("--bias_compensation", action="store_true",
+                        help="FLAP's bias compensation (any selection): each FFN output bias gets the mean output of "
+                             "the removed neurons on the --calibration text (a --from_plan replay follows its plan)")
     parser.add_argument("--calibration", default="self",
-                        help="text for wanda_sp / flap / recon: self (the model's own samples from BOS, no data; default), or "
+                        help="text for wanda_sp / flap / recon / --bias_compensation: self (own samples, no data; default), or "
                              "a corpus (wiki, lambada, a .txt/.jsonl file, hub:<id>): calibration-based")
     parser.add_argument("--calibration_samples", type=int, default=64, help="sequences of calibration text")
     parser.add_argument("--calibration_length", type=int, default=256, help="tokens per sequence")
@@ -277,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
                          args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code,
                          args.protect_outliers,
                          CalibrationSettings(args.calibration, args.calibration_samples, args.calibration_length,
-                                             args.calibration_temperature, args.calibration_top_p, args.seed))
+                                             args.calibration_temperature, args.calibration_top_p, args.seed),
+                         args.bias_compensation)
         print(summary_table(plans), end="")
     print(f"done in {time.perf_counter() - start:.1f} s")
 

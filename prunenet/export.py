@@ -19,6 +19,7 @@ import torch
 
 from prunenet import loading
 from prunenet.arch import get_adapter
+from prunenet.arch.bias import add_output_biases, bias_mode
 from prunenet.artifacts import atomic_write_dir, check_output_dir, save_policy
 from prunenet.errors import ConfigurationError
 from prunenet.plan import Plan, make_plan, write_plan
@@ -69,7 +70,8 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
            compression_ratio: float, seed: int = 0, round_to: int = 1,
            extra: dict[str, Any] | None = None, policy: RowPolicy | None = None,
            policy_meta: dict[str, Any] | None = None, overwrite: bool = False, shardwise: bool | None = False,
-           dtype: str = "auto", trust_remote_code: bool = False, model: Any = None) -> Exported:
+           dtype: str = "auto", trust_remote_code: bool = False, model: Any = None,
+           biases: Sequence[torch.Tensor] | None = None) -> Exported:
     """Slice ``source`` to ``kept`` and save it with its provenance.
 
     Args:
@@ -82,10 +84,13 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
         shardwise: slice the safetensors files (True), load the model (False), or decide (None).
         dtype: dtype to load the model in (``auto``: the checkpoint's).
         model: the dense model already loaded; it is sliced in place (never copied).
+        biases: per layer the (d,) FLAP bias compensation (``compensation.py``) written into the FFN output bias
+            (``arch.bias``), or None.
     Returns:
         :class:`Exported`.
     Raises:
-        ConfigurationError: kept indices that do not fit the model, bad shard-wise settings.
+        ConfigurationError: kept indices that do not fit the model, bad shard-wise settings, biases the family
+            cannot hold (``arch.bias.bias_mode``) or of the wrong shape.
         OutputExistsError: see ``artifacts.check_output_dir``. Both before any weight is loaded.
     """
     config = model.config if model is not None else loading.load_config(source, trust_remote_code)
@@ -93,6 +98,8 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
     n, d = adapter.intermediate_size(config), adapter.hidden_size(config)
     layers = getattr(adapter.text_config(config), "num_hidden_layers", None)
     check_kept(kept, n, layers if layers is not None else len(kept))
+    if biases is not None:
+        check_biases(biases, adapter, config, len(kept), d)
     resolved = loading.resolve(source)
     check_output_dir(output_dir, overwrite, resolved)
     shard = model is None and use_shardwise(source, shardwise, dtype)
@@ -107,7 +114,7 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
         written: dict[str, Plan] = {}
 
         def write(tmp: Path) -> None:
-            params = slice_checkpoint(resolved, config, kept, tmp)
+            params = slice_checkpoint(resolved, config, kept, tmp, biases)
             written["plan"] = plan_of(count_parameters(meta_model(config)), params)
             write_provenance(tmp, written["plan"], policy, policy_meta)
 
@@ -117,11 +124,26 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
         model = loading.load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(model)
     slice_model(model, kept, adapter)
+    if biases is not None:
+        add_output_biases(adapter, model, list(biases))
     plan = plan_of(params_dense, count_parameters(model))
     path = save_pruned(model, output_dir, plan, policy=policy, policy_meta=policy_meta,
                        tokenizer=loading.load_tokenizer(source, trust_remote_code), overwrite=overwrite,
                        source=resolved)
     return Exported(path, plan, kept, model)
+
+
+def check_biases(biases: Sequence[torch.Tensor], adapter: Any, config: Any, layers: int, d: int) -> None:
+    """One (d,) compensation per layer, for a family that can hold it (``arch.bias.bias_mode``).
+
+    Raises:
+        ConfigurationError: naming what differs.
+    """
+    bias_mode(adapter, config)
+    shapes = {tuple(b.shape) for b in biases}
+    if len(biases) != layers or shapes != {(d,)}:
+        raise ConfigurationError(f"bias compensation needs one ({d},) bias per layer ({layers}), got {len(biases)} "
+                                 f"of shapes {sorted(shapes)}")
 
 
 def save_pruned(model: torch.nn.Module, output_dir: str | os.PathLike, plan: Plan,

@@ -5,8 +5,9 @@ A plan is a JSON object; :func:`make_plan` is the one place that builds it and :
 the one that reads it back (:func:`read_plan` adds the kept indices as tensors). The fields: source_model,
 model_type, selection (a name in ``selection.SELECTIONS``), seed, compression_ratio, round_to, effective_compression_ratio,
 intermediate_size, kept_width, hidden_size, num_layers, params_dense, params_pruned,
-params_removed_fraction, extras (episodes, policy_*, source_ffn_sha256, shardwise, replayed_from),
-versions, kept_indices (layer -> sorted row indices).
+params_removed_fraction, extras (episodes, policy_*, source_ffn_sha256, shardwise, replayed_from, calibration;
+bias_compensation and compensation_biases: FLAP's output biases, ``compensation.record``), versions,
+kept_indices (layer -> sorted row indices).
 """
 
 from __future__ import annotations

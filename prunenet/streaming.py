@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from prunenet.arch import check_finite, get_adapter
+from prunenet.arch.bias import bias_value, enable_output_bias
 from prunenet.artifacts import EVAL_JSON, EVAL_MD, EVAL_PNG, PLAN_FILE
 from prunenet.cache import MANIFEST
 from prunenet.errors import ModelLoadError
@@ -87,12 +88,17 @@ def match_keys(names: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torch.Tensor], out: Path) -> int:
+def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torch.Tensor], out: Path,
+                     biases: Sequence[torch.Tensor] | None = None) -> int:
     """Write a sliced copy of a safetensors checkpoint into ``out``, one shard at a time.
 
     FFN tensors are sliced with the adapter's ``slice_tensor``; every other tensor is copied;
     shard names, the index (with the new total size) and non-weight files are kept; the config
     gets the new FFN width. Peak memory is about one shard.
+
+    With ``biases`` (per layer the (d,) FLAP compensation, ``arch.bias``) each FFN output bias becomes
+    ``bias.bias_value``; a family that gets its FFN biases now (``bias.bias_mode`` ``create``) gets them as new
+    tensors (zeros for the inputs) in the shard of their weight and in the index, and the config key turned on.
 
     Returns:
         Number of parameters of the sliced checkpoint.
@@ -113,7 +119,19 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
     key_roles = {mapping[name]: role for name, role in roles.items()}
     new_config = type(config).from_dict(config.to_dict())
     adapter.set_intermediate_size(new_config, int(kept[0].numel()))  # raises before writing
-    total_params, total_bytes = 0, 0
+    bias_keys: dict[str, tuple[int, str, str]] = {}  # FFN bias written -> (layer, role, its weight's key)
+    if biases is not None:
+        create = enable_output_bias(adapter, new_config)
+        bias_keys = {key[: -len("weight")] + "bias": (layer, role, key) for key, (layer, role, kind)
+                     in key_roles.items() if kind == "weight" and (role == "output" or create)}
+
+    def bias_tensor(key: str, stored: torch.Tensor | None, dtype: str) -> torch.Tensor:
+        layer, role, _ = bias_keys[key]
+        if role == "input":  # a new input bias: zeros, the function is unchanged
+            return torch.zeros(kept[layer].numel() * (2 if adapter.fused_gate_up else 1), dtype=_DTYPES[dtype])
+        return bias_value(stored, biases[layer], _DTYPES[dtype])
+
+    total_params, total_bytes, new_keys = 0, 0, {}
     for shard in sorted(set(files.values())):
         entries, data_start = read_header(folder / shard)
         metadata = entries.pop("__metadata__", None) or {"format": "pt"}
@@ -129,10 +147,14 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
         # The output header needs every output shape first: slice tensors on the meta device (no data).
         order = sorted(entries, key=lambda key: entries[key]["data_offsets"][0])
         shapes = {key: sliced(key, _meta_tensor(entries[key])) if key in key_roles else None for key in order}
+        added = {b: bias_tensor(b, None, entries[w]["dtype"]) for b, (_, _, w) in bias_keys.items()
+                 if b not in files and files[w] == shard}
+        new_keys.update(dict.fromkeys(added, shard))
         out_entries, offset = {}, 0
-        for key in order:
-            info = entries[key]
-            shape = list(shapes[key].shape) if shapes[key] is not None else info["shape"]
+        for key in order + list(added):
+            info = {"dtype": entries[bias_keys[key][2]]["dtype"], "shape": list(added[key].shape)} \
+                if key in added else entries[key]
+            shape = list(shapes[key].shape) if shapes.get(key) is not None else info["shape"]
             nbytes = math.prod(shape) * _DTYPES[info["dtype"]].itemsize
             out_entries[key] = {"dtype": info["dtype"], "shape": shape, "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
@@ -143,19 +165,23 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
         with open(folder / shard, "rb") as src, open(out / shard, "wb") as dst:
             _write_header(dst, out_entries, metadata)
             for key in order:
-                if key not in key_roles:
+                if key not in key_roles and key not in bias_keys:
                     _copy_bytes(src, dst, data_start + entries[key]["data_offsets"][0],
                                 out_entries[key]["data_offsets"][1] - out_entries[key]["data_offsets"][0])
                     continue
-                t = sliced(key, _read_tensor(src, entries[key], data_start))
+                t = _read_tensor(src, entries[key], data_start)
+                t = bias_tensor(key, t, entries[key]["dtype"]) if key in bias_keys else sliced(key, t)
                 if list(t.shape) != out_entries[key]["shape"]:
                     raise ModelLoadError(f"{key}: sliced to {tuple(t.shape)}, expected {out_entries[key]['shape']}")
                 if t.numel():
                     dst.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
                 del t
+            for t in added.values():
+                dst.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
     if (folder / INDEX_FILE).is_file():
         index = json.loads((folder / INDEX_FILE).read_text())
         index.setdefault("metadata", {})["total_size"] = total_bytes
+        index["weight_map"].update(new_keys)
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     new_config.save_pretrained(out)
     # PruneNet's own files of a source that was itself pruned are rewritten, not copied.

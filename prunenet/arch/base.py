@@ -49,6 +49,9 @@ class ArchAdapter:
         width_settable: False if the config cannot express a new FFN width (then slicing
             refuses before writing anything).
         note: why, for a family with ``width_settable=False`` (shown in the error).
+        output_bias: whether the FFN output module can hold a bias (FLAP bias compensation, ``arch/bias.py``):
+            None (never), ``"always"`` (built with one), or the config key that gives it one when true.
+        output_bias_settable: that key adds biases to the FFN modules only, so PruneNet may turn it on.
     """
 
     model_types: tuple[str, ...]
@@ -63,6 +66,8 @@ class ArchAdapter:
     width_settable: bool = True
     note: str = ""
     attention: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    output_bias: str | None = None
+    output_bias_settable: bool = False
 
     def __post_init__(self) -> None:
         if self.width_key is None and self.width_settable:

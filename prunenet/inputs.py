@@ -100,6 +100,8 @@ class SelectionInputs:
             shared = _SHARED.get(key)
             if shared is None or (self.gram and shared[0][0].gram is None):
                 model = loading.load_model(self.source, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+                if torch.cuda.is_available():  # the text and the pass on the GPU when there is one (a 7B on a CPU:
+                    model.to(torch.device("cuda", torch.cuda.current_device()))  # hours); its text differs from a CPU's
                 tokenizer = loading.load_tokenizer(self.source, self.trust_remote_code)
                 tokens = calibration.calibration_tokens(self.source, model, tokenizer, self.calibration)
                 shared = (calibration.activation_stats(model, tokens, gram=self.gram), int(tokens.numel()))

@@ -179,6 +179,8 @@ def test_config_method_names_what_a_compress_config_keeps():
     assert config_method({"selection": "random", "protect_outliers": 0.05}) is None
     assert config_method({"selection": "sample"}) is None
     assert config_method({}) == "peak"  # compress's own default without a policy
+    assert config_method({"selection": "recon", "calibration": "self"}) == "recon"
+    assert config_method({"selection": "recon", "calibration": "wiki"}) is None
     assert all(default_method(model) in METHODS for model in CONFIGS)
 
 

@@ -88,20 +88,19 @@ def test_the_paper_algorithm_is_selectable_by_name(tiny_dir, tmp_path):
 
 
 def test_the_demo_evaluates_the_pruned_model_as_the_recovery_evaluates_it():
-    """``make demo`` evaluates the compress output with ``prunenet.evaluate``; the recovery shows that result as
-    "before recovery" only when the settings are the same: the Makefile's flags and configs/recover.yaml agree."""
-    import re
-    import shlex
-
+    """``make demo`` evaluates the fit's output with the fit config's evaluation section; the recovery shows that
+    result as "before recovery" only when the settings are the same: configs/smollm2.yaml and
+    configs/recover.yaml agree."""
     import yaml
 
-    from prunenet.evaluate import parser, settings_from
     from prunenet.evaluation.settings import EvalSettings
 
     makefile = (REPO / "Makefile").read_text()
-    flags = shlex.split(re.search(r"^DEMO_EVAL \?= (.*)$", makefile, re.M).group(1))
-    assert "--config configs/compress/smollm2.yaml" in makefile and "$(DEMO_EVAL)" in makefile
-    demo = settings_from(parser().parse_args(["--model", "out/x", *flags])).to_dict()
-    section = dict(yaml.safe_load((REPO / "configs" / "recover.yaml").read_text())["evaluation"])
-    section.pop("enabled", None)
-    assert demo == EvalSettings.from_options(**section).to_dict()
+    assert "prunenet.fit --config configs/smollm2.yaml" in makefile and "configs/recover.yaml" in makefile
+
+    def section(name):
+        options = dict(yaml.safe_load((REPO / "configs" / name).read_text())["evaluation"])
+        assert options.pop("enabled", True) is True
+        return EvalSettings.from_options(**options).to_dict()
+
+    assert section("smollm2.yaml") == section("recover.yaml")

@@ -557,7 +557,7 @@ def test_recover_config_parses():
     cli = ParseOnly(RecoveryModule, RecoveryDataModule, run=False, seed_everything_default=0,
                     trainer_defaults=dict(TRAINER_DEFAULTS), args=["--config", str(ROOT / "configs" / "recover.yaml")],
                     subclass_mode_model=False, subclass_mode_data=False)
-    assert cli.config["model"]["method"] == "lora" and cli.config["data"]["source"] == "wiki"
+    assert cli.config["model"]["method"] == "lora" and cli.config["data"]["source"] == "self" and cli.config["model"]["loss"] == "auto"
     assert cli.config["trainer"]["max_steps"] == TRAINER_DEFAULTS["max_steps"]  # the code's default is the config's
 
 

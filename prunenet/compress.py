@@ -251,13 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bias_compensation", action="store_true",
                         help="FLAP's bias compensation (any selection): each FFN output bias gets the mean output of "
                              "the removed neurons on the --calibration text (a --from_plan replay follows its plan)")
-    parser.add_argument("--calibration", default="self",
+    parser.add_argument("--calibration", default=None,
                         help="text for wanda_sp / flap / recon / --bias_compensation: self (own samples, no data; default), or "
-                             "a corpus (wiki, lambada, a .txt/.jsonl file, hub:<id>): calibration-based")
-    parser.add_argument("--calibration_samples", type=int, default=64, help="sequences of calibration text")
-    parser.add_argument("--calibration_length", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--calibration_temperature", type=float, default=1.0, help="sampling temperature of self")
-    parser.add_argument("--calibration_top_p", type=float, default=1.0, help="nucleus mass of self's sampling")
+                             "a corpus (wiki, lambada, a .txt/.jsonl file, hub:<id>): calibration-based; a feature "
+                             "--policy reads the text it was trained on unless a --calibration flag is given")
+    parser.add_argument("--calibration_samples", type=int, default=None, help="sequences of calibration text (64)")
+    parser.add_argument("--calibration_length", type=int, default=None, help="tokens per sequence (256)")
+    parser.add_argument("--calibration_temperature", type=float, default=None, help="sampling temperature of self (1)")
+    parser.add_argument("--calibration_top_p", type=float, default=None, help="nucleus mass of self's sampling (1)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                         help="replace a non-empty output_dir (--no-overwrite undoes a config's overwrite: true)")
@@ -286,12 +287,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"replayed {args.from_plan} -> {args.output_dir}: {plan['params_dense']:,} -> "
               f"{plan['params_pruned']:,} params")
     else:
+        given = {k: v for k in ("samples", "length", "temperature", "top_p") if (v := getattr(args, f"calibration_{k}")) is not None}
+        calibration = None if args.calibration is None and not given else CalibrationSettings(args.calibration or "self", seed=args.seed, **given)
         plans = compress(args.model, args.output_dir, args.compression_ratio, args.policy, args.selection,
                          args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code,
-                         args.protect_outliers,
-                         CalibrationSettings(args.calibration, args.calibration_samples, args.calibration_length,
-                                             args.calibration_temperature, args.calibration_top_p, args.seed),
-                         args.bias_compensation)
+                         args.protect_outliers, calibration, args.bias_compensation)
         print(summary_table(plans), end="")
     print(f"done in {time.perf_counter() - start:.1f} s")
 

@@ -50,7 +50,7 @@ def greedy_order(m: torch.Tensor, steps: int | None = None, first: Sequence[int]
     for step in range(steps):
         j = forced[step] if step < len(forced) else int(torch.where(kept, -torch.inf, base - 2 * added).argmax())
         kept[j] = True
-        added += m[:, j]
+        added += m[j]  # M is symmetric: the row, contiguous
         order.append(j)
     return torch.tensor(order, dtype=torch.long)
 
@@ -68,11 +68,12 @@ def neuron_features(stats, output_norms: torch.Tensor, peaks: torch.Tensor, m: t
         peaks: (n,) max |w| of the output columns.
         m: (n, n) M = G o (W^T W).
     Returns:
-        (n, len(FEATURES)) float32; a constant column (e.g. n = 1) is all zeros.
+        (n, len(FEATURES)) float32, each column z-scored and clipped to [-5, 5]; a constant column (e.g. n = 1)
+        is all zeros.
     """
     n = m.shape[0]
     diag = m.diagonal().clamp_min(0.0)
-    alignment = m.sum(dim=1) / (diag * m.sum()).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    alignment = m.sum(dim=1) / (diag * m.sum().clamp_min(0.0)).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
     rank = torch.empty(n, dtype=torch.float64)
     rank[greedy_order(m)] = torch.arange(n, dtype=torch.float64)
     columns = [_log(stats.norm) - 0.5 * torch.log(torch.tensor(float(stats.count))), 0.5 * _log(stats.variance),
@@ -81,4 +82,6 @@ def neuron_features(stats, output_norms: torch.Tensor, peaks: torch.Tensor, m: t
                alignment.cpu(), 1.0 - rank / n]
     x = torch.stack([c.double().cpu() for c in columns], dim=1)
     std = x.std(dim=0, unbiased=False)
-    return ((x - x.mean(dim=0)) / torch.where(std > 0, std, 1.0)).float()
+    # clipped at 5 standard deviations: a dead neuron's log(0) floor (-708) would otherwise squeeze every other
+    # neuron of its column into a narrow band
+    return ((x - x.mean(dim=0)) / torch.where(std > 0, std, 1.0)).clamp(-5.0, 5.0).float()

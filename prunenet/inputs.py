@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import json
+
 import torch
 
 from prunenet.states import load_ffn_states, load_output_grams, load_output_norms, load_output_peaks, load_row_norms
@@ -18,9 +20,14 @@ _WEIGHT_STATS = {"peaks": load_output_peaks, "row_norms": load_row_norms, "outpu
                  "output_grams": load_output_grams}
 
 
-#: The activation statistics last computed in this process, by (source, dtype, trust_remote_code, settings): a
-#: fit's policy features and its reward read the same text once.
+#: The activation statistics last computed in this process, by (model identity, dtype, trust_remote_code, settings,
+#: device): a fit's policy features and its reward read the same text once. ``release_shared`` empties it.
 _SHARED: dict[tuple, Any] = {}
+
+
+def release_shared() -> None:
+    """Forget the shared activation statistics (their Grams are n^2 doubles a layer)."""
+    _SHARED.clear()
 
 
 class SelectionInputs:
@@ -35,18 +42,21 @@ class SelectionInputs:
         fingerprint: the states' ``plan.ffn_fingerprint``, if known.
         calibration: the text the activation statistics are computed on (``calibration.CalibrationSettings``);
             None: a selector that needs them fails with a ConfigurationError.
+        features: already computed ``features`` (a fit's), if any.
+        device: where the dense model writes the text and runs the pass (a GPU's text differs from a CPU's:
+            the text cache keys it).
     """
 
     def __init__(self, source: str, dtype: str = "auto", trust_remote_code: bool = False,
                  low_memory: bool | None = None, *, states: Sequence[torch.Tensor] | None = None,
                  peaks: Sequence[torch.Tensor] | None = None, fingerprint: str | None = None,
-                 calibration: Any = None) -> None:
+                 calibration: Any = None, features: Sequence[torch.Tensor] | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.source, self.dtype, self.trust_remote_code, self.low_memory = source, dtype, trust_remote_code, low_memory
         self._states, self._fingerprint = states, fingerprint
         self._weight_stats: dict[str, Sequence[torch.Tensor]] = {} if peaks is None else {"peaks": peaks}
-        self._activations, self._features, self.calibration = None, None, calibration
+        self._activations, self._features, self.calibration, self.device = None, features, calibration, device
         self.gram = False  # whether the activation statistics carry their Gram (set by a selector that needs it)
-        self.calibration_record: dict[str, Any] | None = None
 
     @property
     def states(self) -> Sequence[torch.Tensor]:
@@ -85,7 +95,7 @@ class SelectionInputs:
     @property
     def activations(self) -> Sequence[Any]:
         """Per layer, ``calibration.NeuronStats`` of the FFN activations on the calibration text (the dense
-        model is loaded, run once and released; the text is cached). Sets :attr:`calibration_record`.
+        model is loaded, run once and released; the text is cached).
 
         Raises:
             ConfigurationError: no calibration settings were given.
@@ -96,21 +106,30 @@ class SelectionInputs:
 
             if self.calibration is None:
                 raise ConfigurationError("this selection needs calibration text (calibration settings), none given")
-            key = (str(self.source), self.dtype, self.trust_remote_code, self.calibration)
+            from prunenet.evaluation.cache import model_identity
+
+            # the weights' identity (a folder rewritten in place is another model), the dtype, the text and the device
+            key = (json.dumps(model_identity(self.source), sort_keys=True, default=str), self.dtype,
+                   self.trust_remote_code, self.calibration, str(self.device))
             shared = _SHARED.get(key)
             if shared is None or (self.gram and shared[0][0].gram is None):
                 model = loading.load_model(self.source, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
-                if torch.cuda.is_available():  # the text and the pass on the GPU when there is one (a 7B on a CPU:
-                    model.to(torch.device("cuda", torch.cuda.current_device()))  # hours); its text differs from a CPU's
+                model.to(self.device)  # a fit's device (a 7B's text and pass on a CPU take hours)
                 tokenizer = loading.load_tokenizer(self.source, self.trust_remote_code)
-                tokens = calibration.calibration_tokens(self.source, model, tokenizer, self.calibration)
-                shared = (calibration.activation_stats(model, tokens, gram=self.gram), int(tokens.numel()))
+                tokens = calibration.calibration_tokens(self.source, model, tokenizer, self.calibration,
+                                                        device=str(self.device))
+                shared = (calibration.activation_stats(model, tokens, gram=self.gram),)
                 _SHARED.clear()  # one model's statistics at a time (a Gram is n^2 doubles a layer)
                 _SHARED[key] = shared
                 del model
             self._activations = shared[0]
-            self.calibration_record = {**self.calibration.record(), "tokens": shared[1]}
         return self._activations
+
+    @property
+    def calibration_record(self) -> dict[str, Any] | None:
+        """The calibration settings as a plan records them, with the token count (N x L), or None."""
+        c = self.calibration
+        return None if c is None else {**c.record(), "tokens": c.samples * c.length}
 
     @property
     def features(self) -> Sequence[torch.Tensor]:

@@ -308,7 +308,8 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
         """The source model's per-layer selection inputs, from what this module already read."""
         return SelectionInputs(self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code,
                                states=self.states, peaks=self.__dict__.get("output_peaks"), fingerprint=self.ffn_sha256(),
-                               calibration=getattr(self.policy, "settings", None))
+                               calibration=getattr(self.policy, "settings", None), features=self.__dict__.get("features"),
+                               device=self.trainer.strategy.root_device if self._trainer is not None else "cpu")
 
     def kept_indices(self, selection: str = "sample") -> list[torch.Tensor]:
         """Kept rows per layer, sorted (k,) LongTensors, chosen by the trained policy: ``sample`` (the paper's

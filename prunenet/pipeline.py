@@ -87,7 +87,7 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
     extra = {**(provenance or {}), "protect_outliers": float(protect_outliers),
              "source_ffn_sha256": inputs.fingerprint()}
     biases = compensation_biases(inputs, kept) if bias_compensation else None
-    if "activations" in selector.needs or bias_compensation:  # what text the statistics came from
+    if selector.needs & {"activations", "features"} or bias_compensation:  # what text the statistics came from
         extra["calibration"] = inputs.calibration_record
     if biases is not None:  # the biases themselves too: a replay writes them as they are
         extra.update(bias_compensation=True, compensation_biases=compensation_record(biases))

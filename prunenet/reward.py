@@ -281,7 +281,10 @@ class ReconstructionReward(Reward):
         return out
 
     def release(self) -> None:
+        from prunenet.inputs import release_shared
+
         self.matrices = {}
+        release_shared()  # the statistics the matrices came from (a fit's features are already computed)
 
 #: Rewards by short name (``--model.reward``; any class_path of a Reward subclass works too: ``plugins.py``).
 REWARDS = {cls.name: cls for cls in (KSGateReward, ReconstructionReward)}

@@ -99,13 +99,14 @@ def test_a_fit_trains_a_feature_policy_on_the_reconstruction_reward(tiny_dir, tm
     assert not torch.equal(theta, start)  # three AdamW steps of lr 0.1 moved it
     # the same features through the slicing's selection inputs (the text and statistics read once)
     assert len(cli.model.features) == 3 and cli.model.features[0].shape == (37, len(FEATURES))
-    # the saved policy through prunenet.compress, on the same text: the fit's kept rows
+    assert plan["calibration"]["samples"] == 2 and plan["calibration"]["kind"] == "self-generated"
+    # the saved policy through prunenet.compress: with no calibration flag it reads the text it was trained on
     from prunenet.compress import main as compress_main
 
     compress_main(["--model", str(tiny_dir), "--policy", str(tmp_path / "o"), "--selection", "topk",
-                   "--calibration_samples", "2", "--calibration_length", "8", "--output_dir", str(tmp_path / "c")])
+                   "--output_dir", str(tmp_path / "c")])
     again = json.loads((tmp_path / "c" / "prunenet.json").read_text())
-    assert again["kept_indices"] == plan["kept_indices"]
+    assert again["kept_indices"] == plan["kept_indices"] and again["calibration"] == plan["calibration"]
 
 
 def test_the_cost_benchmark_times_every_step(tmp_path):

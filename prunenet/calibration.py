@@ -28,7 +28,7 @@ from prunenet.errors import ConfigurationError
 #: The source that needs no data: the model's own samples.
 SELF = "self"
 #: Sequences sampled per ``generate`` call. Fixed, because the sampled text depends on it (each step draws the
-#: batch's tokens from one RNG stream): the same settings give the same text on every CPU.
+#: batch's tokens from one RNG stream): the same settings give the same text on a CPU with the same thread count.
 GENERATE_BATCH = 16
 
 

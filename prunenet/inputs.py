@@ -100,7 +100,7 @@ class SelectionInputs:
         Raises:
             ConfigurationError: no calibration settings were given.
         """
-        if self._activations is None:
+        if self._activations is None or (self.gram and self._activations[0].gram is None):
             from prunenet import calibration, loading
             from prunenet.errors import ConfigurationError
 
@@ -112,17 +112,17 @@ class SelectionInputs:
             key = (json.dumps(model_identity(self.source), sort_keys=True, default=str), self.dtype,
                    self.trust_remote_code, self.calibration, str(self.device))
             shared = _SHARED.get(key)
-            if shared is None or (self.gram and shared[0][0].gram is None):
+            if shared is None or (self.gram and shared[0].gram is None):
                 model = loading.load_model(self.source, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
                 model.to(self.device)  # a fit's device (a 7B's text and pass on a CPU take hours)
                 tokenizer = loading.load_tokenizer(self.source, self.trust_remote_code)
                 tokens = calibration.calibration_tokens(self.source, model, tokenizer, self.calibration,
                                                         device=str(self.device))
-                shared = (calibration.activation_stats(model, tokens, gram=self.gram),)
+                shared = calibration.activation_stats(model, tokens, gram=self.gram)
                 _SHARED.clear()  # one model's statistics at a time (a Gram is n^2 doubles a layer)
                 _SHARED[key] = shared
                 del model
-            self._activations = shared[0]
+            self._activations = shared
         return self._activations
 
     @property
@@ -139,9 +139,7 @@ class SelectionInputs:
             from prunenet.calibration import reconstruction_matrix
             from prunenet.features import neuron_features
 
-            self.gram = True
-            if self._activations is not None and self._activations[0].gram is None:
-                self._activations = None
+            self.gram = True  # the activations are computed again if they lack it
             self._features = [neuron_features(a, o, p, reconstruction_matrix(a.gram, g)) for a, o, p, g in
                               zip(self.activations, self.output_norms, self.peaks, self.output_grams)]
         return self._features
@@ -159,8 +157,8 @@ class SelectionInputs:
         also makes the activation statistics carry their Gram)."""
         from prunenet.selectors import LayerInputs
 
-        if "output_gram" in needs and not self.gram:
-            self.gram, self._activations = True, None  # computed again, with the Gram
+        if "output_gram" in needs:
+            self.gram = True  # the activations are computed again if they lack it
         states = self.states  # the layer count and n come from the states, which every plan fingerprints
         for i in range(len(states)):
             state = states[i]

@@ -241,9 +241,9 @@ class ReconstructionReward(Reward):
         self.matrices: dict[int, torch.Tensor] = {}
 
     def hparams(self) -> dict:
-        s = self.settings
-        return {"source": s.source, "samples": s.samples, "length": s.length, "temperature": s.temperature,
-                "top_p": s.top_p, "seed": s.seed}
+        from dataclasses import asdict
+
+        return asdict(self.settings)  # the init arguments are the settings' fields
 
     def setup(self, source: str, dtype: str = "auto", trust_remote_code: bool = False) -> None:
         from prunenet.inputs import SelectionInputs

@@ -55,7 +55,10 @@ from benchmarks.common import (CONFIGS, DETERMINISTIC, PROTECT, REPO, header, lo
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
 METHODS = ("paper", "paper+protect", "baseline", "baseline+protect", "learned", "random", "random+protect",
            "magnitude", "peak", "wanda_sp", "flap", "recon", "wanda_sp@wiki", "flap@wiki", "recon@wiki", "features",
-           "features@wiki")
+           "features@wiki", "recon+refit", "wanda_sp+refit", "flap+refit", "features+refit", "recon+refit@wiki")
+#: ``<method>+refit``: the method's kept rows, then each FFN output projection's kept columns refit by least
+#: squares on the same calibration text (``prunenet/refit.py``, the default ridge).
+REFIT = "+refit"
 #: Calibration text of the calibration-based methods: ``<selection>`` runs on the model's own text (seed s,
 #: ``calibration.CalibrationSettings`` defaults: 64 x 256 tokens sampled from BOS), ``<selection>@wiki`` on
 #: the packaged ``wiki`` corpus (calibration-based; disjoint from the squad-wiki evaluation text).
@@ -161,18 +164,21 @@ def main(argv: list[str] | None = None) -> None:
 
     from prunenet.calibration import CalibrationSettings
     from prunenet.inputs import SelectionInputs
+    from prunenet.refit import refit_weights
     from prunenet.selectors import CALIBRATED_SELECTIONS, build_selector, select_layers
 
     calibrated: dict[tuple[str, int], SelectionInputs] = {}  # (source, seed) -> inputs: the text and statistics once
 
-    def calibrated_rows(method: str, seed: int, k: int) -> tuple[list[torch.Tensor], dict]:
-        selection, _, corpus = method.partition("@")
-        source = CALIBRATION_SOURCES[corpus]
+    def calibrated_inputs(method: str, seed: int) -> SelectionInputs:
+        source = CALIBRATION_SOURCES[method.partition("@")[2]]
         key = (source, seed if source == "self" else 0)
         if key not in calibrated:
             calibrated[key] = SelectionInputs(args.model, calibration=CalibrationSettings(source=source, seed=key[1]))
-        inputs = calibrated[key]
-        selector = build_selector(selection, seed=key[1])
+        return calibrated[key]
+
+    def calibrated_rows(method: str, seed: int, k: int) -> tuple[list[torch.Tensor], dict]:
+        inputs = calibrated_inputs(method, seed)
+        selector = build_selector(method.partition("@")[0].removesuffix(REFIT), seed=inputs.calibration.seed)
         return select_layers(selector, inputs.layers(selector.needs), k), inputs.calibration_record
 
     model = loading.load_model(args.model)
@@ -185,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     protected = [protected_rows(p, protect) for p in peaks]
     reference = [singular_values(g) for g in gates]
     n = gates[0].shape[0]
+    outputs = [adapter.output_module(layer) for layer in layers]
+    if adapter.conv1d and any(REFIT in m for m in methods):
+        parser.error("+refit methods write nn.Linear output columns; this model's FFN output is a Conv1D")
+    dense_outputs = [o.weight.detach().clone() for o in outputs]
     masks = [torch.ones(n) for _ in layers]
     hooks = [adapter.output_module(layer).register_forward_pre_hook(
         lambda _m, a, mask=mask: (a[0] * mask.to(a[0].dtype),) + tuple(a[1:])) for layer, mask in zip(layers, masks)]
@@ -217,15 +227,20 @@ def main(argv: list[str] | None = None) -> None:
                         kept = train_policy(trained[method], r, s, args.episodes)
                     elif method.startswith("features"):
                         kept = train_policy(features_settings(method, s), r, s, args.episodes, "topk")
-                    elif method.partition("@")[0] in CALIBRATED_SELECTIONS:  # the first cell of a text makes it
+                    elif method.partition("@")[0].removesuffix(REFIT) in CALIBRATED_SELECTIONS:  # the first cell of a text makes it
                         kept, extra["calibration"] = calibrated_rows(method, s, k)
                     else:
                         kept = select_rows(method.split("+")[0], k, s, states=gates, row_norms=row_norms, peaks=peaks,
                                            protected=protected if method.endswith("+protect") else None)
+                    refit = refit_weights(calibrated_inputs(method, s), kept) if REFIT in method else None
                     fit_s = time.perf_counter() - t0
-                    for mask, rows in zip(masks, kept):
+                    for i, (mask, rows) in enumerate(zip(masks, kept)):
                         mask.zero_()
                         mask[rows] = 1.0
+                        with torch.no_grad():  # the dense output weight, or the refit columns in the kept places
+                            outputs[i].weight.copy_(dense_outputs[i])
+                            if refit is not None:
+                                outputs[i].weight[:, rows] = refit[i].to(outputs[i].weight.dtype)
                     ks = statistics.fmean(float(ks_statistic(ref, singular_values(g[rows])))
                                           for ref, g, rows in zip(reference, gates, kept))
                     result = perplexity(model, tokenizer, settings, progress=False)

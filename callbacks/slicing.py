@@ -15,7 +15,9 @@ from prunenet import loading
 from prunenet.artifacts import check_output_dir
 from prunenet.export import Exported, use_shardwise
 from prunenet.pipeline import prune
+from prunenet.calibration import CalibrationSettings
 from prunenet.errors import ConfigurationError
+from prunenet.refit import RIDGE, check_ridge
 from prunenet.selectors import POLICY_SELECTIONS, SELECTIONS, build_selector, validate_selection
 
 
@@ -36,16 +38,21 @@ class StructuralSlicing(CheckpointExporter):
             no policy (``peak``, ``random``, ``magnitude``) is a ``prunenet.compress`` run, not a fit.
         shardwise: rewrite the safetensors shards one at a time instead of loading the model
             (None: whenever the source is a local safetensors checkpoint loaded in its own dtype).
+        refit: refit each FFN output projection's kept columns by least squares on the calibration text (ours,
+            ``refit.py``): the policy's text (a feature policy), else the reward's, else the model's own
+            (``CalibrationSettings()``).
+        refit_ridge: the refit's ridge, a fraction of the mean kept activation energy (> 0).
 
     Raises:
-        ConfigurationError: a selection that does not use the policy (one line naming the compress command).
+        ConfigurationError: a selection that does not use the policy (one line naming the compress command), or a
+            bad ``refit_ridge``.
         OutputExistsError: at construction, before any training, if ``output_dir`` is a file,
             not writable, a dangling or looping symlink, or non-empty without ``overwrite``;
             at setup for the default folder.
     """
 
     def __init__(self, output_dir: str | None = None, overwrite: bool = False, selection: str = "sample",
-                 shardwise: bool | None = None) -> None:
+                 shardwise: bool | None = None, refit: bool = False, refit_ridge: float = RIDGE) -> None:
         if selection not in POLICY_SELECTIONS and selection in SELECTIONS:
             raise ConfigurationError(
                 f"slicing.selection {selection!r} does not use the policy, so a fit has nothing to train for it: "
@@ -56,6 +63,7 @@ class StructuralSlicing(CheckpointExporter):
             check_output_dir(output_dir, overwrite)
         self.output_dir, self.overwrite, self.selection = output_dir, overwrite, selection
         self.shardwise = shardwise
+        self.refit, self.refit_ridge = bool(refit), check_ridge(refit_ridge)
         self.exported: Exported | None = None
         self._default_output = Path("lightning_logs") / "pruned"
 
@@ -82,10 +90,13 @@ class StructuralSlicing(CheckpointExporter):
                                          "was written (train at least one episode, or prune without training: "
                                          "python -m prunenet.compress)")
             hp = pl_module.hparams
+            inputs = pl_module.selection_inputs()
+            if self.refit and inputs.calibration is None:
+                inputs.calibration = getattr(pl_module.reward, "settings", None) or CalibrationSettings()
             self.exported = prune(
                 hp.model_name_or_path, build_selector(self.selection, policy=pl_module.policy, seed=pl_module.seed),
                 hp.compression_ratio, self.output_path(), protect_outliers=hp.protect_outliers,
-                inputs=pl_module.selection_inputs(),
+                inputs=inputs, refit=self.refit, refit_ridge=self.refit_ridge,
                 provenance={**pl_module.algorithm(), "episodes": len(pl_module.history),
                             "final_reward_mean": pl_module.history[-1]["reward_mean"] if pl_module.history else None},
                 policy=pl_module.policy, policy_meta=pl_module.policy_metadata(), overwrite=self.overwrite,

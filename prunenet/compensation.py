@@ -24,7 +24,8 @@ from prunenet.errors import ConfigurationError
 ENCODING = "base64 of float32 little-endian bytes, one (d,) vector per layer"
 
 
-def compensation_biases(inputs: Any, kept: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def compensation_biases(inputs: Any, kept: Sequence[torch.Tensor],
+                        refit: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Per layer, FLAP's compensation of the neurons not in ``kept`` (``arch.bias.compensation``, in float64 from
     the stored output weight and ``calibration.NeuronStats.mean``), rounded to float32: what is written (added to
     an existing bias, ``arch.bias.bias_value``) and what the plan records.
@@ -33,13 +34,16 @@ def compensation_biases(inputs: Any, kept: Sequence[torch.Tensor]) -> list[torch
         inputs: the source's ``inputs.SelectionInputs`` with calibration settings (the activation statistics are
             computed here if the selection did not need them; one forward pass of the dense model).
         kept: per layer the sorted LongTensor (k,) of kept rows.
+        refit: per layer the refit output weight of the kept neurons (``refit.refit_weights``), or None: the bias
+            then is the mean of what the refit still misses, W mean(h) - W'_S mean(h)[S].
     Returns:
         One (d,) float32 tensor per layer.
     """
     from prunenet.arch.bias import compensation
     from prunenet.states import per_layer
 
-    pending = iter(zip(kept, [a.mean for a in inputs.activations]))  # per_layer reduces the layers in order
+    refit = refit if refit is not None else [None] * len(kept)
+    pending = iter(zip(kept, [a.mean for a in inputs.activations], refit))  # per_layer reduces layers in order
     biases = per_layer(inputs.source, inputs.trust_remote_code, lambda a, layer: [a.output_module(layer)],
                        lambda a, weights: compensation(a, weights[0], *next(pending)))
     return [b.float() for b in biases]

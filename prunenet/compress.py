@@ -28,14 +28,14 @@ from prunenet.argconfig import OneLineParser, yaml_defaults
 from prunenet.artifacts import atomic_write_text, check_output_dir, load_policy
 from prunenet.cli import run_main
 from prunenet.errors import ConfigurationError, PolicyError, PruneNetWarning
-from prunenet.export import export, use_shardwise
+from prunenet.export import use_shardwise
 from prunenet.pipeline import prune
-from prunenet.plan import read_plan, same_ffn
+from prunenet.plan import same_ffn
+from prunenet.refit import RIDGE, check_ridge
+from prunenet.replay import replay
 from prunenet.selection import check_protect_fraction, kept_width
 from prunenet.selectors import POLICY_SELECTIONS, SELECTIONS, build_selector, validate_selection
-from prunenet.slicing import check_kept
 from prunenet.calibration import CalibrationSettings
-from prunenet.compensation import planned_biases
 from prunenet.inputs import SelectionInputs
 
 
@@ -59,7 +59,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
              policy: str | None = None, selection: str | None = None, seed: int = 0,
              round_to: int = 1, overwrite: bool = False, dtype: str = "auto",
              trust_remote_code: bool = False, protect_outliers: float | None = None,
-             calibration: CalibrationSettings | None = None, bias_compensation: bool = False) -> list[dict[str, Any]]:
+             calibration: CalibrationSettings | None = None, bias_compensation: bool = False,
+             refit: bool = False, refit_ridge: float = RIDGE) -> list[dict[str, Any]]:
     """Prune ``model`` at one or more ratios and save one checkpoint per ratio (``pipeline.prune``; the
     dense model is never built when the source is a local safetensors checkpoint).
 
@@ -79,6 +80,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         calibration: the text ``wanda_sp`` / ``flap`` / ``recon`` and the bias compensation compute activation
             statistics on; None: the model's own (``CalibrationSettings()`` with ``seed``).
         bias_compensation: FLAP's output bias of the removed neurons (``pipeline.prune``), any selection.
+        refit, refit_ridge: the least-squares refit of each FFN output projection's kept columns on the
+            calibration text (ours, ``refit.py``; ``pipeline.prune``), any selection.
     Returns:
         One plan dict (``prunenet.json`` contents, without kept indices and biases) per ratio.
     Raises:
@@ -98,6 +101,8 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
     adapter = get_adapter(config)
     if bias_compensation:
         bias_mode(adapter, config)
+    if refit:
+        check_ridge(refit_ridge)
     n, d = adapter.intermediate_size(config), adapter.hidden_size(config)
     for r in ratios:  # every ratio is checked before any work
         kept_width(n, r, round_to)
@@ -143,75 +148,13 @@ def compress(model: str, output_dir: str, compression_ratio: float | str | Seque
         exported = prune(model, selector, r, target, round_to=round_to, protect_outliers=protect_outliers,
                          inputs=inputs, provenance=provenance, policy=pol, policy_meta=meta or None,
                          overwrite=overwrite, shardwise=shardwise, dtype=dtype, trust_remote_code=trust_remote_code,
-                         bias_compensation=bias_compensation)
+                         bias_compensation=bias_compensation, refit=refit, refit_ridge=refit_ridge)
         summary = {k_: v for k_, v in exported.plan.items() if k_ not in ("kept_indices", "compensation_biases")}
         summary.update(output_dir=str(target), seconds=round(time.perf_counter() - start, 2))
         plans.append(summary)
     if sweep:
         atomic_write_text(Path(output_dir) / "summary.md", summary_table(plans))
     return plans
-
-
-def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False, dtype: str = "auto",
-           trust_remote_code: bool = False) -> dict[str, Any]:
-    """Rebuild a checkpoint from its ``prunenet.json`` and the source model: same kept indices,
-    hence byte-identical weights for the same source weights and dtype.
-
-    The plan must fit the model: same model type and FFN shape (n, d), one kept-index list per layer.
-    A model whose FFN weights differ from the plan's source (another fingerprint) is sliced with a
-    warning: the same neurons, chosen for other weights. The new ``prunenet.json`` records what was
-    done now (this model, its fingerprint, today's versions) and, under ``replayed_from``, the plan's
-    path and its own source. A plan with ``bias_compensation`` is replayed with its stored biases
-    (``compensation.planned_biases``; no calibration pass).
-
-    Raises:
-        ConfigurationError: unreadable plan, or a plan that does not fit the model (says which fact differs).
-    """
-    plan, kept, path = read_plan(plan_path)
-    config = loading.load_config(model, trust_remote_code)
-    adapter = get_adapter(config)
-    n, d = adapter.intermediate_size(config), adapter.hidden_size(config)
-    hint = f"replay it on its source model {plan.get('source_model')!r}"
-    if plan.get("model_type", config.model_type) != config.model_type:
-        raise ConfigurationError(f"plan {str(path)!r} was made for model type {plan['model_type']!r}, but {model!r} "
-                                 f"is {config.model_type!r}; {hint}")
-    # A plan made for a wider model fails the index check, but one made for a narrower model would
-    # silently keep the wrong neurons: compare the widths.
-    if plan.get("intermediate_size", n) != n:
-        raise ConfigurationError(f"plan {str(path)!r} was made for FFN width {plan['intermediate_size']}, "
-                                 f"but {model!r} has {n}; {hint}")
-    if plan.get("hidden_size", d) != d:
-        raise ConfigurationError(f"plan {str(path)!r} was made for hidden size {plan['hidden_size']}, "
-                                 f"but {model!r} has {d}; {hint}")
-    layers = getattr(adapter.text_config(config), "num_hidden_layers", None)
-    check_kept(kept, n, layers if layers is not None else len(kept))
-    biases = planned_biases(plan, adapter, config, len(kept), d, repr(str(path)))
-    source = loading.resolve(model)
-    check_output_dir(output_dir, overwrite, source)
-    shardwise = use_shardwise(model, None, dtype)
-    inputs = SelectionInputs(model, dtype, trust_remote_code)
-    fingerprint = inputs.fingerprint()
-    planned = plan.get("source_ffn_sha256")
-    if planned and not same_ffn(planned, inputs.states, fingerprint):
-        warnings.warn(f"{model!r} has other FFN weights than the plan's source {plan.get('source_model')!r} "
-                      f"(FFN SHA-256 {fingerprint[:12]} vs {planned[:12]}): the same neurons are kept, but they "
-                      f"were chosen{' and compensated' if biases else ''} for other weights", PruneNetWarning,
-                      stacklevel=2)
-    replayed_from = {key: plan.get(key) for key in ("source_model", "model_type", "source_ffn_sha256", "versions")}
-    carried = {key: plan[key] for key in ("policy", "reward", "learner", "plug_points", "protect_outliers",
-                                          "episodes", "final_reward_mean", "calibration", "bias_compensation",
-                                          "compensation_biases",
-                                          "policy_source_model", "policy_trained_ratio", "policy_learner",
-                                          "policy_reward", "policy_episodes", "policy_ffn_sha256") if key in plan}
-    if "policy_ffn_sha256" in plan:  # whether the policy was trained on other weights than this model's
-        carried["policy_transferred"] = not same_ffn(plan["policy_ffn_sha256"], inputs.states, fingerprint)
-    new_plan = export(model, kept, output_dir, selection=plan.get("selection"),
-                      compression_ratio=plan.get("compression_ratio", 0.0), round_to=plan.get("round_to", 1),
-                      seed=plan.get("seed", 0), overwrite=overwrite, shardwise=shardwise, dtype=dtype,
-                      trust_remote_code=trust_remote_code, biases=biases,
-                      extra={**carried, "source_ffn_sha256": fingerprint,
-                             "replayed_from": {"path": str(path), **replayed_from}}).plan
-    return new_plan
 
 
 def summary_table(plans: list[dict[str, Any]]) -> str:
@@ -251,8 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bias_compensation", action="store_true",
                         help="FLAP's bias compensation (any selection): each FFN output bias gets the mean output of "
                              "the removed neurons on the --calibration text (a --from_plan replay follows its plan)")
+    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
+                        help="refit each FFN output projection's kept columns by least squares on the --calibration "
+                             "text (ours; any selection; same shapes, better function)")
+    parser.add_argument("--refit_ridge", type=float, default=RIDGE,
+                        help=f"the refit's ridge, a fraction of the mean kept activation energy ({RIDGE})")
     parser.add_argument("--calibration", default=None,
-                        help="text for wanda_sp / flap / recon / --bias_compensation: self (own samples, no data; default), or "
+                        help="text for wanda_sp / flap / recon / --refit / --bias_compensation: self (own samples, no data; default), or "
                              "a corpus (wiki, lambada, a .txt/.jsonl file, hub:<id>): calibration-based; a feature "
                              "--policy reads the text it was trained on unless a --calibration flag is given")
     parser.add_argument("--calibration_samples", type=int, default=None, help="sequences of calibration text (64)")
@@ -291,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         calibration = None if args.calibration is None and not given else CalibrationSettings(args.calibration or "self", seed=args.seed, **given)
         plans = compress(args.model, args.output_dir, args.compression_ratio, args.policy, args.selection,
                          args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code,
-                         args.protect_outliers, calibration, args.bias_compensation)
+                         args.protect_outliers, calibration, args.bias_compensation, args.refit, args.refit_ridge)
         print(summary_table(plans), end="")
     print(f"done in {time.perf_counter() - start:.1f} s")
 

@@ -71,7 +71,8 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
            extra: dict[str, Any] | None = None, policy: RowPolicy | None = None,
            policy_meta: dict[str, Any] | None = None, overwrite: bool = False, shardwise: bool | None = False,
            dtype: str = "auto", trust_remote_code: bool = False, model: Any = None,
-           biases: Sequence[torch.Tensor] | None = None) -> Exported:
+           biases: Sequence[torch.Tensor] | None = None,
+           output_weights: Sequence[torch.Tensor] | None = None) -> Exported:
     """Slice ``source`` to ``kept`` and save it with its provenance.
 
     Args:
@@ -86,6 +87,8 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
         model: the dense model already loaded; it is sliced in place (never copied).
         biases: per layer the (d,) FLAP bias compensation (``compensation.py``) written into the FFN output bias
             (``arch.bias``), or None.
+        output_weights: per layer the refit FFN output weight in its sliced shape (``refit.py``), written in place
+            of the kept columns, or None.
     Returns:
         :class:`Exported`.
     Raises:
@@ -100,6 +103,8 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
     check_kept(kept, n, layers if layers is not None else len(kept))
     if biases is not None:
         check_biases(biases, adapter, config, len(kept), d)
+    if output_weights is not None:
+        check_output_weights(output_weights, adapter, len(kept), int(kept[0].numel()), d)
     resolved = loading.resolve(source)
     check_output_dir(output_dir, overwrite, resolved)
     shard = model is None and use_shardwise(source, shardwise, dtype)
@@ -114,7 +119,7 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
         written: dict[str, Plan] = {}
 
         def write(tmp: Path) -> None:
-            params = slice_checkpoint(resolved, config, kept, tmp, biases)
+            params = slice_checkpoint(resolved, config, kept, tmp, biases, output_weights)
             written["plan"] = plan_of(count_parameters(meta_model(config)), params)
             write_provenance(tmp, written["plan"], policy, policy_meta)
 
@@ -124,6 +129,11 @@ def export(source: str, kept: Sequence[torch.Tensor], output_dir: str | os.PathL
         model = loading.load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     params_dense = count_parameters(model)
     slice_model(model, kept, adapter)
+    if output_weights is not None:
+        with torch.no_grad():
+            for layer, w in zip(adapter.layers(model), output_weights):
+                out = adapter.output_module(layer).weight
+                out.copy_(w.to(out.dtype))
     if biases is not None:
         add_output_biases(adapter, model, list(biases))
     plan = plan_of(params_dense, count_parameters(model))
@@ -144,6 +154,21 @@ def check_biases(biases: Sequence[torch.Tensor], adapter: Any, config: Any, laye
     if len(biases) != layers or shapes != {(d,)}:
         raise ConfigurationError(f"bias compensation needs one ({d},) bias per layer ({layers}), got {len(biases)} "
                                  f"of shapes {sorted(shapes)}")
+
+
+def check_output_weights(weights: Sequence[torch.Tensor], adapter: Any, layers: int, k: int, d: int) -> None:
+    """One refit output weight per layer, of the sliced shape ((d, k), or (k, d) for Conv1D), finite.
+
+    Raises:
+        ConfigurationError: naming what differs.
+    """
+    shape = (k, d) if adapter.conv1d else (d, k)
+    shapes = {tuple(w.shape) for w in weights}
+    if len(weights) != layers or shapes != {shape}:
+        raise ConfigurationError(f"refit needs one {shape} output weight per layer ({layers}), got {len(weights)} "
+                                 f"of shapes {sorted(shapes)}")
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        raise ConfigurationError("refit output weights hold NaN or Inf (a degenerate activation Gram)")
 
 
 def save_pruned(model: torch.nn.Module, output_dir: str | os.PathLike, plan: Plan,

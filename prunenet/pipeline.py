@@ -8,7 +8,8 @@
    from safetensors where the source is a local checkpoint; no dense model is built);
 2. protected rows (``protect_outliers``) and the kept width ``k = floor((1 - r) n)`` rounded to ``round_to``;
 3. ``selector.select`` per layer (``selection.py``);
-4. with ``bias_compensation``, FLAP's output bias of the removed neurons (``compensation.py``);
+4. with ``refit``, the output projection's kept columns refit by least squares on the calibration text
+   (``refit.py``); with ``bias_compensation``, FLAP's output bias of what is still missing (``compensation.py``);
 5. slice and save (``export.export``: shard by shard from the safetensors files where it can, else the
    model is loaded and sliced in memory) with ``prunenet.json`` (``plan.make_plan``).
 """
@@ -27,6 +28,7 @@ from prunenet.compensation import compensation_biases
 from prunenet.compensation import record as compensation_record
 from prunenet.export import Exported, export
 from prunenet.policy import RowPolicy
+from prunenet.refit import RIDGE, check_ridge, refit_weights
 from prunenet.selection import check_protect_fraction, kept_width, protected_rows
 from prunenet.selectors import Selector, select_layers
 from prunenet.inputs import SelectionInputs
@@ -52,7 +54,8 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
           round_to: int = 1, protect_outliers: float = 0.0, inputs: SelectionInputs | None = None,
           provenance: dict[str, Any] | None = None, policy: RowPolicy | None = None,
           policy_meta: dict[str, Any] | None = None, overwrite: bool = False, shardwise: bool | None = None,
-          dtype: str = "auto", trust_remote_code: bool = False, bias_compensation: bool = False) -> Exported:
+          dtype: str = "auto", trust_remote_code: bool = False, bias_compensation: bool = False,
+          refit: bool = False, refit_ridge: float = RIDGE) -> Exported:
     """Select the kept rows of ``source`` with ``selector`` and save the sliced checkpoint.
 
     Args:
@@ -69,11 +72,14 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
         dtype: ``auto`` (the checkpoint's) or a dtype to load the model in.
         bias_compensation: add FLAP's compensation of the removed neurons to each FFN output bias (FLAP, An et al.
             2024; ``compensation.py``), from the activation means on ``inputs``' calibration text.
+        refit: replace the kept columns of each FFN output projection by their least-squares refit on ``inputs``'
+            calibration text (ours, ``refit.py``); the plan records ``refit: {"ridge": refit_ridge}``.
+        refit_ridge: the refit's ridge, a fraction of the mean kept activation energy (> 0).
     Returns:
         :class:`~prunenet.export.Exported`.
     Raises:
-        ConfigurationError: bad ratio, round_to or protect_outliers, or bias compensation for a family that
-            cannot hold it (``arch.bias.bias_mode``), before any weight is read.
+        ConfigurationError: bad ratio, round_to, protect_outliers or refit_ridge, or bias compensation for a family
+            that cannot hold it (``arch.bias.bias_mode``), before any weight is read.
         OutputExistsError, ModelLoadError, UnsupportedModelError: see ``export`` and ``loading``.
     """
     config = loading.load_config(source, trust_remote_code)
@@ -82,17 +88,22 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
     check_protect_fraction(protect_outliers)
     if bias_compensation:
         bias_mode(adapter, config)
+    if refit:
+        check_ridge(refit_ridge)
     inputs = inputs or SelectionInputs(source, dtype, trust_remote_code)
     kept = select(selector, inputs, k, protect_outliers)
     extra = {**(provenance or {}), "protect_outliers": float(protect_outliers),
              "source_ffn_sha256": inputs.fingerprint()}
-    biases = compensation_biases(inputs, kept) if bias_compensation else None
-    if selector.needs & {"activations", "features"} or bias_compensation:  # what text the statistics came from
+    weights = refit_weights(inputs, kept, refit_ridge) if refit else None
+    biases = compensation_biases(inputs, kept, weights) if bias_compensation else None
+    if selector.needs & {"activations", "features"} or bias_compensation or refit:  # the statistics' text
         extra["calibration"] = inputs.calibration_record
+    if refit:
+        extra["refit"] = {"ridge": check_ridge(refit_ridge)}
     if biases is not None:  # the biases themselves too: a replay writes them as they are
         extra.update(bias_compensation=True, compensation_biases=compensation_record(biases))
     return export(source, kept, output_dir, selection=selector.name, seed=selector.seed,
                   compression_ratio=compression_ratio, round_to=round_to, extra=extra, policy=policy if selector.uses_policy else None,
                   policy_meta=policy_meta, overwrite=overwrite, shardwise=shardwise, dtype=dtype,
-                  trust_remote_code=trust_remote_code, biases=biases)
+                  trust_remote_code=trust_remote_code, biases=biases, output_weights=weights)
 

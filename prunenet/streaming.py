@@ -89,7 +89,8 @@ def match_keys(names: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
 
 
 def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torch.Tensor], out: Path,
-                     biases: Sequence[torch.Tensor] | None = None) -> int:
+                     biases: Sequence[torch.Tensor] | None = None,
+                     output_weights: Sequence[torch.Tensor] | None = None) -> int:
     """Write a sliced copy of a safetensors checkpoint into ``out``, one shard at a time.
 
     FFN tensors are sliced with the adapter's ``slice_tensor``; every other tensor is copied;
@@ -99,6 +100,8 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
     With ``biases`` (per layer the (d,) FLAP compensation, ``arch.bias``) each FFN output bias becomes
     ``bias.bias_value``; a family that gets its FFN biases now (``bias.bias_mode`` ``create``) gets them as new
     tensors (zeros for the inputs) in the shard of their weight and in the index, and the config key turned on.
+    With ``output_weights`` (per layer the refit output weight in its sliced shape, ``refit.py``) each FFN output
+    weight is that tensor rounded to the stored dtype instead of the stored columns.
 
     Returns:
         Number of parameters of the sliced checkpoint.
@@ -142,6 +145,8 @@ def slice_checkpoint(folder: str | os.PathLike, config: Any, kept: Sequence[torc
             if not t.is_meta:
                 check_finite(t, key)  # an error leaves no output: the caller writes into a temp folder
             layer, role, kind = key_roles[key]
+            if output_weights is not None and role == "output" and kind == "weight" and not t.is_meta:
+                return output_weights[layer].to(t.dtype)
             return adapter.slice_tensor(t, kept[layer], role, kind)
 
         # The output header needs every output shape first: slice tensors on the meta device (no data).

@@ -64,16 +64,23 @@ def enable_output_bias(adapter: ArchAdapter, config: object) -> bool:
     return True
 
 
-def compensation(adapter: ArchAdapter, weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+def compensation(adapter: ArchAdapter, weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor,
+                 refit: torch.Tensor | None = None) -> torch.Tensor:
     """FLAP's bias compensation of one layer, b = W_out[:, R] @ mean(h)[R] for R the neurons not in ``kept``.
 
     Args:
         weight: the stored (dense) FFN output weight: (d, n) for nn.Linear, (n, d) for Conv1D.
         kept: LongTensor (k,), the kept neurons.
         mean: (n,), each neuron's mean activation on the calibration text (``calibration.NeuronStats.mean``).
+        refit: the kept neurons' refit output weight in its sliced shape (``refit.py``), or None. With it the
+            bias is W mean(h) - W'_S mean(h)[S] (ours): the mean of what the refit layer still misses.
     Returns:
         (d,) float64.
     """
+    if refit is not None:
+        w, m, r = weight.detach().double().cpu(), mean.double().cpu(), refit.double().cpu()
+        kept_mean = m[kept.long().cpu()]
+        return (m @ w - kept_mean @ r) if adapter.conv1d else (w @ m - r @ kept_mean)
     removed = torch.ones(mean.numel(), dtype=torch.bool)
     removed[kept.long()] = False
     idx = removed.nonzero().squeeze(1)

@@ -1,0 +1,97 @@
+"""Least-squares refit of the FFN output projection on the kept neurons (ours; the structured, closed-form
+counterpart of the layer-wise reconstruction of SparseGPT, Frantar and Alistarh 2023, and ZipLM, Kurtic et al.
+2023, on the self-generated calibration text of ``calibration.py``).
+
+Slicing keeps the columns W[:, S] of the output projection W (d, n) and drops the rest. With the activations H (T, n)
+of the calibration text and their Gram G = H^T H (``calibration.NeuronStats.gram``), the kept columns are replaced by
+the W'_S (d, k) that reproduce the dense FFN output best on that text:
+
+    W'_S = argmin_X sum_t ||W h(t) - X h_S(t)||^2 = W G[:, S] (G[S, S] + lambda I)^-1,
+
+with the ridge lambda = ``ridge`` x the mean of diag G[S, S] (SparseGPT's dampening: it keeps the solve well posed
+for dead or collinear neurons and limits the fit to the text). The checkpoint keeps its shapes: only the values of
+the output projection's kept columns change. Keeping W'_S = W[:, S] is the special case G[R, S] = 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from prunenet.errors import ConfigurationError
+
+#: The default ridge, as a fraction of the mean kept activation energy (SparseGPT's default dampening, 1%).
+RIDGE = 0.01
+
+
+def check_ridge(ridge: float) -> float:
+    """``ridge`` as a float.
+
+    Raises:
+        ConfigurationError: not a finite number > 0.
+    """
+    try:
+        value = float(ridge)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigurationError(f"refit ridge must be a finite number > 0 (a fraction of the mean activation "
+                                 f"energy, default {RIDGE}), got {ridge!r}")
+    return value
+
+
+def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float = RIDGE,
+                  conv1d: bool = False) -> torch.Tensor:
+    """The refit output weight of one layer, already sliced: W G[:, S] (G[S, S] + lambda I)^-1 in float64.
+
+    Args:
+        weight: the stored dense output weight, (d, n) for nn.Linear, (n, d) for Conv1D (``conv1d``).
+        gram: (n, n), G = H^T H over the calibration tokens (any float dtype; used in float64).
+        kept: LongTensor (k,), the kept neurons S.
+        ridge: lambda as a fraction of mean(diag G[S, S]), > 0.
+    Returns:
+        float64 (d, k) for nn.Linear, (k, d) for Conv1D: the sliced weight's shape.
+    Raises:
+        ConfigurationError: a bad ``ridge``, or a Gram / weight / kept of mismatched sizes.
+    """
+    ridge = check_ridge(ridge)
+    w = weight.detach().double().cpu()
+    w = w.t() if conv1d else w  # (d, n)
+    g = gram.double().cpu()
+    n = w.shape[1]
+    if g.shape != (n, n):
+        raise ConfigurationError(f"refit needs an ({n}, {n}) activation Gram, got {tuple(g.shape)}")
+    s = kept.long().cpu()
+    a = g[s][:, s]
+    scale = float(a.diagonal().mean()) or 1.0  # all kept neurons dead: any ridge gives W'_S = 0 from G = 0
+    a = a + ridge * scale * torch.eye(len(s), dtype=torch.float64)
+    # W'_S^T = A^-1 G[S, :] W^T; A is symmetric positive definite (a Gram plus a positive ridge)
+    chol = torch.linalg.cholesky(a)
+    x = torch.cholesky_solve(g[s] @ w.t(), chol)  # (k, d)
+    return x if conv1d else x.t().contiguous()
+
+
+def refit_weights(inputs: Any, kept: Sequence[torch.Tensor], ridge: float = RIDGE) -> list[torch.Tensor]:
+    """Per layer, :func:`refit_columns` from the stored output weight and the Gram of ``inputs``' calibration text.
+
+    Args:
+        inputs: the source's ``inputs.SelectionInputs`` with calibration settings (the activation statistics and
+            their Gram are computed here if the selection did not need them: one forward pass of the dense model).
+        kept: per layer the sorted LongTensor (k,) of kept rows.
+        ridge: see :func:`refit_columns`.
+    Returns:
+        One float64 tensor per layer, in the sliced output weight's shape.
+    """
+    from prunenet.states import per_layer
+
+    ridge = check_ridge(ridge)
+    inputs.gram = True  # the statistics are computed again if they lack it
+    pending = iter(zip(kept, [a.gram for a in inputs.activations]))  # per_layer reduces the layers in order
+
+    def reduce(adapter: Any, weights: list[torch.Tensor]) -> torch.Tensor:
+        rows, gram = next(pending)
+        return refit_columns(weights[0], gram, rows, ridge, adapter.conv1d)
+
+    return per_layer(inputs.source, inputs.trust_remote_code, lambda a, layer: [a.output_module(layer)], reduce)

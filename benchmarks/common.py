@@ -24,7 +24,8 @@ PROTECT = 0.01
 
 def config_method(config: dict) -> str | None:
     """The quality benchmarks' name of what a compress config (parsed YAML) selects: the selection's own
-    name (``peak``, ``random``, ``magnitude``; ``recon``, ``wanda_sp``, ``flap`` on the model's own text), ``+protect`` where it protects :data:`PROTECT` of the
+    name (``peak``, ``random``, ``magnitude``; ``recon``, ``wanda_sp``, ``flap`` on the model's own text, ``+refit`` with
+    the refit), ``+protect`` where it protects :data:`PROTECT` of the
     neurons (``peak`` protects within its own ranking, so it stays ``peak``); None for anything no
     benchmark method reproduces exactly (another protected share, a policy)."""
     selection = config.get("selection", "peak")
@@ -32,7 +33,7 @@ def config_method(config: dict) -> str | None:
     if selection == "peak":
         return "peak"
     if selection in ("recon", "wanda_sp", "flap") and not protect and config.get("calibration", "self") == "self":
-        return selection  # on the model's own text, as the benchmarks run it
+        return selection + ("+refit" if config.get("refit") else "")  # on the model's own text, as benchmarks run it
     if selection in ("random", "magnitude") and protect in (0, PROTECT):
         return f"{selection}+protect" if protect else selection
     return None

@@ -21,7 +21,9 @@ records made before issue 27 did) and perplexity with ``prunenet.evaluation``:
 - ``recon``, ``wanda_sp``, ``flap``: ``prunenet.compress --selection <method> --seed s`` (on the model's own
   text, 64 x 256 tokens sampled from BOS with seed s);
 - ``features``: ``prunenet.fit --config configs/features.yaml`` with seed s, its policy and reward on the
-  model's own text of seed s (the learned policy's top k).
+  model's own text of seed s (the learned policy's top k);
+- ``<method>+refit``: the same rows, then each FFN output projection's kept columns refit by least squares on
+  the same text (``--refit`` / ``--slicing.refit=true``; ``prunenet/refit.py``); without the suffix, no refit.
 
 The report marks the method the shipped config (configs/<model>.yaml) selects as the default.
 
@@ -48,24 +50,27 @@ from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, default_met
     run_measured, table
 from prunenet.assets import exact_name
 
-METHODS = ("peak", "random+protect", "paper", "random", "magnitude", "recon", "wanda_sp", "flap", "features")
+METHODS = ("peak", "random+protect", "paper", "random", "magnitude", "recon", "wanda_sp", "flap", "features",
+           "recon+refit", "wanda_sp+refit", "flap+refit", "features+refit")
 
 
 def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Path) -> Path:
     """Prune ``model`` at ratio ``r`` by ``method`` with ``seed`` into a folder under ``work``; return it."""
     out = work / f"{method}-r{r:g}-s{seed}"
+    method, refit = method.removesuffix("+refit"), method.endswith("+refit")
     if method in ("paper", "features"):
         text = [f"--model.{kind}.init_args.seed={seed}" for kind in ("policy", "reward")] if method == "features" else []
         run_measured(["-m", "prunenet.fit", "--config", f"configs/{method}.yaml", f"--model.model_name_or_path={model}", *text,
                       f"--model.compression_ratio={r}", f"--seed_everything={seed}", f"--trainer.max_epochs={episodes}",
                       f"--trainer.default_root_dir={work / 'runs'}", f"--slicing.output_dir={out}",
-                      "--slicing.overwrite=true", "--evaluation.enabled=false", "--spectrum.enabled=false",
+                      "--slicing.overwrite=true", f"--slicing.refit={str(refit).lower()}",
+                      "--evaluation.enabled=false", "--spectrum.enabled=false",
                       "--trainer.enable_progress_bar=false"])
     else:
         base, _, protect = method.partition("+")
         run_measured(["-m", "prunenet.compress", "--model", model, "--compression_ratio", str(r), "--output_dir",
                       str(out), "--seed", str(seed), "--overwrite", "--selection", base,
-                      *(["--protect_outliers", str(PROTECT)] if protect else [])])
+                      *(["--protect_outliers", str(PROTECT)] if protect else []), *(["--refit"] if refit else [])])
     return out
 
 

@@ -181,6 +181,7 @@ def test_config_method_names_what_a_compress_config_keeps():
     assert config_method({}) == "peak"  # compress's own default without a policy
     assert config_method({"selection": "recon", "calibration": "self"}) == "recon"
     assert config_method({"selection": "recon", "calibration": "wiki"}) is None
+    assert config_method({"selection": "recon", "calibration": "self", "refit": True}) == "recon+refit"
     assert all(default_method(model) in METHODS for model in CONFIGS)
 
 

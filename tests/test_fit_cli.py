@@ -280,5 +280,12 @@ def test_fit_embedded_smollm2(tmp_path, extra_args, plain_load):
     assert len(plan["kept_indices"]) == dense.config.num_hidden_layers == 30
     kept = [torch.tensor(plan["kept_indices"][str(i)]) for i in range(30)]
     ids = torch.randint(0, dense.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert plan["refit"] == {"ridge": source["slicing"]["refit_ridge"]}  # the config refits the output projections
+    changed = 0
+    with torch.no_grad():  # the dense model with the refit columns in the kept places (test_refit.py checks values)
+        for mine, theirs, rows in zip(model.model.layers, dense.model.layers, kept):
+            changed += int(not torch.equal(theirs.mlp.down_proj.weight[:, rows], mine.mlp.down_proj.weight))
+            theirs.mlp.down_proj.weight[:, rows] = mine.mlp.down_proj.weight
+    assert changed == 30
     assert_logits_match(model, dense, ids, kept)
     assert plan["policy"] == "features" and plan["selection"] == "topk" and plan["episodes"] == 2

@@ -4,13 +4,14 @@ counterpart of the layer-wise reconstruction of SparseGPT, Frantar and Alistarh 
 
 Slicing keeps the columns W[:, S] of the output projection W (d, n) and drops the rest. With the activations H (T, n)
 of the calibration text and their Gram G = H^T H (``calibration.NeuronStats.gram``), the kept columns are replaced by
-the W'_S (d, k) that reproduce the dense FFN output best on that text:
+the W'_S (d, k) that reproduce the dense FFN output best on that text, held near the columns they replace:
 
-    W'_S = argmin_X sum_t ||W h(t) - X h_S(t)||^2 = W G[:, S] (G[S, S] + lambda I)^-1,
+    W'_S = argmin_X sum_t ||W h(t) - X h_S(t)||^2 + lambda ||X - W[:, S]||^2 = W (G + lambda I)[:, S] (G[S, S] + lambda I)^-1,
 
-with the ridge lambda = ``ridge`` x the mean of diag G[S, S] (SparseGPT's dampening: it keeps the solve well posed
-for dead or collinear neurons and limits the fit to the text). The checkpoint keeps its shapes: only the values of
-the output projection's kept columns change. Keeping W'_S = W[:, S] is the special case G[R, S] = 0.
+with the ridge lambda = ``ridge`` x the mean of diag G[S, S]: SparseGPT's dampening of the Hessian G, which keeps the
+solve well posed for dead or collinear neurons, limits the fit to the text, and leaves a neuron the text never
+activates with its own column. The checkpoint keeps its shapes: only the values of the output projection's kept
+columns change. W'_S = W[:, S] where G[R, S] = 0 (the removed neurons never co-fire with the kept).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def check_ridge(ridge: float) -> float:
 
 def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float = RIDGE,
                   conv1d: bool = False) -> torch.Tensor:
-    """The refit output weight of one layer, already sliced: W G[:, S] (G[S, S] + lambda I)^-1 in float64.
+    """The refit output weight of one layer, already sliced: W (G + lambda I)[:, S] (G[S, S] + lambda I)^-1 in
+    float64 (the module docstring).
 
     Args:
         weight: the stored dense output weight, (d, n) for nn.Linear, (n, d) for Conv1D (``conv1d``).
@@ -65,11 +67,11 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, 
         raise ConfigurationError(f"refit needs an ({n}, {n}) activation Gram, got {tuple(g.shape)}")
     s = kept.long().cpu()
     a = g[s][:, s]
-    scale = float(a.diagonal().mean()) or 1.0  # all kept neurons dead: any ridge gives W'_S = 0 from G = 0
-    a = a + ridge * scale * torch.eye(len(s), dtype=torch.float64)
-    # W'_S^T = A^-1 G[S, :] W^T; A is symmetric positive definite (a Gram plus a positive ridge)
+    lam = ridge * (float(a.diagonal().mean()) or 1.0)  # all kept neurons dead: W'_S = W[:, S] for any ridge
+    a = a + lam * torch.eye(len(s), dtype=torch.float64)
+    # W'_S^T = A^-1 (G[S, :] W^T + lambda W[:, S]^T); A is symmetric positive definite (a Gram plus a positive ridge)
     chol = torch.linalg.cholesky(a)
-    x = torch.cholesky_solve(g[s] @ w.t(), chol)  # (k, d)
+    x = torch.cholesky_solve(g[s] @ w.t() + lam * w[:, s].t(), chol)  # (k, d)
     return x if conv1d else x.t().contiguous()
 
 

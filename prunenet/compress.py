@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the default with --policy), topk (the policy's k largest logits), peak (the neurons "
                              "whose output column has the largest max-|w|; the default without --policy), random "
                              "(uniform, seeded), magnitude (the largest input-weight L2 norm), or the calibration-based "
-                             "wanda_sp / flap (per-neuron activation statistics on --calibration text) and recon (ours: the kept set "
-                             "whose FFN output on that text is closest to the dense one)")
+                             "wanda_sp / flap (per-neuron activation statistics on --calibration text), recon (ours: the kept set "
+                             "whose FFN output on that text is closest to the dense one) and obs (ours: backward "
+                             "elimination that sees the --refit)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and random draws")
     parser.add_argument("--round_to", type=int, default=1, help="round the kept width down to a multiple")
     parser.add_argument("--protect_outliers", type=float, default=None,

@@ -97,3 +97,46 @@ def refit_weights(inputs: Any, kept: Sequence[torch.Tensor], ridge: float = RIDG
         return refit_columns(weights[0], gram, rows, ridge, adapter.conv1d)
 
     return per_layer(inputs.source, inputs.trust_remote_code, lambda a, layer: [a.output_module(layer)], reduce)
+
+
+def obs_kept(gram: torch.Tensor, output_gram: torch.Tensor, k: int, protected: torch.Tensor | None = None,
+             ridge: float = RIDGE) -> torch.Tensor:
+    """The kept set of a structured OBS backward elimination (ours, after ZipLM, Kurtic et al. 2023, and Optimal
+    Brain Surgeon): the neurons are removed one at a time, each time the one whose removal raises the refit
+    output error least when the remaining columns are refit, so the selection sees what :func:`refit_columns`
+    will do.
+
+    With the dampened Gram H = G + lambda I (lambda = ``ridge`` x mean diag G), the refit X of the current set
+    (initially W) and Hinv = (H restricted to the set)^-1, removing neuron j costs ||X[:, j]||^2 / Hinv_jj and
+    moves X by -X[:, j] Hinv[j, :] / Hinv_jj; Hinv is downdated by rank one. Only X^T X is tracked (from
+    W^T W), so the output weight itself is not needed. Cost: two (n, n) rank-one updates per removed neuron.
+
+    Args:
+        gram: (n, n), G = H^T H over the calibration tokens (``calibration.NeuronStats.gram``).
+        output_gram: (n, n), W^T W of the output weight (``ArchAdapter.output_gram``).
+        k: kept width, 1 <= k <= n.
+        protected: rows never removed, LongTensor (m,), m <= k, or None.
+        ridge: the dampening, a fraction of the mean of diag G (> 0).
+    Returns:
+        Sorted LongTensor (k,) on the CPU.
+    """
+    g = gram.double().cpu()
+    n = g.shape[0]
+    lam = check_ridge(ridge) * (float(g.diagonal().mean()) or 1.0)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(n, dtype=torch.float64)))
+    q = output_gram.double().cpu().clone()  # X^T X of the current refit X
+    removable = torch.ones(n, dtype=torch.bool)  # not protected and not removed yet
+    if protected is not None:
+        removable[protected.long().cpu()] = False
+    kept = torch.ones(n, dtype=torch.bool)
+    for _ in range(n - k):
+        d = hinv.diagonal()
+        j = int(torch.where(removable, q.diagonal() / d.clamp_min(torch.finfo(torch.float64).tiny),
+                            torch.inf).argmin())
+        h = hinv[j] / d[j]  # X' = X - x_j h^T, so Q' = Q - q_j h^T - h q_j^T + q_jj h h^T
+        qj = q[:, j].clone()
+        q -= torch.outer(qj, h) + torch.outer(h, qj - q[j, j] * h)
+        hinv -= torch.outer(hinv[:, j], h)
+        removable[j], kept[j] = False, False
+        q[j], q[:, j], hinv[j], hinv[:, j] = 0.0, 0.0, 0.0, 0.0  # exactly out, not rounding-small
+    return kept.nonzero().squeeze(1)

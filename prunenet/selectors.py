@@ -1,8 +1,8 @@
 """Selectors: the one plug point of the final selection, "given a layer's inputs and k, return the kept
-rows", and its one vocabulary (:data:`SELECTIONS`): the trained policy (``sample``, ``topk``), a
-closed-form rule (``peak``), a baseline (``random``, ``magnitude``) or a calibration-based anchor scored on
-activation statistics (``wanda_sp``, ``flap``; on self-generated text by default, ``calibration.py``). Used by the one pruning pipeline
-(``pipeline.py``) for fit, compress and the benchmarks.
+rows", and its one vocabulary (:data:`SELECTIONS`): the trained policy (``sample``, ``topk``), a closed-form
+rule (``peak``), a baseline (``random``, ``magnitude``) or a calibration-based selection on activation statistics
+(``wanda_sp``, ``flap``, ``recon``, ``obs``; self-generated text by default, ``calibration.py``). Used by the one
+pruning pipeline (``pipeline.py``) for fit, compress and the benchmarks.
 
 Source: PruneNet Section 3 for ``sample`` (the policy's seeded draw); the protocol and the other
 selectors are ours (the baselines and data-free rules the policy is measured against).
@@ -67,6 +67,9 @@ class Selector:
     needs: ClassVar[frozenset[str]] = frozenset()
     uses_policy: ClassVar[bool] = False
     seed: int = 0
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)  # a draw's seed, or the self-generated text's sampling seed (recorded)
 
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
         """The kept rows of one layer.
@@ -137,16 +140,10 @@ class TopKSelector(PolicySelector):
 
 class RandomSelector(Selector):
     """Uniformly random rows (ours: the baseline every method must beat), seeded by (seed, layer): the
-    first k of a seeded permutation of range(n), protected rows first.
-
-    Args:
-        seed: the draw's seed.
-    """
+    first k of a seeded permutation of range(n), protected rows first."""
 
     name = "random"
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = int(seed)
 
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
         return uniform_kept(layer.size, k, layer_generator(self.seed, FINAL_EPISODE, layer.index), protected)
@@ -193,8 +190,6 @@ class WandaSPSelector(Selector):
     name = "wanda_sp"
     needs = frozenset({"activations", "output_norms"})
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = int(seed)  # the self-generated text's sampling seed
 
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
         return _scored(layer.activations.norm.float() * layer.output_norms[0], k, protected)
@@ -210,8 +205,6 @@ class FlapSelector(Selector):
     name = "flap"
     needs = frozenset({"activations", "output_norms"})
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = int(seed)
 
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
         return _scored(layer.activations.variance.float() * layer.output_norms[1] ** 2, k, protected)
@@ -230,8 +223,6 @@ class ReconstructionSelector(Selector):
     name = "recon"
     needs = frozenset({"activations", "output_gram"})
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = int(seed)
 
     def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
         from prunenet.calibration import reconstruction_matrix
@@ -242,11 +233,25 @@ class ReconstructionSelector(Selector):
         return greedy_order(m, k, first).sort().values
 
 
+class ObsSelector(Selector):
+    """Structured OBS (ours, after ZipLM, Kurtic et al. 2023): backward elimination of the neuron whose removal
+    raises the FFN output error on the calibration text least when the kept output columns are refit by least
+    squares (``refit.obs_kept``): the selection for ``--refit``. Deterministic given the calibration text."""
+
+    name = "obs"
+    needs = frozenset({"activations", "output_gram"})
+
+    def select(self, layer: LayerInputs, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        from prunenet.refit import obs_kept
+
+        return obs_kept(layer.activations.gram, layer.output_gram, k, protected)
+
+
 #: Every selection by name: the one vocabulary (``slicing.selection`` of a fit, ``compress --selection``,
 #: the plan's ``selection``, the benchmarks).
 SELECTIONS: dict[str, type[Selector]] = {cls.name: cls for cls in (
     SampleSelector, TopKSelector, RandomSelector, MagnitudeSelector, PeakSelector, WandaSPSelector, FlapSelector,
-    ReconstructionSelector)}
+    ReconstructionSelector, ObsSelector)}
 #: The selections that read activation statistics on calibration text (``calibration.py``).
 CALIBRATED_SELECTIONS = tuple(name for name, cls in SELECTIONS.items() if "activations" in cls.needs)
 #: The selections that need a trained policy (what a fit's ``slicing.selection`` may be).

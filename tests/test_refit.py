@@ -25,7 +25,7 @@ from prunenet.calibration import CalibrationSettings
 from prunenet.compensation import read_record
 from prunenet.compress import main as compress_main
 from prunenet.errors import ConfigurationError
-from prunenet.refit import RIDGE, check_ridge, refit_columns
+from prunenet.refit import RIDGE, check_ridge, obs_kept, refit_columns
 from prunenet.replay import planned_refit
 from tests.conftest import assert_same_weights, private_cache
 from tests.tiny import save_tiny, tiny_model
@@ -98,6 +98,30 @@ def test_dead_kept_neurons_keep_their_own_columns():
                                rtol=0, atol=4 * U64 * float(w.abs().max()))
 
 
+def _dampened_error(w: torch.Tensor, hd: torch.Tensor, keep: list[int]) -> float:
+    """min over X supported on ``keep`` of tr((W - X) H (W - X)^T), H the dampened Gram: by its normal equations."""
+    s = torch.tensor(keep)
+    x = torch.linalg.solve(hd[s][:, s], (w @ hd[:, s]).t()).t()
+    full = torch.zeros_like(w)
+    full[:, s] = x
+    return float(torch.trace((w - full) @ hd @ (w - full).t()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_obs_removes_the_neuron_that_costs_least_after_the_refit_each_step(seed):
+    h, w, _ = _problem(seed, t=60, n=9, d=4)
+    gram = h.t() @ h
+    hd = gram + RIDGE * float(gram.diagonal().mean()) * torch.eye(9, dtype=torch.float64)
+    protected = torch.tensor([seed])  # never removed
+    keep = list(range(9))
+    for _ in range(9 - 4):  # brute force: every candidate's cost with the rest refit, the cheapest goes
+        costs = {j: _dampened_error(w, hd, [i for i in keep if i != j]) for j in keep if j != seed}
+        keep.remove(min(costs, key=costs.get))
+    got = obs_kept(gram, w.t() @ w, 4, protected)
+    assert got.tolist() == keep and seed in keep
+    assert obs_kept(gram, w.t() @ w, 9).tolist() == list(range(9))
+
+
 @pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), "a", None])
 def test_a_bad_ridge_is_one_line(bad):
     with pytest.raises(ConfigurationError, match=r"refit ridge must be a finite number > 0") as err:
@@ -118,11 +142,12 @@ def _load(path: Path):
     return model.eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear (d, n); Conv1D (n, d) with its own bias
-def test_compress_refit_writes_the_refit_columns_and_a_replay_rewrites_them(family, tmp_path, cache_env):
+# nn.Linear (d, n); Conv1D (n, d) with its own bias; each with one of the selections the refit is made for
+@pytest.mark.parametrize("family, selection", [("llama", "recon"), ("gpt2", "obs")])
+def test_compress_refit_writes_the_refit_columns_and_a_replay_rewrites_them(family, selection, tmp_path, cache_env):
     src = save_tiny(tiny_model(family, seed=0), tmp_path / family, tokenizer=True)
-    plain = _compress(src, tmp_path / "plain", "--selection", "recon")
-    plan = _compress(src, tmp_path / "refit", "--selection", "recon", "--refit")
+    plain = _compress(src, tmp_path / "plain", "--selection", selection)
+    plan = _compress(src, tmp_path / "refit", "--selection", selection, "--refit")
     assert plan["kept_indices"] == plain["kept_indices"] and plan["shardwise"]
     assert plan["refit"] == {"ridge": RIDGE} and plan["calibration"]["samples"] == 4 and "refit" not in plain
     dense = _load(src)
@@ -145,7 +170,7 @@ def test_compress_refit_writes_the_refit_columns_and_a_replay_rewrites_them(fami
                   for name, mods in models.items()}
         assert errors["refit"] < errors["plain"], (i, errors)
     # the in-memory path (a dtype given) writes the same tensors as the shard-wise one, and a replay recomputes them
-    _compress(src, tmp_path / "memory", "--selection", "recon", "--refit", "--dtype", "float32")
+    _compress(src, tmp_path / "memory", "--selection", selection, "--refit", "--dtype", "float32")
     compress_main(["--from_plan", str(tmp_path / "refit" / "prunenet.json"), "--model", str(src),
                    "--output_dir", str(tmp_path / "replay")])
     replayed = json.loads((tmp_path / "replay" / "prunenet.json").read_text())

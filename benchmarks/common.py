@@ -32,7 +32,8 @@ def config_method(config: dict) -> str | None:
     protect = config.get("protect_outliers") or 0
     if selection == "peak":
         return "peak"
-    if selection in ("recon", "wanda_sp", "flap") and not protect and config.get("calibration", "self") == "self":
+    own_text = config.get("calibration", "self") == "self"
+    if selection in ("recon", "wanda_sp", "flap", "obs") and not protect and own_text:
         return selection + ("+refit" if config.get("refit") else "")  # on the model's own text, as benchmarks run it
     if selection in ("random", "magnitude") and protect in (0, PROTECT):
         return f"{selection}+protect" if protect else selection

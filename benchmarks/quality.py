@@ -18,7 +18,7 @@ records made before issue 27 did) and perplexity with ``prunenet.evaluation``:
   episodes) with seed s;
 - ``random``: ``prunenet.compress --selection random --seed s`` (uniform rows);
 - ``magnitude``: ``prunenet.compress --selection magnitude`` (deterministic: one run per ratio);
-- ``recon``, ``wanda_sp``, ``flap``: ``prunenet.compress --selection <method> --seed s`` (on the model's own
+- ``recon``, ``wanda_sp``, ``flap``, ``obs``: ``prunenet.compress --selection <method> --seed s`` (on the model's own
   text, 64 x 256 tokens sampled from BOS with seed s);
 - ``features``: ``prunenet.fit --config configs/features.yaml`` with seed s, its policy and reward on the
   model's own text of seed s (the learned policy's top k);
@@ -51,7 +51,7 @@ from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, default_met
 from prunenet.assets import exact_name
 
 METHODS = ("peak", "random+protect", "paper", "random", "magnitude", "recon", "wanda_sp", "flap", "features",
-           "recon+refit", "wanda_sp+refit", "flap+refit", "features+refit")
+           "recon+refit", "wanda_sp+refit", "flap+refit", "features+refit", "obs+refit")
 
 
 def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Path) -> Path:

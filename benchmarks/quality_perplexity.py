@@ -16,6 +16,9 @@ Methods (each seed s, each ratio r):
 - ``random``: uniformly random rows, seed s; ``random+protect``: the protected outlier neurons
   always kept, the rest uniformly random;
 - ``magnitude``: the k neurons with the largest input-weight norm (deterministic: one cell);
+- ``recon``, ``wanda_sp``, ``flap``, ``obs``: ``prunenet.compress --selection <method>`` on the model's own text of
+  seed s (``@wiki``: on the packaged wiki text); ``features``: the FeaturePolicy of ``configs/features.yaml``
+  trained on that text, its top k; ``<method>+refit``: then the kept output columns refit on the same text;
 - ``peak``: the k neurons with the largest output max-|w| (deterministic): the selection with the
   lowest ``peak_dropped`` score of ``benchmarks.reward_correlation``, i.e. what a policy trained to
   optimum on that candidate reward would keep (ours).
@@ -55,7 +58,8 @@ from benchmarks.common import (CONFIGS, DETERMINISTIC, PROTECT, REPO, header, lo
 KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect")
 METHODS = ("paper", "paper+protect", "baseline", "baseline+protect", "learned", "random", "random+protect",
            "magnitude", "peak", "wanda_sp", "flap", "recon", "wanda_sp@wiki", "flap@wiki", "recon@wiki", "features",
-           "features@wiki", "recon+refit", "wanda_sp+refit", "flap+refit", "features+refit", "recon+refit@wiki")
+           "features@wiki", "recon+refit", "wanda_sp+refit", "flap+refit", "features+refit", "recon+refit@wiki",
+           "obs", "obs+refit", "obs+refit@wiki")
 #: ``<method>+refit``: the method's kept rows, then each FFN output projection's kept columns refit by least
 #: squares on the same calibration text (``prunenet/refit.py``, the default ridge).
 REFIT = "+refit"

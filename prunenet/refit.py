@@ -6,7 +6,8 @@ Slicing keeps the columns W[:, S] of the output projection W (d, n) and drops th
 of the calibration text and their Gram G = H^T H (``calibration.NeuronStats.gram``), the kept columns are replaced by
 the W'_S (d, k) that reproduce the dense FFN output best on that text, held near the columns they replace:
 
-    W'_S = argmin_X sum_t ||W h(t) - X h_S(t)||^2 + lambda ||X - W[:, S]||^2 = W (G + lambda I)[:, S] (G[S, S] + lambda I)^-1,
+    W'_S = argmin_X sum_t ||W h(t) - X h_S(t)||^2 + lambda ||X - W[:, S]||^2
+         = W (G + lambda I)[:, S] (G[S, S] + lambda I)^-1,
 
 with the ridge lambda = ``ridge`` x the mean of diag G[S, S]: SparseGPT's dampening of the Hessian G, which keeps the
 solve well posed for dead or collinear neurons, limits the fit to the text, and leaves a neuron the text never

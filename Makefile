@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # fit (configs/smollm2.yaml: the model writes its own calibration text, a policy over its neurons' activation
-# features learns which to keep, the top k are sliced out; the fit's evaluation writes eval.json / eval.md, dense
+# features learns which to keep, the top k are sliced out and the kept columns of each FFN output projection
+# are refit by least squares on that text; the fit's evaluation writes eval.json / eval.md, dense
 # vs pruned, next to the pruned model) -> data-free recovery (configs/recover.yaml, 25 steps: distillation from the
 # dense model on the same self-generated text) -> evaluate dense vs recovered (the dense scores come from the cache,
 # "before recovery" from the pruned folder's eval.json) -> generate.

@@ -396,7 +396,7 @@ def test_a_config_file_sets_the_options_and_flags_override_it(tiny_dir, tmp_path
 
 @pytest.mark.parametrize("text, match", [
     ("selecton: peak\n", r"unknown key 'selecton'; accepted: model, output_dir, "),
-    ("selection: peek\n", r"selection must be one of sample, topk, random, magnitude, peak, wanda_sp, flap, recon, got 'peek'"),
+    ("selection: peek\n", r"selection must be one of sample, topk, random, magnitude, peak, wanda_sp, flap, recon, obs, got 'peek'"),
     ("- peak\n", "must be a mapping of options"),
     ("overwrite: 'false'\n", "overwrite must be true or false, got 'false'"),
     ("seed: 1.7\n", "seed must be an integer, got 1.7"),

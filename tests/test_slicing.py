@@ -188,7 +188,7 @@ def test_policy_selections_sample_and_topk():
     for w, idx in zip(states, top):
         z = policy.logits(w)
         assert float(z[idx].min()) >= float(z[[j for j in range(37) if j not in set(idx.tolist())]].max())
-    with pytest.raises(ConfigurationError, match="selection must be one of sample, topk, random, magnitude, peak, wanda_sp, flap, recon, "
+    with pytest.raises(ConfigurationError, match="selection must be one of sample, topk, random, magnitude, peak, wanda_sp, flap, recon, obs, "
                                                  "got 'greedy'"):
         build_selector("greedy", policy=policy)
 
@@ -199,7 +199,7 @@ def test_one_selection_vocabulary():
     import re
     from pathlib import Path
 
-    assert list(SELECTIONS) == ["sample", "topk", "random", "magnitude", "peak", "wanda_sp", "flap", "recon"]
+    assert list(SELECTIONS) == ["sample", "topk", "random", "magnitude", "peak", "wanda_sp", "flap", "recon", "obs"]
     assert all(cls.name == name for name, cls in SELECTIONS.items())
     root = Path(__file__).resolve().parents[1]
     code = "\n".join(p.read_text() for d in ("prunenet", "callbacks", "benchmarks") for p in (root / d).rglob("*.py"))

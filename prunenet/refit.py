@@ -136,8 +136,8 @@ def obs_kept(gram: torch.Tensor, output_gram: torch.Tensor, k: int, protected: t
                             torch.inf).argmin())
         h = hinv[j] / d[j]  # X' = X - x_j h^T, so Q' = Q - q_j h^T - h q_j^T + q_jj h h^T
         qj = q[:, j].clone()
-        q -= torch.outer(qj, h) + torch.outer(h, qj - q[j, j] * h)
-        hinv -= torch.outer(hinv[:, j], h)
+        q.addr_(qj, h, alpha=-1.0).addr_(h, qj - qj[j] * h, alpha=-1.0)  # in place: one pass over (n, n) each
+        hinv.addr_(hinv[:, j].clone(), h, alpha=-1.0)
         removable[j], kept[j] = False, False
         q[j], q[:, j], hinv[j], hinv[:, j] = 0.0, 0.0, 0.0, 0.0  # exactly out, not rounding-small
     return kept.nonzero().squeeze(1)

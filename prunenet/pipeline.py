@@ -91,6 +91,8 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
     if refit:
         check_ridge(refit_ridge)
     inputs = inputs or SelectionInputs(source, dtype, trust_remote_code)
+    if refit:  # one activation pass for the selection and the refit: with the Gram from the start
+        inputs.gram = True
     kept = select(selector, inputs, k, protect_outliers)
     extra = {**(provenance or {}), "protect_outliers": float(protect_outliers),
              "source_ffn_sha256": inputs.fingerprint()}

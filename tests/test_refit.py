@@ -243,3 +243,12 @@ def test_a_plan_with_refit_but_no_text_is_one_line():
     settings, ridge = planned_refit({"refit": {"ridge": 0.05}, "calibration": {**SETTINGS.record(), "tokens": 64}}, "p")
     assert settings == SETTINGS and ridge == 0.05
     assert planned_refit({}, "p") is None
+
+
+def test_a_per_neuron_selection_with_refit_runs_one_activation_pass(tmp_path, cache_env, monkeypatch):
+    """wanda_sp needs no Gram, the refit does: the one pass computes it from the start."""
+    src = save_tiny(tiny_model("llama", seed=0), tmp_path / "llama", tokenizer=True)
+    calls, real = [], calibration.activation_stats
+    monkeypatch.setattr(calibration, "activation_stats", lambda *a, **kw: calls.append(kw.get("gram")) or real(*a, **kw))
+    plan = _compress(src, tmp_path / "out", "--selection", "wanda_sp", "--refit")
+    assert calls == [True] and plan["refit"] == {"ridge": RIDGE}

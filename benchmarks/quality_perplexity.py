@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         key = (source, seed if source == "self" else 0)
         if key not in calibrated:
             calibrated[key] = SelectionInputs(args.model, calibration=CalibrationSettings(source=source, seed=key[1]))
+            calibrated[key].gram = any(REFIT in m for m in methods)  # one pass for selection and refit
         return calibrated[key]
 
     def calibrated_rows(method: str, seed: int, k: int) -> tuple[list[torch.Tensor], dict]:

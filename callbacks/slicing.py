@@ -40,7 +40,7 @@ class StructuralSlicing(CheckpointExporter):
             (None: whenever the source is a local safetensors checkpoint loaded in its own dtype).
         refit: refit each FFN output projection's kept columns by least squares on the calibration text (ours,
             ``refit.py``): the policy's text (a feature policy), else the reward's, else the model's own
-            (``CalibrationSettings()``).
+            (``CalibrationSettings(seed=<the fit's seed>)``).
         refit_ridge: the refit's ridge, a fraction of the mean kept activation energy (> 0).
 
     Raises:
@@ -92,7 +92,8 @@ class StructuralSlicing(CheckpointExporter):
             hp = pl_module.hparams
             inputs = pl_module.selection_inputs()
             if self.refit and inputs.calibration is None:
-                inputs.calibration = getattr(pl_module.reward, "settings", None) or CalibrationSettings()
+                inputs.calibration = getattr(pl_module.reward, "settings", None) or CalibrationSettings(
+                    seed=pl_module.seed)
             self.exported = prune(
                 hp.model_name_or_path, build_selector(self.selection, policy=pl_module.policy, seed=pl_module.seed),
                 hp.compression_ratio, self.output_path(), protect_outliers=hp.protect_outliers,

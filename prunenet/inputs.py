@@ -127,9 +127,11 @@ class SelectionInputs:
 
     @property
     def calibration_record(self) -> dict[str, Any] | None:
-        """The calibration settings as a plan records them, with the token count (N x L), or None."""
+        """The calibration settings as a plan records them, with the token count (N x L) and, where the pass ran
+        on another device than the CPU, the device (self-generated text differs between devices), or None."""
         c = self.calibration
-        return None if c is None else {**c.record(), "tokens": c.samples * c.length}
+        device = {} if str(self.device) == "cpu" else {"device": str(self.device)}
+        return None if c is None else {**c.record(), "tokens": c.samples * c.length, **device}
 
     @property
     def features(self) -> Sequence[torch.Tensor]:

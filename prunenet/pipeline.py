@@ -26,6 +26,7 @@ from prunenet.arch import get_adapter
 from prunenet.arch.bias import bias_mode
 from prunenet.compensation import compensation_biases
 from prunenet.compensation import record as compensation_record
+from prunenet.errors import ConfigurationError
 from prunenet.export import Exported, export
 from prunenet.policy import RowPolicy
 from prunenet.refit import RIDGE, check_ridge, refit_weights
@@ -91,6 +92,9 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
     if refit:
         check_ridge(refit_ridge)
     inputs = inputs or SelectionInputs(source, dtype, trust_remote_code)
+    if (refit or bias_compensation) and inputs.calibration is None:
+        raise ConfigurationError("refit and bias compensation need calibration text: give SelectionInputs calibration "
+                                 "settings (calibration.CalibrationSettings)")
     if refit:  # one activation pass for the selection and the refit: with the Gram from the start
         inputs.gram = True
     kept = select(selector, inputs, k, protect_outliers)

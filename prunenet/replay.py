@@ -24,17 +24,24 @@ def planned_refit(plan: dict[str, Any], where: str) -> tuple[CalibrationSettings
 
     Raises:
         ConfigurationError: a ``refit`` without readable ``calibration`` settings or ridge (names ``where``).
+    Warns:
+        PruneNetWarning: the plan's self-generated text was written on another device than the CPU.
     """
-    if not plan.get("refit"):
+    if plan.get("refit") in (None, False):
         return None
     try:
         record = plan["calibration"]
         settings = CalibrationSettings(**{key: record[key] for key in ("source", "samples", "length", "temperature",
                                                                        "top_p", "seed") if key in record})
-        return settings, check_ridge(plan["refit"]["ridge"])
+        ridge = check_ridge(plan["refit"]["ridge"])
     except (KeyError, TypeError) as exc:
         raise ConfigurationError(f"plan {where} has refit but no readable calibration settings or ridge "
                                  f"({type(exc).__name__}: {exc})") from None
+    if record.get("device", "cpu") != "cpu" and settings.data_free:
+        warnings.warn(f"plan {where} refit on text the model wrote on {record['device']}; the replay writes it on "
+                      f"the CPU, where the sampled text, and so the refit weights, differ", PruneNetWarning,
+                      stacklevel=3)
+    return settings, ridge
 
 
 def replay(plan_path: str, model: str, output_dir: str, overwrite: bool = False, dtype: str = "auto",

@@ -119,7 +119,17 @@ def test_obs_removes_the_neuron_that_costs_least_after_the_refit_each_step(seed)
         keep.remove(min(costs, key=costs.get))
     got = obs_kept(gram, w.t() @ w, 4, protected)
     assert got.tolist() == keep and seed in keep
-    assert obs_kept(gram, w.t() @ w, 9).tolist() == list(range(9))
+
+
+def test_obs_keeps_k_rows_when_more_are_protected_and_refuses_a_bad_width():
+    h, w, _ = _problem(0, t=60, n=9, d=4)
+    gram = h.t() @ h
+    assert obs_kept(gram, w.t() @ w, 3, torch.tensor([1, 4, 6, 8])).tolist() == [1, 4, 6]  # the first k, as recon
+    for k in (0, 10):
+        with pytest.raises(ConfigurationError, match=rf"kept width must lie in \[1, 9\], got {k}"):
+            obs_kept(gram, w.t() @ w, k)
+    with pytest.raises(ConfigurationError, match="Gram holds NaN or Inf"):
+        obs_kept(gram * float("inf"), w.t() @ w, 3)
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), "a", None])
@@ -143,9 +153,11 @@ def _load(path: Path):
 
 
 # nn.Linear (d, n); Conv1D (n, d) with its own bias; each with one of the selections the refit is made for
-@pytest.mark.parametrize("family, selection", [("llama", "recon"), ("gpt2", "obs")])
-def test_compress_refit_writes_the_refit_columns_and_a_replay_rewrites_them(family, selection, tmp_path, cache_env):
-    src = save_tiny(tiny_model(family, seed=0), tmp_path / family, tokenizer=True)
+@pytest.mark.parametrize("family, selection, dtype", [("llama", "recon", torch.float32), ("gpt2", "obs", torch.float32),
+                                                     ("llama", "wanda_sp", torch.bfloat16)])
+def test_compress_refit_writes_the_refit_columns_and_a_replay_rewrites_them(family, selection, dtype, tmp_path,
+                                                                          cache_env):
+    src = save_tiny(tiny_model(family, seed=0).to(dtype), tmp_path / family, tokenizer=True)
     plain = _compress(src, tmp_path / "plain", "--selection", selection)
     plan = _compress(src, tmp_path / "refit", "--selection", selection, "--refit")
     assert plan["kept_indices"] == plain["kept_indices"] and plan["shardwise"]
@@ -161,8 +173,10 @@ def test_compress_refit_writes_the_refit_columns_and_a_replay_rewrites_them(fami
         w = adapter.output_module(layer).weight.detach()
         want = refit_columns(w, stats[i].gram, kept, conv1d=adapter.conv1d)
         got = adapter.output_module(models["refit"][i]).weight.detach()
-        # the same float64 computation rounded once to float32: at most one rounding apart
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=2 * U32 * float(want.abs().max()))
+        # the same float64 computation rounded once to the stored dtype: at most one rounding (2 units) apart
+        unit = 2.0 ** -8 if dtype == torch.bfloat16 else U32
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2 * unit * float(want.abs().max()))
         # and the layer's FFN output on the text is closer to the dense one than plain slicing's
         h = torch.cat(activations[i])  # (T, n)
         dense_out = h @ (w.double() if adapter.conv1d else w.double().t())  # (T, d)
@@ -170,7 +184,7 @@ def test_compress_refit_writes_the_refit_columns_and_a_replay_rewrites_them(fami
                   for name, mods in models.items()}
         assert errors["refit"] < errors["plain"], (i, errors)
     # the in-memory path (a dtype given) writes the same tensors as the shard-wise one, and a replay recomputes them
-    _compress(src, tmp_path / "memory", "--selection", selection, "--refit", "--dtype", "float32")
+    _compress(src, tmp_path / "memory", "--selection", selection, "--refit", "--dtype", str(dtype).split(".")[1])
     compress_main(["--from_plan", str(tmp_path / "refit" / "prunenet.json"), "--model", str(src),
                    "--output_dir", str(tmp_path / "replay")])
     replayed = json.loads((tmp_path / "replay" / "prunenet.json").read_text())
@@ -243,6 +257,12 @@ def test_a_plan_with_refit_but_no_text_is_one_line():
     settings, ridge = planned_refit({"refit": {"ridge": 0.05}, "calibration": {**SETTINGS.record(), "tokens": 64}}, "p")
     assert settings == SETTINGS and ridge == 0.05
     assert planned_refit({}, "p") is None
+    with pytest.raises(ConfigurationError, match="no readable calibration settings or ridge"):
+        planned_refit({"refit": {}, "calibration": SETTINGS.record()}, "p")
+    from prunenet.errors import PruneNetWarning
+
+    with pytest.warns(PruneNetWarning, match="wrote on cuda:0; the replay writes it on the CPU"):
+        planned_refit({"refit": {"ridge": 0.01}, "calibration": {**SETTINGS.record(), "device": "cuda:0"}}, "p")
 
 
 def test_a_per_neuron_selection_with_refit_runs_one_activation_pass(tmp_path, cache_env, monkeypatch):

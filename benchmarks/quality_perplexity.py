@@ -59,7 +59,7 @@ KEY_NAMES = ("model", "ratio", "method", "seed", "tokens", "episodes", "protect"
 METHODS = ("paper", "paper+protect", "baseline", "baseline+protect", "learned", "random", "random+protect",
            "magnitude", "peak", "wanda_sp", "flap", "recon", "wanda_sp@wiki", "flap@wiki", "recon@wiki", "features",
            "features@wiki", "recon+refit", "wanda_sp+refit", "flap+refit", "features+refit", "recon+refit@wiki",
-           "obs", "obs+refit", "obs+refit@wiki")
+           "obs", "obs+refit", "obs+refit@wiki", "features+refit@wiki", "wanda_sp+refit@wiki")
 #: ``<method>+refit``: the method's kept rows, then each FFN output projection's kept columns refit by least
 #: squares on the same calibration text (``prunenet/refit.py``, the default ridge).
 REFIT = "+refit"

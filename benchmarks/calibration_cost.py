@@ -1,6 +1,7 @@
 """What self-calibrated selection and policy learning cost per layer at LLaMA-2-7B's FFN shape (n = 11008,
 d = 4096), on random matrices: the reconstruction matrix M = G o (W^T W), the greedy order the ``recon``
-selection keeps the head of, the policy features, and one reconstruction reward (issue 28's cost table).
+selection keeps the head of, the policy features, one reconstruction reward and the refit of the kept output
+columns (issue 28's cost table).
 
     python -m benchmarks.calibration_cost [--n 11008] [--d 4096] [--tokens 16384] [--layers 32]
 
@@ -25,6 +26,7 @@ from benchmarks.common import REPO, header, table
 def main(argv: list[str] | None = None) -> None:
     from prunenet.calibration import NeuronStats, reconstruction_matrix, relative_output_error
     from prunenet.features import greedy_order, neuron_features
+    from prunenet.refit import refit_columns
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=11008)
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     m32 = m.float()
     kept = torch.randperm(args.n, generator=g)[:k]
     timed("one reconstruction reward (float32 M, one draw)", lambda: relative_output_error(m32, kept))
+    timed(f"refit of the k = {k} kept output columns (float64 Cholesky solve)",
+          lambda: refit_columns(w, gram, kept.sort().values))
     gib = args.n * args.n * 8 / 2 ** 30
     lines = ["# Self-calibration cost per layer at LLaMA-2-7B's FFN shape (random matrices)", "",
              header("python -m benchmarks.calibration_cost " + " ".join(argv if argv is not None else sys.argv[1:])),

@@ -63,6 +63,11 @@ METHODS = ("paper", "paper+protect", "baseline", "baseline+protect", "learned", 
 #: ``<method>+refit``: the method's kept rows, then each FFN output projection's kept columns refit by least
 #: squares on the same calibration text (``prunenet/refit.py``, the default ridge).
 REFIT = "+refit"
+
+
+def selection_of(method: str) -> str:
+    """The selection a method name runs: ``recon+refit@wiki`` -> ``recon``."""
+    return method.partition("@")[0].removesuffix(REFIT)
 #: Calibration text of the calibration-based methods: ``<selection>`` runs on the model's own text (seed s,
 #: ``calibration.CalibrationSettings`` defaults: 64 x 256 tokens sampled from BOS), ``<selection>@wiki`` on
 #: the packaged ``wiki`` corpus (calibration-based; disjoint from the squad-wiki evaluation text).
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def calibrated_rows(method: str, seed: int, k: int) -> tuple[list[torch.Tensor], dict]:
         inputs = calibrated_inputs(method, seed)
-        selector = build_selector(method.partition("@")[0].removesuffix(REFIT), seed=inputs.calibration.seed)
+        selector = build_selector(selection_of(method), seed=inputs.calibration.seed)
         return select_layers(selector, inputs.layers(selector.needs), k), inputs.calibration_record
 
     model = loading.load_model(args.model)
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                         kept = train_policy(trained[method], r, s, args.episodes)
                     elif method.startswith("features"):
                         kept = train_policy(features_settings(method, s), r, s, args.episodes, "topk")
-                    elif method.partition("@")[0].removesuffix(REFIT) in CALIBRATED_SELECTIONS:  # the first cell of a text makes it
+                    elif selection_of(method) in CALIBRATED_SELECTIONS:  # the first cell of a text makes it
                         kept, extra["calibration"] = calibrated_rows(method, s, k)
                     else:
                         kept = select_rows(method.split("+")[0], k, s, states=gates, row_norms=row_norms, peaks=peaks,

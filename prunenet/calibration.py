@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -71,6 +71,16 @@ class CalibrationSettings:
     def data_free(self) -> bool:
         """True for ``self``: no text but the model's own."""
         return self.source == SELF
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "CalibrationSettings":
+        """The settings a plan's calibration record (:meth:`record`, with extra keys such as ``kind`` and
+        ``tokens``) was made from.
+
+        Raises:
+            ConfigurationError: a value out of range; TypeError: a record that is not a mapping.
+        """
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
     def record(self) -> dict[str, Any]:
         """The settings as a plan / report records them, with ``kind`` (self-generated or calibration-based)."""

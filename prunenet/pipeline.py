@@ -89,8 +89,7 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
     check_protect_fraction(protect_outliers)
     if bias_compensation:
         bias_mode(adapter, config)
-    if refit:
-        check_ridge(refit_ridge)
+    ridge = check_ridge(refit_ridge) if refit else None
     inputs = inputs or SelectionInputs(source, dtype, trust_remote_code)
     if (refit or bias_compensation) and inputs.calibration is None:
         raise ConfigurationError("refit and bias compensation need calibration text: give SelectionInputs calibration "
@@ -100,12 +99,12 @@ def prune(source: str, selector: Selector, compression_ratio: float, output_dir:
     kept = select(selector, inputs, k, protect_outliers)
     extra = {**(provenance or {}), "protect_outliers": float(protect_outliers),
              "source_ffn_sha256": inputs.fingerprint()}
-    weights = refit_weights(inputs, kept, refit_ridge) if refit else None
+    weights = refit_weights(inputs, kept, ridge) if refit else None
     biases = compensation_biases(inputs, kept, weights) if bias_compensation else None
     if selector.needs & {"activations", "features"} or bias_compensation or refit:  # the statistics' text
         extra["calibration"] = inputs.calibration_record
     if refit:
-        extra["refit"] = {"ridge": check_ridge(refit_ridge)}
+        extra["refit"] = {"ridge": ridge}
     if biases is not None:  # the biases themselves too: a replay writes them as they are
         extra.update(bias_compensation=True, compensation_biases=compensation_record(biases))
     return export(source, kept, output_dir, selection=selector.name, seed=selector.seed,

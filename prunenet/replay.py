@@ -31,8 +31,7 @@ def planned_refit(plan: dict[str, Any], where: str) -> tuple[CalibrationSettings
         return None
     try:
         record = plan["calibration"]
-        settings = CalibrationSettings(**{key: record[key] for key in ("source", "samples", "length", "temperature",
-                                                                       "top_p", "seed") if key in record})
+        settings = CalibrationSettings.from_record(record)
         ridge = check_ridge(plan["refit"]["ridge"])
     except (KeyError, TypeError) as exc:
         raise ConfigurationError(f"plan {where} has refit but no readable calibration settings or ridge "

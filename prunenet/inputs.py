@@ -106,11 +106,7 @@ class SelectionInputs:
 
             if self.calibration is None:
                 raise ConfigurationError("this selection needs calibration text (calibration settings), none given")
-            from prunenet.evaluation.cache import model_identity
-
-            # the weights' identity (a folder rewritten in place is another model), the dtype, the text and the device
-            key = (json.dumps(model_identity(self.source), sort_keys=True, default=str), self.dtype,
-                   self.trust_remote_code, self.calibration, str(self.device))
+            key = self._shared_key()
             shared = _SHARED.get(key)
             if shared is None or (self.gram and shared[0].gram is None):
                 model = loading.load_model(self.source, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
@@ -124,6 +120,23 @@ class SelectionInputs:
                 del model
             self._activations = shared
         return self._activations
+
+    def _shared_key(self) -> tuple:
+        from prunenet.evaluation.cache import model_identity
+
+        # the weights' identity (a folder rewritten in place is another model), the dtype, the text and the device
+        return (json.dumps(model_identity(self.source), sort_keys=True, default=str), self.dtype,
+                self.trust_remote_code, self.calibration, str(self.device))
+
+    def take_shared(self) -> bool:
+        """Hold the activation statistics (with their Gram) that another reader of the same text already
+        computed, so that a later ``release_shared`` does not make :attr:`activations` run the pass again.
+        Never runs the pass. Returns whether they were there."""
+        shared = None if self.calibration is None else _SHARED.get(self._shared_key())
+        if shared is None or shared[0].gram is None:
+            return False
+        self._activations, self.gram = shared, True
+        return True
 
     @property
     def calibration_record(self) -> dict[str, Any] | None:

@@ -232,7 +232,7 @@ class FeaturePolicy(RowPolicy):
         intermediate_size, hidden_size: see :class:`RowPolicy` (the input is (n, F), not (n, d)).
         init: the feature theta starts on (a name in ``features.FEATURES``).
         scale: its starting weight (logit units per standard deviation of the feature), > 0.
-        source, samples, length, temperature, top_p, seed: the calibration text (``calibration.CalibrationSettings``).
+        source, samples, length, temperature, top_p, seed, batch: the calibration text (``calibration.CalibrationSettings``).
     Raises:
         ConfigurationError: an unknown ``init``, a scale <= 0, a bad calibration setting.
     """
@@ -242,7 +242,7 @@ class FeaturePolicy(RowPolicy):
 
     def __init__(self, intermediate_size: int, hidden_size: int, init: str = "recon_rank", scale: float = 2.0,
                  source: str = "self", samples: int = 64, length: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0) -> None:
+                 top_p: float = 1.0, seed: int = 0, batch: int = 64) -> None:
         from prunenet.calibration import CalibrationSettings
         from prunenet.errors import ConfigurationError
         from prunenet.features import FEATURES
@@ -253,7 +253,7 @@ class FeaturePolicy(RowPolicy):
         if not (isinstance(scale, (int, float)) and scale > 0):
             raise ConfigurationError(f"FeaturePolicy scale must be a number > 0, got {scale!r}")
         self.init, self.scale = init, float(scale)
-        self.settings = CalibrationSettings(source, samples, length, temperature, top_p, seed)
+        self.settings = CalibrationSettings(source, samples, length, temperature, top_p, seed, batch)
         self.theta = nn.Parameter(torch.zeros(len(FEATURES)))
         with torch.no_grad():
             self.theta[FEATURES.index(init)] = self.scale

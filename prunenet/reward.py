@@ -224,7 +224,7 @@ class ReconstructionReward(Reward):
     spectra of its weights.
 
     Args:
-        source, samples, length, temperature, top_p, seed: the calibration text
+        source, samples, length, temperature, top_p, seed, batch: the calibration text
             (``calibration.CalibrationSettings``; ``self``: the model's own samples from BOS).
     Raises:
         ConfigurationError: a bad calibration setting; :meth:`prepare` before :meth:`setup`.
@@ -233,10 +233,10 @@ class ReconstructionReward(Reward):
     name = "reconstruction"
 
     def __init__(self, source: str = "self", samples: int = 64, length: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0) -> None:
+                 top_p: float = 1.0, seed: int = 0, batch: int = 64) -> None:
         from prunenet.calibration import CalibrationSettings
 
-        self.settings = CalibrationSettings(source, samples, length, temperature, top_p, seed)
+        self.settings = CalibrationSettings(source, samples, length, temperature, top_p, seed, batch)
         self.inputs: Any = None
         self.matrices: dict[int, torch.Tensor] = {}
 

@@ -37,6 +37,7 @@ def tokenizer(tiny_dir):
     ({"samples": True}, "calibration samples must be an integer >= 1, got True"),
     ({"temperature": 0.0}, "calibration temperature must be > 0, got 0.0"),
     ({"top_p": 1.5}, "calibration top_p must be in (0, 1], got 1.5"),
+    ({"batch": 0}, "calibration batch must be an integer >= 1, got 0"),
 ])
 def test_bad_settings_are_one_line(bad, message):
     with pytest.raises(ConfigurationError) as err:
@@ -60,6 +61,18 @@ def test_self_generated_text_is_seeded_exact_length_and_leaves_the_rng(tokenizer
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert settings.record()["kind"] == "self-generated"
+    # the generate batch is part of the settings: the sampled text depends on it
+    d = calibration.generate_tokens(model, tokenizer, CalibrationSettings(samples=5, length=9, seed=3, batch=2),
+                                    progress=False)
+    assert d.shape == (5, 9) and not torch.equal(a, d)
+
+
+def test_a_record_without_the_generate_batch_is_the_old_batch_of_16():
+    record = CalibrationSettings(samples=5, length=9).record()
+    assert record["batch"] == 64 and CalibrationSettings.from_record(record).batch == 64
+    del record["batch"]  # a plan written before the batch was recorded
+    assert CalibrationSettings.from_record(record) == CalibrationSettings(samples=5, length=9, batch=16)
+    assert "batch" not in CalibrationSettings(source="wiki").record()  # sampling options do not apply to a corpus
 
 
 def test_corpus_text_is_calibration_based_and_checked(tokenizer, tmp_path):
@@ -131,7 +144,7 @@ def test_compress_with_self_and_corpus_calibration(tiny_dir, tmp_path, cache_env
     plan = json.loads((out / "prunenet.json").read_text())
     assert plan["selection"] == "wanda_sp"
     assert plan["calibration"] == {"source": "self", "samples": 3, "length": 8, "temperature": 1.0, "top_p": 1.0,
-                                   "seed": 0, "kind": "self-generated", "tokens": 24}
+                                   "seed": 0, "batch": 64, "kind": "self-generated", "tokens": 24}
     assert list((cache_env / "calibration").glob("*.entry"))  # the text is cached
     text = tmp_path / "cal.txt"
     text.write_text(" ".join(f"w{i % 90 + 3}" for i in range(400)))
@@ -216,12 +229,17 @@ def test_reconstruction_reward_is_the_relative_output_error(tiny_dir, cache_env)
 def test_a_fit_trains_with_the_reconstruction_reward(tiny_dir, tmp_path, cache_env, extra_args, monkeypatch):
     from tests.conftest import fit_in_process
 
+    passes, real = [], calibration.activation_stats
+    monkeypatch.setattr(calibration, "activation_stats", lambda *a, **kw: passes.append(kw.get("gram")) or real(*a, **kw))
     cli = fit_in_process([f"--model.model_name_or_path={tiny_dir}", "--trainer.max_epochs=2",
                           f"--trainer.default_root_dir={tmp_path / 'logs'}", f"--slicing.output_dir={tmp_path / 'o'}",
                           "--model.reward=ReconstructionReward", "--model.reward.init_args.samples=2",
-                          "--model.reward.init_args.length=8", "--model.learner=baseline"], extra_args, monkeypatch)
+                          "--model.reward.init_args.length=8", "--model.learner=baseline", "--slicing.refit=true"],
+                         extra_args, monkeypatch)
     plan = json.loads((tmp_path / "o" / "prunenet.json").read_text())
     assert plan["selection"] == "sample" and plan["reward"] == "reconstruction" and plan["episodes"] == 2
+    # the refit reuses the reward's statistics, released after training: one pass of the dense model, not two
+    assert passes == [True] and plan["refit"] == {"ridge": 0.01} and plan["calibration"]["samples"] == 2
     assert plan["plug_points"]["reward"]["init_args"]["samples"] == 2
     # -log of a relative error in (0, 1]: finite and >= 0
     assert np.isfinite(plan["final_reward_mean"]) and plan["final_reward_mean"] >= 0

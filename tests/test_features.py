@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from prunenet.calibration import NeuronStats, reconstruction_matrix
+from prunenet.calibration import CalibrationSettings, NeuronStats, reconstruction_matrix
 from prunenet.errors import ConfigurationError
 from prunenet.features import FEATURES, greedy_order, neuron_features
 from prunenet.policy import FeaturePolicy
@@ -72,6 +72,24 @@ def test_a_feature_policy_starts_as_its_init_feature_and_refuses_bad_values():
     assert policy.hparams()["init"] == "wanda_sp" and policy.hparams()["samples"] == 64
     # the default starts as the recon selection: the greedy order's first k
     assert torch.equal(TopKSelector(FeaturePolicy(7, 5)).select(layer, 4), ReconstructionSelector().select(layer, 4))
+    assert policy.hparams()["batch"] == 64
+
+
+def test_a_feature_policy_saved_before_the_generate_batch_was_recorded_loads_with_batch_16(tmp_path):
+    from prunenet.artifacts import load_policy, save_policy
+
+    policy = FeaturePolicy(7, 5, samples=8, seed=2)
+    save_policy(tmp_path, policy, {"intermediate_size": 7, "hidden_size": 5})
+    assert load_policy(tmp_path)[0].settings.batch == 64
+    blob = torch.load(tmp_path / "policy.pt", weights_only=True)
+    del blob["meta"]["plug_points"]["policy"]["init_args"]["batch"]  # as an older fit wrote it
+    torch.save(blob, tmp_path / "policy.pt")
+    loaded = load_policy(tmp_path)[0]
+    assert loaded.settings == CalibrationSettings(samples=8, seed=2, batch=16)
+
+
+def test_a_feature_policy_refuses_bad_values():
+    policy = FeaturePolicy(7, 5)
     with pytest.raises(ConfigurationError, match="init must be one of act_rms, .*got 'nope'"):
         FeaturePolicy(7, 5, init="nope")
     with pytest.raises(ConfigurationError, match="scale must be a number > 0, got 0"):

@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--protect", type=float, default=PROTECT, help="protect_outliers of the +protect methods")
+    parser.add_argument("--calibration_batch", type=int, default=64,
+                        help="sequences of the model's own text sampled per generate call (the text depends on it; "
+                             "the tables before 2026-12-05 used 16)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--table_only", action="store_true", help="write the table of the finished cells, run none")
     parser.add_argument("--dense_only", action="store_true",
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     features = yaml.safe_load((REPO / "configs/features.yaml").read_text())["model"]
 
     def features_settings(method: str, seed: int) -> dict:
-        text = {"source": CALIBRATION_SOURCES[method.partition("@")[2]], "seed": seed}
+        text = {"source": CALIBRATION_SOURCES[method.partition("@")[2]], "seed": seed, "batch": args.calibration_batch}
         return {**features, "model_name_or_path": args.model,
                 **{key: {**features[key], "init_args": {**features[key].get("init_args", {}), **text}}
                    for key in ("policy", "reward")}}
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         source = CALIBRATION_SOURCES[method.partition("@")[2]]
         key = (source, seed if source == "self" else 0)
         if key not in calibrated:
-            calibrated[key] = SelectionInputs(args.model, calibration=CalibrationSettings(source=source, seed=key[1]))
+            calibrated[key] = SelectionInputs(args.model, calibration=CalibrationSettings(
+                source=source, seed=key[1], batch=args.calibration_batch))
             calibrated[key].gram = any(REFIT in m for m in methods)  # one pass for selection and refit
         return calibrated[key]
 

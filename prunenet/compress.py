@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration_length", type=int, default=None, help="tokens per sequence (256)")
     parser.add_argument("--calibration_temperature", type=float, default=None, help="sampling temperature of self (1)")
     parser.add_argument("--calibration_top_p", type=float, default=None, help="nucleus mass of self's sampling (1)")
+    parser.add_argument("--calibration_batch", type=int, default=None,
+                        help="sequences of self sampled per generate call (64; the text depends on it: 16 before "
+                             "2026-12-05, what the README's quality tables used)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                         help="replace a non-empty output_dir (--no-overwrite undoes a config's overwrite: true)")
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"replayed {args.from_plan} -> {args.output_dir}: {plan['params_dense']:,} -> "
               f"{plan['params_pruned']:,} params")
     else:
-        given = {k: v for k in ("samples", "length", "temperature", "top_p") if (v := getattr(args, f"calibration_{k}")) is not None}
+        given = {k: v for k in ("samples", "length", "temperature", "top_p", "batch") if (v := getattr(args, f"calibration_{k}")) is not None}
         calibration = None if args.calibration is None and not given else CalibrationSettings(args.calibration or "self", seed=args.seed, **given)
         plans = compress(args.model, args.output_dir, args.compression_ratio, args.policy, args.selection,
                          args.seed, args.round_to, args.overwrite, args.dtype, args.trust_remote_code,

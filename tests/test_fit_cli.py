@@ -220,21 +220,29 @@ def test_plug_points_take_a_class_path_and_init_args_from_flags(tiny_dir, tmp_pa
     assert isinstance(cli.model.policy, RowMLP) and cli.model.policy.hidden.out_features == 32
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--model.learner.class_path=prunenet.learner.BaselineLearnr"], "BaselineLearnr"),
-    (["--model.learner.class_path=prunenet.learner.BaselineLearner", "--model.learner.init_args.momentun=0.5"],
-     "momentun"),
-    (["--model.policy.class_path=prunenet.policy.RowMLP", "--model.policy.init_args.width=wide"], "wide"),
-    (["--model.compresion_ratio=0.2"], "compresion_ratio"),
-    (["--model.learner.class_path=prunenet.learner.PaperLearner", "--model.learner.init_args.gamma=0"],
-     "model.learner.init_args.gamma must be a finite number in (0, 1], got 0.0"),
-    (["--model.learner=baseline", "--model.learner.init_args.momentum=0.5"], "a short name takes no init_args"),
-])
-def test_a_misspelt_class_or_key_is_a_one_line_error_before_any_work(flags, needle, tiny_dir, tmp_path):
-    res = run_fit(f"--model.model_name_or_path={tiny_dir}", f"--trainer.default_root_dir={tmp_path / 'logs'}",
-                  f"--slicing.output_dir={tmp_path / 'out'}", *flags, extra=[])
-    assert needle in one_line_error(res, code=2)
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "out").exists()
+BAD_FLAGS = {  # flags -> what the one error line names
+    "class": (["--model.learner.class_path=prunenet.learner.BaselineLearnr"], "BaselineLearnr"),
+    "init-arg": (["--model.learner.class_path=prunenet.learner.BaselineLearner",
+                  "--model.learner.init_args.momentun=0.5"], "momentun"),
+    "value": (["--model.policy.class_path=prunenet.policy.RowMLP", "--model.policy.init_args.width=wide"], "wide"),
+    "key": (["--model.compresion_ratio=0.2"], "compresion_ratio"),
+    "range": (["--model.learner.class_path=prunenet.learner.PaperLearner", "--model.learner.init_args.gamma=0"],
+              "model.learner.init_args.gamma must be a finite number in (0, 1], got 0.0"),
+    "short-name-args": (["--model.learner=baseline", "--model.learner.init_args.momentum=0.5"],
+                        "a short name takes no init_args"),
+    "protect-range": (["--model.protect_outliers=1.5"], "protect_outliers must be a finite number in [0, 1)"),
+}
+
+
+def test_a_misspelt_class_or_key_is_a_one_line_error_before_any_work(tiny_dir, tmp_path):
+    # one shared start-up for the runs (run_fit_many): each is otherwise ~7 s of imports
+    runs = run_fit_many({name: [f"--model.model_name_or_path={tiny_dir}",
+                                f"--trainer.default_root_dir={tmp_path / name / 'logs'}",
+                                f"--slicing.output_dir={tmp_path / name / 'out'}", *flags]
+                         for name, (flags, _) in BAD_FLAGS.items()}, [], tmp_path)
+    for name, (_, needle) in BAD_FLAGS.items():
+        assert needle in one_line_error(runs[name], code=2), name
+        assert not (tmp_path / name).exists(), name
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -85,7 +85,8 @@ class CalibrationSettings:
             ConfigurationError: a value out of range; TypeError: a record that is not a mapping.
         """
         given = {f.name: record[f.name] for f in fields(cls) if f.name in record}
-        given.setdefault("batch", LEGACY_BATCH)  # a record without it was sampled 16 sequences a call
+        if given.get("source", SELF) == SELF:  # a self-generated record without it was sampled 16 sequences a call
+            given.setdefault("batch", LEGACY_BATCH)
         return cls(**given)
 
     def record(self) -> dict[str, Any]:

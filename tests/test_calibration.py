@@ -72,7 +72,8 @@ def test_a_record_without_the_generate_batch_is_the_old_batch_of_16():
     assert record["batch"] == 64 and CalibrationSettings.from_record(record).batch == 64
     del record["batch"]  # a plan written before the batch was recorded
     assert CalibrationSettings.from_record(record) == CalibrationSettings(samples=5, length=9, batch=16)
-    assert "batch" not in CalibrationSettings(source="wiki").record()  # sampling options do not apply to a corpus
+    wiki = CalibrationSettings(source="wiki")
+    assert "batch" not in wiki.record() and CalibrationSettings.from_record(wiki.record()) == wiki  # a corpus: no sampling
 
 
 def test_corpus_text_is_calibration_based_and_checked(tokenizer, tmp_path):

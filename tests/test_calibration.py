@@ -141,11 +141,12 @@ def test_wanda_sp_and_flap_rank_by_their_scores():
 def test_compress_with_self_and_corpus_calibration(tiny_dir, tmp_path, cache_env):
     out = tmp_path / "ws"
     compress_main(["--model", str(tiny_dir), "--selection", "wanda_sp", "--calibration_samples", "3",
-                   "--calibration_length", "8", "--output_dir", str(out), "--compression_ratio", "0.3"])
+                   "--calibration_length", "8", "--calibration_batch", "2", "--output_dir", str(out),
+                   "--compression_ratio", "0.3"])
     plan = json.loads((out / "prunenet.json").read_text())
     assert plan["selection"] == "wanda_sp"
     assert plan["calibration"] == {"source": "self", "samples": 3, "length": 8, "temperature": 1.0, "top_p": 1.0,
-                                   "seed": 0, "batch": 64, "kind": "self-generated", "tokens": 24}
+                                   "seed": 0, "batch": 2, "kind": "self-generated", "tokens": 24}
     assert list((cache_env / "calibration").glob("*.entry"))  # the text is cached
     text = tmp_path / "cal.txt"
     text.write_text(" ".join(f"w{i % 90 + 3}" for i in range(400)))

@@ -5,9 +5,9 @@ selections computed on the first N sequences (first L tokens each) of the model'
         [--samples 4,8,16,32,64] [--lengths 64,128,256] [--tokens 16384]
 
 The text is the default self-calibration text (64 x 256 tokens from BOS, ``--seed``), generated once and
-cut: the first N sequences are what ``--calibration_samples N`` generates for N a multiple of 16 (the
-sequences are sampled 16 a call from one seeded stream), and a sequence's first L tokens what length L
-samples. Perplexity as ``benchmarks.quality_perplexity`` (first ``--tokens`` tokens of squad-wiki, context
+cut: the first N sequences are what ``--calibration_samples N`` generates for N a multiple of
+``--calibration_batch`` (the sequences are sampled that many a call from one seeded stream; the committed
+results used 16), and a sequence's first L tokens what length L samples. Perplexity as ``benchmarks.quality_perplexity`` (first ``--tokens`` tokens of squad-wiki, context
 512, removed neurons zeroed at the FFN output). Each finished cell is appended to a JSON-lines file next to
 the table and skipped when run again.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, header, load_records, table
+from benchmarks.common import REPO, add_text_batch_argument, check_text_batch, header, load_records, table
 
 KEY_NAMES = ("model", "ratio", "method", "seed", "samples", "length", "tokens")
 METHODS = ("recon", "wanda_sp")
@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", default="64,128,256")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--methods", default=",".join(METHODS))
+    add_text_batch_argument(parser)
     args = parser.parse_args(argv)
     output = REPO / f"benchmarks/results/calibration-size-{args.model.split('-')[0]}.md"
     records_path = output.with_suffix(".jsonl")
     done = load_records(records_path, KEY_NAMES)
-    settings = calibration.CalibrationSettings(seed=args.seed)
+    check_text_batch(done.values(), args.calibration_batch, records_path)
+    settings = calibration.CalibrationSettings(seed=args.seed, batch=args.calibration_batch)
     model = loading.load_model(args.model)
     tokenizer = loading.load_tokenizer(args.model)
     text = calibration.calibration_tokens(args.model, model, tokenizer, settings)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                         mask[rows] = 1.0
                     result = perplexity(model, tokenizer, ppl_settings, progress=False)
                     rec = dict(zip(KEY_NAMES, key), perplexity=result["perplexity"], ppl_tokens=result["tokens"],
-                               select_seconds=round(select_s, 1))
+                               select_seconds=round(select_s, 1), calibration_batch=args.calibration_batch)
                     with records_path.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                     done[key] = rec

@@ -61,6 +61,32 @@ def select_rows(selection: str, k: int, seed: int = 0, states=None, peaks=None, 
     return select_layers(build_selector(selection, seed=seed), layers, k, protected)
 
 
+def add_text_batch_argument(parser) -> None:
+    """``--calibration_batch``: sequences of the model's own text sampled per ``generate`` call (the text
+    depends on it; see :func:`check_text_batch`)."""
+    from prunenet.calibration import GENERATE_BATCH
+
+    parser.add_argument("--calibration_batch", type=int, default=GENERATE_BATCH,
+                        help=f"sequences of the model's own text sampled per generate call ({GENERATE_BATCH}; the "
+                             "text depends on it: the results before 2026-12-05 used 16)")
+
+
+def check_text_batch(records, batch: int, path: Path) -> None:
+    """Refuse to add cells on the model's own text sampled ``batch`` sequences a call to a results file whose
+    cells used another batch (a record without ``calibration_batch`` was sampled 16 a call), so one table never
+    mixes two texts.
+
+    Raises:
+        SystemExit: one ``error:`` line naming the file and the batch that would match.
+    """
+    from prunenet.calibration import LEGACY_BATCH
+
+    seen = {rec.get("calibration_batch", LEGACY_BATCH) for rec in records}
+    if seen - {batch}:
+        raise SystemExit(f"error: {path} holds cells on the model's own text sampled {sorted(seen)} sequences a call, "
+                         f"not {batch}: pass --calibration_batch {min(seen)}, or write another file (--output)")
+
+
 def scored_tokens(tokens: int, context: int = 512) -> int:
     """Tokens a squad-wiki perplexity on the first ``tokens`` tokens scores with windows of ``context``
     tokens and no overlap (a window's first token is not scored: 8192 -> 8176, 16384 -> 16352), the text

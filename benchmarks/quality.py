@@ -46,7 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, default_method, header, load_records, \
+from benchmarks.common import CONFIGS, DETERMINISTIC, PROTECT, REPO, add_text_batch_argument, check_text_batch, \
+    default_method, header, load_records, \
     run_measured, table
 from prunenet.assets import exact_name
 
@@ -54,12 +55,14 @@ METHODS = ("peak", "random+protect", "paper", "random", "magnitude", "recon", "w
            "recon+refit", "wanda_sp+refit", "flap+refit", "features+refit", "obs+refit")
 
 
-def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Path) -> Path:
-    """Prune ``model`` at ratio ``r`` by ``method`` with ``seed`` into a folder under ``work``; return it."""
+def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Path, batch: int) -> Path:
+    """Prune ``model`` at ratio ``r`` by ``method`` with ``seed`` into a folder under ``work`` (the model's own text
+    sampled ``batch`` sequences a call); return it."""
     out = work / f"{method}-r{r:g}-s{seed}"
     method, refit = method.removesuffix("+refit"), method.endswith("+refit")
     if method in ("paper", "features"):
-        text = [f"--model.{kind}.init_args.seed={seed}" for kind in ("policy", "reward")] if method == "features" else []
+        text = [f"--model.{kind}.init_args.{k}={v}" for kind in ("policy", "reward") for k, v in
+                (("seed", seed), ("batch", batch))] if method == "features" else []
         run_measured(["-m", "prunenet.fit", "--config", f"configs/{method}.yaml", f"--model.model_name_or_path={model}", *text,
                       f"--model.compression_ratio={r}", f"--seed_everything={seed}", f"--trainer.max_epochs={episodes}",
                       f"--trainer.default_root_dir={work / 'runs'}", f"--slicing.output_dir={out}",
@@ -69,7 +72,7 @@ def _prune(model: str, method: str, r: float, seed: int, episodes: int, work: Pa
     else:
         base, _, protect = method.partition("+")
         run_measured(["-m", "prunenet.compress", "--model", model, "--compression_ratio", str(r), "--output_dir",
-                      str(out), "--seed", str(seed), "--overwrite", "--selection", base,
+                      str(out), "--seed", str(seed), "--overwrite", "--selection", base, "--calibration_batch", str(batch),
                       *(["--protect_outliers", str(PROTECT)] if protect else []), *(["--refit"] if refit else [])])
     return out
 
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--ppl_tokens", type=int, default=8192, help="perplexity on the first N tokens")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/quality-zeroshot-<family>.md")
+    add_text_batch_argument(parser)
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
 
     key_names = ("model", "method", "ratio", "seed", "limit", "sample", "episodes", "ppl_tokens")
     records = load_records(records_path, key_names)
+    check_text_batch(records.values(), args.calibration_batch, records_path)
     states, _ = load_ffn_states(args.model)
     reference: dict = {}
     start = time.perf_counter()
@@ -131,13 +136,14 @@ def main(argv: list[str] | None = None) -> None:
                     if key in records:
                         continue
                     t0 = time.perf_counter()
-                    folder = _prune(args.model, method, r, key[3], args.episodes, work)
+                    folder = _prune(args.model, method, r, key[3], args.episodes, work, args.calibration_batch)
                     prune_s = time.perf_counter() - t0
                     result = evaluate_checkpoint(str(folder), settings, use_cache=False, label=method, log=quiet)
                     plan = load_plan(folder)
                     rec = {**dict(zip(key_names, key)), "ks": score_plan(plan, states, reference)["ks"],
                            "prune_s": round(prune_s, 1), "eval_s": round(time.perf_counter() - t0 - prune_s, 1),
-                           "average": average(result)["score"], "result": result}
+                           "average": average(result)["score"], "result": result,
+                           "calibration_batch": args.calibration_batch}
                     with records_path.open("a") as f:
                         f.write(json.dumps(rec, default=str) + "\n")
                     records[key] = rec

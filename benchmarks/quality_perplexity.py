@@ -51,7 +51,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import (CONFIGS, DETERMINISTIC, PROTECT, REPO, header, load_records, scored_tokens,
+from benchmarks.common import (CONFIGS, DETERMINISTIC, PROTECT, REPO, add_text_batch_argument, check_text_batch,
+                               header, load_records, scored_tokens,
                                select_rows, table)
 
 #: The fields that name one cell of the table (its record's key in the JSON-lines file).
@@ -132,9 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--protect", type=float, default=PROTECT, help="protect_outliers of the +protect methods")
-    parser.add_argument("--calibration_batch", type=int, default=64,
-                        help="sequences of the model's own text sampled per generate call (the text depends on it; "
-                             "the tables before 2026-12-05 used 16)")
+    add_text_batch_argument(parser)
     parser.add_argument("--output", default=None)
     parser.add_argument("--table_only", action="store_true", help="write the table of the finished cells, run none")
     parser.add_argument("--dense_only", action="store_true",
@@ -150,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output or REPO / f"benchmarks/results/quality-perplexity-{name}.md")
     records_path = output.with_suffix(".jsonl")
     done = load_records(records_path, KEY_NAMES)
+    check_text_batch(done.values(), args.calibration_batch, records_path)
     paper = {**model_section("configs/paper.yaml"), "model_name_or_path": args.model}
     learned = {**model_section("configs/learned.yaml"), "model_name_or_path": args.model}
     if args.model == "gemma3-270m":  # what the family's config sets beyond the algorithm (none today)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                 mask.fill_(1.0)
             result = perplexity(model, tokenizer, settings, progress=False)
             rec = dict(zip(KEY_NAMES, key), perplexity=result["perplexity"], ppl_tokens=result["tokens"],
-                       nll_mean=result["nll_mean"], wall_s=result["wall_s"])
+                       nll_mean=result["nll_mean"], wall_s=result["wall_s"], calibration_batch=args.calibration_batch)
             with records_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             done[key] = rec
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                     result = perplexity(model, tokenizer, settings, progress=False)
                     ppl = result["perplexity"]
                     rec = dict(zip(KEY_NAMES, key), ks=ks, perplexity=ppl, ppl_tokens=result["tokens"],
-                               select_seconds=round(fit_s, 1), **extra)
+                               select_seconds=round(fit_s, 1), calibration_batch=args.calibration_batch, **extra)
                     with records_path.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                     done[key] = rec

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, header, load_records, scored_tokens, table
+from benchmarks.common import REPO, add_text_batch_argument, check_text_batch, header, load_records, scored_tokens, table
 
 #: The fields that name one selection's record; and those of a quality_perplexity cell, in the order
 #: (model, ratio, tokens, seed, method) that lets its random cells stand for selections here.
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--output", default=None)
+    add_text_batch_argument(parser)
     args = parser.parse_args(argv)
     name = args.model.split("-")[0]
     output = Path(args.output or REPO / f"benchmarks/results/reward-correlation-{name}.md")
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     this_run = (args.model, args.ratio, args.tokens)
     recorded = load_records(records_path, KEY_NAMES)  # every run's selections (the file may hold other ratios)
     done = {key[3]: rec for key, rec in recorded.items() if key[:3] == this_run}
+    check_text_batch(done.values(), args.calibration_batch, records_path)  # the self candidates' text
     # The same random selections, already evaluated by the same perplexity in the quality benchmark.
     measured = {key[3]: rec["perplexity"] for key, rec in load_records(
         REPO / f"benchmarks/results/quality-perplexity-{name}.jsonl", QP_KEY_NAMES).items()
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     from prunenet.calibration import CalibrationSettings
     from prunenet.inputs import SelectionInputs
 
-    own = SelectionInputs(args.model, calibration=CalibrationSettings())  # the model's own text, seed 0
+    own = SelectionInputs(args.model, calibration=CalibrationSettings(batch=args.calibration_batch))  # own text, seed 0
     own.gram = True
     grams = [s.gram for s in own.activations]
     downs = [down for _, _, down in ffns]
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                 mask.zero_()
                 mask[rows] = 1.0
             rec = {"model": args.model, "ratio": args.ratio, "tokens": args.tokens, "seed": seed,
+                   "calibration_batch": args.calibration_batch,
                    **weight_scores(ffns, kept, reference), **self_scores(grams, downs, kept, self_reference)}
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=bos).logits[0, -1].double(), -1)

@@ -65,7 +65,7 @@ class StructuralSlicing(CheckpointExporter):
         self.shardwise = shardwise
         self.refit, self.refit_ridge = bool(refit), check_ridge(refit_ridge)
         self.exported: Exported | None = None
-        self._inputs = None  # the refit's selection inputs, holding the fit's activation statistics (on_train_end)
+        self._statistics = None  # the fit's activation statistics, held for the refit (on_train_end)
         self._default_output = Path("lightning_logs") / "pruned"
 
     def output_path(self) -> Path:
@@ -82,20 +82,25 @@ class StructuralSlicing(CheckpointExporter):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.exported = None  # a new fit changes the policy: what an earlier fit exported is stale
-        self._inputs = None
+        self._statistics = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs before the module's on_train_end releases the reward's statistics: the refit needs their Grams, which
-        # otherwise cost a second pass of the dense model over the text (45 s of a 2-minute SmolLM2 fit).
+        # otherwise cost a second pass of the dense model over the text (45 s of a 2-minute SmolLM2 fit). Only the
+        # statistics are held (host memory), not inputs that would keep the states on the accelerator.
         if self.refit and trainer.is_global_zero:
-            inputs = self._selection_inputs(pl_module)
-            self._inputs = inputs if inputs.take_shared() else None
+            self._statistics = pl_module.selection_inputs(self._refit_text(pl_module)).shared_activations()
 
-    def _selection_inputs(self, pl_module: L.LightningModule):
-        inputs = pl_module.selection_inputs()
-        if self.refit and inputs.calibration is None:
-            inputs.calibration = getattr(pl_module.reward, "settings", None) or CalibrationSettings(seed=pl_module.seed)
-        return inputs
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._statistics = None  # n^2 doubles a layer
+
+    def _refit_text(self, pl_module: L.LightningModule) -> CalibrationSettings | None:
+        """The refit's text: the policy's (a feature policy), else the reward's, else the model's own; None
+        without a refit (the selection's inputs need no text then)."""
+        if not self.refit:
+            return None
+        return (getattr(pl_module.policy, "settings", None) or getattr(pl_module.reward, "settings", None)
+                or CalibrationSettings(seed=pl_module.seed))
 
     def export(self, pl_module: L.LightningModule) -> Exported:
         """Select, slice and save once per fit (call on rank 0); returns :attr:`exported`."""
@@ -105,7 +110,8 @@ class StructuralSlicing(CheckpointExporter):
                                          "was written (train at least one episode, or prune without training: "
                                          "python -m prunenet.compress)")
             hp = pl_module.hparams
-            inputs, self._inputs = self._inputs or self._selection_inputs(pl_module), None
+            inputs = pl_module.selection_inputs(self._refit_text(pl_module), self._statistics)
+            self._statistics = None
             self.exported = prune(
                 hp.model_name_or_path, build_selector(self.selection, policy=pl_module.policy, seed=pl_module.seed),
                 hp.compression_ratio, self.output_path(), protect_outliers=hp.protect_outliers,

@@ -27,8 +27,9 @@ from prunenet.errors import ConfigurationError
 
 #: The source that needs no data: the model's own samples.
 SELF = "self"
-#: Sequences sampled per ``generate`` call in plans written before this was recorded (``batch`` in the record).
-LEGACY_BATCH = 16
+#: Sequences sampled per ``generate`` call (``CalibrationSettings.batch``), and in plans, policies and
+#: checkpoints written before the batch was recorded.
+GENERATE_BATCH, LEGACY_BATCH = 64, 16
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class CalibrationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    batch: int = 64
+    batch: int = GENERATE_BATCH
 
     def __post_init__(self) -> None:
         for name, low in (("samples", 1), ("length", 2), ("batch", 1)):
@@ -70,6 +71,8 @@ class CalibrationSettings:
             raise ConfigurationError(f"calibration top_p must be in (0, 1], got {self.top_p!r}")
         if not str(self.source):
             raise ConfigurationError("calibration source must be 'self' or a corpus, got ''")
+        if not self.data_free:  # no sampling: one value, so equal texts have equal settings (and cache keys)
+            object.__setattr__(self, "batch", GENERATE_BATCH)
 
     @property
     def data_free(self) -> bool:
@@ -279,7 +282,7 @@ def activation_stats(model: Any, tokens: torch.Tensor, batch_size: int = 8, prog
 
     handles = [adapter.output_module(layer).register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
-    body = model.base_model  # the decoder without the LM head: the vocabulary's logits are not needed (~20% of the work)
+    body = model.base_model  # the decoder without the LM head: the vocabulary's logits are not needed (~20% of work)
     try:
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc="calibration: activation statistics",
                           disable=not progress):

@@ -43,6 +43,7 @@ class SelectionInputs:
         calibration: the text the activation statistics are computed on (``calibration.CalibrationSettings``);
             None: a selector that needs them fails with a ConfigurationError.
         features: already computed ``features`` (a fit's), if any.
+        activations: already computed :attr:`activations` of ``calibration`` (:meth:`shared_activations`), if any.
         device: where the dense model writes the text and runs the pass (a GPU's text differs from a CPU's:
             the text cache keys it).
     """
@@ -51,11 +52,11 @@ class SelectionInputs:
                  low_memory: bool | None = None, *, states: Sequence[torch.Tensor] | None = None,
                  peaks: Sequence[torch.Tensor] | None = None, fingerprint: str | None = None,
                  calibration: Any = None, features: Sequence[torch.Tensor] | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 activations: Sequence[Any] | None = None, device: torch.device | str = "cpu") -> None:
         self.source, self.dtype, self.trust_remote_code, self.low_memory = source, dtype, trust_remote_code, low_memory
         self._states, self._fingerprint = states, fingerprint
         self._weight_stats: dict[str, Sequence[torch.Tensor]] = {} if peaks is None else {"peaks": peaks}
-        self._activations, self._features, self.calibration, self.device = None, features, calibration, device
+        self._activations, self._features, self.calibration, self.device = activations, features, calibration, device
         self.gram = False  # whether the activation statistics carry their Gram (set by a selector that needs it)
 
     @property
@@ -128,15 +129,12 @@ class SelectionInputs:
         return (json.dumps(model_identity(self.source), sort_keys=True, default=str), self.dtype,
                 self.trust_remote_code, self.calibration, str(self.device))
 
-    def take_shared(self) -> bool:
-        """Hold the activation statistics (with their Gram) that another reader of the same text already
-        computed, so that a later ``release_shared`` does not make :attr:`activations` run the pass again.
-        Never runs the pass. Returns whether they were there."""
+    def shared_activations(self) -> Sequence[Any] | None:
+        """The activation statistics with their Gram that another reader of the same text (model, dtype,
+        settings, device) already computed in this process, or None; never runs the pass. Hold them and pass
+        them as ``activations`` so that a later ``release_shared`` does not cost a second pass."""
         shared = None if self.calibration is None else _SHARED.get(self._shared_key())
-        if shared is None or shared[0].gram is None:
-            return False
-        self._activations, self.gram = shared, True
-        return True
+        return None if shared is None or shared[0].gram is None else shared
 
     @property
     def calibration_record(self) -> dict[str, Any] | None:

@@ -97,8 +97,7 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
         self.save_hyperparameters(ignore=list(PLUG_POINTS))
         config = loading.load_config(model_name_or_path, trust_remote_code=trust_remote_code)
         self.adapter = get_adapter(config)
-        self.config = config
-        self.model_type = config.model_type
+        self.config, self.model_type = config, config.model_type
         self.intermediate_size = self.adapter.intermediate_size(config)
         self.hidden_size = self.adapter.hidden_size(config)
         self.kept_width = kept_width(self.intermediate_size, compression_ratio)
@@ -304,12 +303,13 @@ class PruneNetModule(L.LightningModule, SourceModelSubject):
         finally:
             self.timings[phase] += time.perf_counter() - start
 
-    def selection_inputs(self) -> SelectionInputs:
-        """The source model's per-layer selection inputs, from what this module already read."""
-        return SelectionInputs(self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.trust_remote_code,
-                               states=self.states, peaks=self.__dict__.get("output_peaks"), fingerprint=self.ffn_sha256(),
-                               calibration=getattr(self.policy, "settings", None), features=self.__dict__.get("features"),
-                               device=self.trainer.strategy.root_device if self._trainer is not None else "cpu")
+    def selection_inputs(self, calibration: Any = None, activations: Any = None) -> SelectionInputs:
+        """The source's selection inputs from what this module read; the text (a feature policy's by default)."""
+        hp, device = self.hparams, self.trainer.strategy.root_device if self._trainer is not None else "cpu"
+        return SelectionInputs(hp.model_name_or_path, hp.dtype, hp.trust_remote_code, states=self.states, device=device,
+                               peaks=self.__dict__.get("output_peaks"), fingerprint=self.ffn_sha256(),
+                               calibration=calibration or getattr(self.policy, "settings", None),
+                               activations=activations, features=self.__dict__.get("features"))
 
     def kept_indices(self, selection: str = "sample") -> list[torch.Tensor]:
         """Kept rows per layer, sorted (k,) LongTensors, chosen by the trained policy: ``sample`` (the paper's

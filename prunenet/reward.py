@@ -258,6 +258,8 @@ class ReconstructionReward(Reward):
 
         if self.inputs is None:
             raise ConfigurationError("the reconstruction reward needs its source model first (Reward.setup)")
+        if weights and not self.matrices:  # the text and pass where the states are: the fit's device, where a
+            self.inputs.device = weights[0].device  # feature policy's statistics were computed (one text, one pass)
         out = []
         for i, w in zip(layers, weights):
             m = self.matrices.get(i)

@@ -168,6 +168,23 @@ def test_load_records_keys_cells_later_line_wins_and_names_a_bad_line(tmp_path):
         load_records(path, ("method", "seed"))
 
 
+def test_a_results_file_never_mixes_two_texts_of_the_model(tmp_path):
+    """Cells on the model's own text sampled 64 a call are refused next to cells sampled 16 a call (a record
+    without the field), in one line that names the file and the batch that matches."""
+    from benchmarks.common import add_text_batch_argument, check_text_batch
+
+    path = tmp_path / "r.jsonl"
+    check_text_batch([], 64, path)  # a new file takes any batch
+    check_text_batch([{"calibration_batch": 64}], 64, path)
+    with pytest.raises(SystemExit) as err:
+        check_text_batch([{"method": "recon"}, {"calibration_batch": 16}], 64, path)
+    assert str(err.value) == (f"error: {path} holds cells on the model's own text sampled [16] sequences a call, "
+                              "not 64: pass --calibration_batch 16, or write another file (--output)")
+    parser = argparse.ArgumentParser()
+    add_text_batch_argument(parser)
+    assert parser.parse_args([]).calibration_batch == 64
+
+
 def test_config_method_names_what_a_compress_config_keeps():
     """The quality benchmarks mark the shipped default (configs/compress/<model>.yaml) in their tables."""
     from benchmarks.common import CONFIGS, PROTECT, config_method, default_method

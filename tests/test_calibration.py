@@ -73,6 +73,7 @@ def test_a_record_without_the_generate_batch_is_the_old_batch_of_16():
     del record["batch"]  # a plan written before the batch was recorded
     assert CalibrationSettings.from_record(record) == CalibrationSettings(samples=5, length=9, batch=16)
     wiki = CalibrationSettings(source="wiki")
+    assert CalibrationSettings(source="wiki", batch=16) == wiki  # no sampling: the batch does not tell texts apart
     assert "batch" not in wiki.record() and CalibrationSettings.from_record(wiki.record()) == wiki  # a corpus: no sampling
 
 

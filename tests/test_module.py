@@ -341,6 +341,24 @@ def test_a_checkpoint_from_before_the_plug_points_keeps_its_settings():
                                                       "init_args": {"gamma": 0.99, "use_kld": False}}}) == ""
 
 
+def test_a_checkpoint_from_before_the_generate_batch_was_recorded_is_its_old_text():
+    """Its self-generated text was sampled 16 sequences a call: a resume with today's default (64) is refused and
+    names the batch; one with batch 16 matches. A corpus has no sampling: its batch never differs."""
+    from prunenet.resume import checkpoint_settings, settings_mismatch
+
+    old = {"class_path": "prunenet.reward.ReconstructionReward", "init_args": {"source": "self", "samples": 8}}
+    hp = {"model_name_or_path": "m", "compression_ratio": 0.3, "reward": old}
+    stored = checkpoint_settings({"hyper_parameters": hp})
+    assert stored["reward"]["init_args"]["batch"] == 16
+    now = checkpoint_settings({"hyper_parameters": {**hp, "reward": "ReconstructionReward"}})
+    assert now["reward"]["init_args"]["batch"] == 64 and "batch" in settings_mismatch(stored, now)
+    assert settings_mismatch(stored, {**now, "reward": {**now["reward"], "init_args": {
+        **now["reward"]["init_args"], "samples": 8, "batch": 16}}}) == ""
+    wiki = {**hp, "reward": {**old, "init_args": {"source": "wiki"}}}
+    assert settings_mismatch(checkpoint_settings({"hyper_parameters": wiki}), checkpoint_settings(
+        {"hyper_parameters": {**wiki, "reward": {**old, "init_args": {"source": "wiki", "batch": 64}}}})) == ""
+
+
 #: Kept rows of the tiny LLaMA (seed 0) after a 3-episode fit at r = 0.5 with seed 0, recorded on
 #: the code before the pipeline was split into modules (issue 13): refactors must not change them.
 PINNED_KEPT = {"0": [0, 1, 2, 3, 4, 6, 7, 8, 10, 12, 18, 21, 23, 25, 27, 29, 31, 34],

@@ -113,6 +113,28 @@ class ArchContract:
         assert adapter.intermediate_size(dense.config) == self.width
         assert adapter.width_settable == self.sliceable
 
+    def test_activation_statistics_run_the_decoder_without_the_lm_head(self, dense, adapter):
+        """``calibration.activation_stats`` runs ``model.base_model``: it must hold every hooked layer and give the
+        full model's statistics (the same layers on the same tokens: float64 sums of the same float32 inputs)."""
+        from prunenet.calibration import activation_stats
+
+        assert dense.base_model is not dense
+        inner = {id(m) for m in dense.base_model.modules()}
+        assert all(id(adapter.output_module(layer)) in inner for layer in adapter.layers(dense))
+        tokens = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+        got = activation_stats(dense, tokens, progress=False, gram=True)
+        full = []
+        hooks = [adapter.output_module(layer).register_forward_pre_hook(
+            lambda _m, a: full.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
+            for layer in adapter.layers(dense)]
+        with torch.no_grad():
+            dense(input_ids=tokens, use_cache=False)
+        for h in hooks:
+            h.remove()
+        for stats, h in zip(got, full):
+            assert stats.count == 12 and torch.equal(stats.total, h.sum(0))
+            torch.testing.assert_close(stats.gram, h.T @ h, rtol=1e-5, atol=1e-6)  # float32 GEMM of 12-term sums
+
     def test_state_is_n_by_d_and_is_the_ffn_input_map(self, dense, adapter):
         n = adapter.intermediate_size(dense.config)
         d = dense.get_input_embeddings().weight.shape[1]

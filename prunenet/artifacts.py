@@ -243,10 +243,10 @@ def load_policy(path: str | os.PathLike) -> tuple[RowPolicy, dict[str, Any]]:
 
         spec = (meta.get("plug_points") or {}).get("policy") or meta.get("policy", DEFAULT_POLICY)
         args = spec.get("init_args") if isinstance(spec, dict) else None
-        if isinstance(args, dict) and "source" in args and "batch" not in args:  # saved before the batch was
-            from prunenet.calibration import LEGACY_BATCH  # recorded: its text was sampled 16 sequences a call
+        from prunenet.calibration import legacy_batch
 
-            spec = {**spec, "init_args": {**args, "batch": LEGACY_BATCH}}
+        if isinstance(args, dict) and (old := legacy_batch(args)) is not None:  # its text, as it was sampled
+            spec = {**spec, "init_args": {**args, "batch": old}}
         policy = plugins.build("policy", spec, int(meta["intermediate_size"]), int(meta["hidden_size"]))
         policy.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # ConfigurationError is a ValueError

@@ -32,6 +32,14 @@ SELF = "self"
 GENERATE_BATCH, LEGACY_BATCH = 64, 16
 
 
+def legacy_batch(settings: dict[str, Any]) -> int | None:
+    """:data:`LEGACY_BATCH` for calibration settings written before the generate batch was recorded (a plan's
+    calibration record, a feature policy's or reward's init_args: they name a ``source`` but no ``batch``) of
+    the model's own text; None for anything else (a corpus does not sample; a mapping without ``source`` holds
+    no calibration settings)."""
+    return LEGACY_BATCH if settings.get("source") == SELF and "batch" not in settings else None
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     """Which calibration text, how much (ours).
@@ -88,9 +96,8 @@ class CalibrationSettings:
             ConfigurationError: a value out of range; TypeError: a record that is not a mapping.
         """
         given = {f.name: record[f.name] for f in fields(cls) if f.name in record}
-        if given.get("source", SELF) == SELF:  # a self-generated record without it was sampled 16 sequences a call
-            given.setdefault("batch", LEGACY_BATCH)
-        return cls(**given)
+        old = legacy_batch({"source": SELF, **given})
+        return cls(**given, **({} if old is None else {"batch": old}))
 
     def record(self) -> dict[str, Any]:
         """The settings as a plan / report records them, with ``kind`` (self-generated or calibration-based)."""

@@ -71,11 +71,11 @@ def _canonical(key: str, value: Any, hparams: dict[str, Any]) -> Any:
         for old in _LEGACY_KEYS.get(key, ()):
             if old in hparams and old in record["init_args"]:
                 record["init_args"][old] = hparams[old]
-        stored = value.get("init_args") if isinstance(value, dict) else None
-        if isinstance(stored, dict) and "source" in stored and "batch" not in stored and "batch" in record["init_args"]:
-            from prunenet.calibration import LEGACY_BATCH  # calibration text sampled before the batch was recorded
+        from prunenet.calibration import legacy_batch
 
-            record["init_args"]["batch"] = LEGACY_BATCH if stored["source"] == "self" else record["init_args"]["batch"]
+        stored = value.get("init_args") if isinstance(value, dict) else None
+        if isinstance(stored, dict) and "batch" in record["init_args"] and (old := legacy_batch(stored)) is not None:
+            record["init_args"]["batch"] = old  # its text, as it was sampled
     return record
 
 
